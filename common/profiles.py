@@ -50,9 +50,12 @@ class Profile:
     # The block amax is raised to at least this value before the scale rule (None: no floor).
     amax_floor: float | None = None
     # Elements of a block whose scale code is 0 are multiplied by 2^code0_exponent. 127 is the exact OCP rule;
-    # some peers use a smaller multiplier there (they avoid a subnormal fp32 scale).
-    code0_exponent: int = 127
+    # some peers use a smaller multiplier there (they avoid a subnormal fp32 scale); None zeroes the elements
+    # (keeping their sign), as kernels do that compute the multiplier as rcp(scale) with flush-to-zero.
+    code0_exponent: int | None = 127
     # Scale byte of a block whose amax is +Inf, and of a block holding a NaN (only with nonfinite="profile").
+    # In an Inf block elements are x * 2^(127 - min(byte, 254)), so Inf saturates to +-6 and finite values
+    # usually round to +-0. In a NaN block finite elements become +-0 and NaN/Inf elements sign | nan_element.
     inf_scale: int = 0xFE
     nan_scale: int = 0xFF
     # Element magnitude code written for a NaN element (only with nonfinite="profile"); the sign bit is kept.
@@ -64,7 +67,7 @@ class Profile:
             raise TypeError(f"profile {self.name!r}: scale_rule must be a ScaleRule, got {self.scale_rule!r}")
         if not isinstance(self.tie_rule, TieRule):
             raise TypeError(f"profile {self.name!r}: tie_rule must be a TieRule, got {self.tie_rule!r}")
-        if not 0 <= self.code0_exponent <= 127:
+        if self.code0_exponent is not None and not 0 <= self.code0_exponent <= 127:
             raise ValueError(f"profile {self.name!r}: code0_exponent must be in [0, 127], got {self.code0_exponent}")
         for field in ("inf_scale", "nan_scale"):
             value = getattr(self, field)
@@ -104,41 +107,54 @@ DEFAULT_PROFILE = "flashinfer"
 FLASHINFER = register_profile(Profile(
     name="flashinfer",
     scale_rule=ScaleRule.RCEIL,
-    description="Default. RCEIL scale (cvt.rp.satfinite.ue8m0 of amax/6, as the B200 TRT-LLM MoE kernels and "
-                "cuBLAS compute it), round-half-to-even elements (cvt.rn.satfinite.e2m1). Inf block -> 0xFE.",
+    code0_exponent=None,
+    description="Default. RCEIL scale (cvt.rp.satfinite.ue8m0 of amax/6, as FlashInfer's cvt_warp_fp16_to_fp4 "
+                "and cuBLAS derive it), round-half-to-even elements saturating at 6 (cvt.rn.satfinite.e2m1x2). "
+                "amax <= 6*2^-127 -> scale 0 and +-0 elements (FlashInfer's multiplier is 0 there; torchao RCEIL "
+                "agrees). Inf -> 0xFE. Not emulated: FlashInfer's flush-to-zero, which also zeroes blocks with "
+                "amax in (6*2^-127, 6*2^-126) and subnormal elements (compiled with -use_fast_math).",
 ))
 OCP = register_profile(Profile(
     name="ocp",
     scale_rule=ScaleRule.FLOOR,
     inf_scale=0xFD,
-    description="OCP MX v1.0 section 6.3: X = 2^(floor(log2 amax) - 2), elements rounded half to even and "
-                "clamped to +-6 (values up to 8x the scale saturate).",
+    description="OCP MX v1.0 section 6.3: X = 2^(floor(log2 amax) - 2), elements x/X rounded half to even and "
+                "clamped to +-6 (values up to 8X saturate). Code-0 blocks use the exact 2^127. Inf -> 0xFD.",
 ))
 EVEN = register_profile(Profile(
     name="even",
     scale_rule=ScaleRule.EVEN,
     inf_scale=0xFD,
-    description="AMD Quark / compressed-tensors 'even' rule: amax rounded to one mantissa bit before the "
-                "floor, so blocks with amax in [7, 8) * 2^k do not saturate.",
+    description="AMD Quark / compressed-tensors / vLLM's own mxfp4_quantize 'even' rule: amax rounded to one "
+                "mantissa bit (half up) before the floor, so blocks with amax in [7, 8) * 2^k do not saturate. "
+                "Code-0 blocks use the exact 2^127 (vLLM's kernel; torchao's EVEN uses 2^126 there).",
 ))
 TORCHAO = register_profile(Profile(
     name="torchao",
     scale_rule=ScaleRule.FLOOR,
     code0_exponent=126,
     inf_scale=0xFD,
-    description="torchao 0.18 to_mx default (ScaleCalculationMode.FLOOR): the OCP rule, but a code-0 block's "
-                "elements are divided by the smallest normal 2^-126 (torchao clamps the fp32 scale).",
+    nan_element=0x3,
+    description="torchao 0.18 to_mx default (ScaleCalculationMode.FLOOR): the OCP rule from the exponent bits, "
+                "but code-0 blocks are multiplied by 2^126 (torchao clamps the fp32 scale to the smallest normal). "
+                "Inf -> 0xFD; NaN block -> 0xFF with finite elements +-0 and NaN elements code 3.",
 ))
 DEEPSEEK_V4 = register_profile(Profile(
     name="deepseek_v4",
     scale_rule=ScaleRule.CEIL_QUOTIENT,
     amax_floor=6.0 * 2.0**-126,
-    description="DeepSeek-V4 activation quantizer: amax floored at 6*2^-126, scale = 2^ceil(log2(fl(amax/6))) "
-                "from the bits of the fp32 quotient, round-half-to-even elements.",
+    description="DeepSeek-V4 fp4 activation quantizer (inference/kernel.py fp4_quant_kernel): amax floored at "
+                "6*2^-126 (so the scale byte is at least 1), scale = next power of two at or above fl(amax/6) "
+                "from its bits, elements clamped to +-6 and rounded half to even.",
 ))
 TRITON_KERNELS = register_profile(Profile(
     name="triton_kernels",
     scale_rule=ScaleRule.CEIL_QUOTIENT,
-    description="OpenAI triton_kernels downcast_to_mxfp (DequantScaleRoundingMode.ROUND_UP): scale from the bits "
-                "of fl(amax/6) rounded up to a power of two.",
+    code0_exponent=None,
+    inf_scale=0xFF,
+    nan_scale=0x00,
+    description="OpenAI triton_kernels downcast_to_mxfp, DequantScaleRoundingMode.ROUND_UP: byte = "
+                "((bits(amax/6) + 0x7FFFFF) & 0x7F800000) >> 23, so any subnormal amax/6 gives byte 1; byte 0 only "
+                "for all-zero blocks (multiplier 0). Elements rounded half to even (current triton_kernels; older "
+                "releases rounded ties away). Inf -> 0xFF; a NaN amax overflows to byte 0.",
 ))

@@ -50,7 +50,9 @@ def _block_scales(xb: torch.Tensor, profile: Profile, fmt: ElementFormat) -> tup
     # torch.amax propagates NaN, which scale_codes maps to the profile's NaN byte.
     amax = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros(xb.shape[:-1])
     codes = scale_codes(amax, profile, fmt)
-    return codes, quant_multipliers(codes, profile)
+    # A NaN block's finite elements become +-0 (x * 0); its NaN elements stay NaN for the element encoder.
+    mult = torch.where(torch.isnan(amax), 0.0, quant_multipliers(codes, profile))
+    return codes, mult
 
 
 def quantize_mxfp4(x: torch.Tensor, profile: Profile, *, name: str | None = None,
@@ -63,8 +65,7 @@ def quantize_mxfp4(x: torch.Tensor, profile: Profile, *, name: str | None = None
         check_finite(x, name)
     xb = _blocks_f32(x)
     scales, mult = _block_scales(xb, profile, E2M1)
-    # In a NaN block (scale 0xFF) every element becomes sign | nan_element: the block is unusable anyway,
-    # and encode() maps the NaN products to exactly that, keeping each element's own sign bit.
+    # copysign: a NaN product (NaN element, or Inf * 0) carries no reliable sign; the element's own sign is kept.
     y = torch.copysign(xb * mult.unsqueeze(-1), xb)
     nibbles = e2m1.encode(y, profile.tie_rule, profile.nan_element)
     codes = e2m1.pack(nibbles.reshape(*x.shape[:-1], x.shape[-1]))

@@ -61,14 +61,15 @@ def pow2_f32(exponent: torch.Tensor) -> torch.Tensor:
 
 
 def quant_multipliers(codes: torch.Tensor, profile: Profile) -> torch.Tensor:
-    """fp32 factor that maps a block's elements onto the element grid: 2^(127 - code), profile's code-0 rule.
-
-    NaN-scale blocks (0xFF) get a NaN factor so that their elements stay NaN.
-    """
+    """fp32 factor that maps a block's elements onto the element grid: 2^(127 - min(code, 254)), with the
+    profile's code-0 rule (2^code0_exponent, or 0 when the profile zeroes code-0 blocks)."""
     c = codes.to(torch.int32)
-    e = torch.where(c == 0, profile.code0_exponent, C.E8M0_BIAS - torch.clamp(c, max=C.E8M0_MAX_FINITE))
+    code0 = 0 if profile.code0_exponent is None else profile.code0_exponent
+    e = torch.where(c == 0, code0, C.E8M0_BIAS - torch.clamp(c, max=C.E8M0_MAX_FINITE))
     m = pow2_f32(e)
-    return torch.where(c == C.E8M0_NAN, torch.nan, m)
+    if profile.code0_exponent is None:
+        m = torch.where(c == 0, 0.0, m)
+    return m
 
 
 def scale_values(codes: torch.Tensor) -> torch.Tensor:
