@@ -1,0 +1,122 @@
+"""Audit of packed MXFP4 tensors: a stable hash per tensor, and a diff that says how two tensors differ.
+
+After every weight sync the learner and the engine hash the expert tensors they hold; equal hashes prove equal
+bytes. When they differ, `diff` reports the code-flip rate (fraction of differing 4-bit codes), the histogram of
+scale-exponent changes and the first differing (expert, row, block), which usually points at the cause (a layout
+bug moves whole rows, a profile mismatch shifts scales by one, a stale expert differs everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+
+import torch
+
+from . import constants as C
+from .errors import ShapeError
+from .tensor import MXFP4Tensor
+
+HASH_DOMAIN = b"mxfp4_rl/audit/v1\0"  # bump the version if the hashed header changes
+_CHUNK = 1 << 24  # hash in 16 MiB slices so a large expert never needs a second full host copy
+
+
+def _feed(h, t: torch.Tensor) -> None:
+    flat = t.detach().contiguous().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        h.update(flat[start:start + _CHUNK].to("cpu").numpy().tobytes())
+
+
+def tensor_hash(q: MXFP4Tensor) -> str:
+    """sha256 hex digest over (domain, dtype, logical shape, profile) + codes bytes + scales bytes.
+
+    Device- and stride-independent: the same bytes give the same hash on CPU and GPU, contiguous or not.
+    """
+    header = {"format": "mxfp4", "dtype": "uint8", "block_size": C.BLOCK_SIZE, "shape": list(q.shape),
+              "profile": q.profile}
+    h = hashlib.sha256(HASH_DOMAIN)
+    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    _feed(h, q.codes)
+    _feed(h, q.scales)
+    return h.hexdigest()
+
+
+def audit_hashes(mapping: Mapping) -> dict:
+    """{key: tensor_hash(q)} for a mapping of MXFP4Tensors, keys kept in the mapping's order."""
+    return {k: tensor_hash(v) for k, v in mapping.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditDiff:
+    """How b differs from a (same logical shape)."""
+
+    shape: tuple[int, ...]
+    profiles: tuple[str, str]
+    codes_total: int  # number of 4-bit codes compared
+    codes_flipped: int
+    blocks_total: int
+    scale_delta_hist: dict[int, int]  # b - a scale exponent -> count, only nonzero deltas
+    blocks_differing: int  # blocks whose scale or any code differs
+    first_diff: tuple[int, ...] | None  # (leading dims..., row, block) of the first differing block
+
+    @property
+    def code_flip_rate(self) -> float:
+        return self.codes_flipped / self.codes_total if self.codes_total else 0.0
+
+    @property
+    def scales_changed(self) -> int:
+        return sum(self.scale_delta_hist.values())
+
+    @property
+    def identical(self) -> bool:
+        return self.blocks_differing == 0 and self.profiles[0] == self.profiles[1]
+
+    def __str__(self) -> str:
+        head = f"MXFP4 diff of shape {list(self.shape)}"
+        if self.profiles[0] != self.profiles[1]:
+            head += f" (profiles differ: {self.profiles[0]!r} vs {self.profiles[1]!r})"
+        if self.blocks_differing == 0:
+            return f"{head}: identical bytes ({self.blocks_total} blocks)"
+        labels = ["expert"] * (len(self.first_diff) - 2) + ["row", "block"]
+        where = ", ".join(f"{n} {i}" for n, i in zip(labels, self.first_diff))
+        hist = ", ".join(f"{d:+d}: {c}" for d, c in sorted(self.scale_delta_hist.items())) or "none"
+        return (f"{head}: {self.blocks_differing}/{self.blocks_total} blocks differ; "
+                f"code flips {self.codes_flipped}/{self.codes_total} ({100 * self.code_flip_rate:.4f}%); "
+                f"scale exponent changes {self.scales_changed} ({hist}); first difference at {where}")
+
+
+def _nibble_flips(xor: torch.Tensor) -> torch.Tensor:
+    return ((xor & 0x0F) != 0).to(torch.int64) + ((xor >> 4) != 0).to(torch.int64)
+
+
+def diff(a: MXFP4Tensor, b: MXFP4Tensor) -> AuditDiff:
+    """Compare two packed tensors of the same logical shape (b is moved to a's device)."""
+    if a.shape != b.shape:
+        raise ShapeError(f"audit diff: shapes differ, {list(a.shape)} vs {list(b.shape)}")
+    bc, bs = b.codes.to(a.device), b.scales.to(a.device)
+    xor = a.codes ^ bc
+    flips = _nibble_flips(xor)
+    block_flips = flips.reshape(*flips.shape[:-1], -1, C.BLOCK_SIZE // 2).sum(-1)  # [..., N, K/32]
+    delta = bs.to(torch.int16) - a.scales.to(torch.int16)
+    differs = (block_flips > 0) | (delta != 0)
+    values, counts = torch.unique(delta[delta != 0], return_counts=True)
+    first = None
+    if bool(differs.any()):
+        flat = int(differs.reshape(-1).to(torch.uint8).argmax())
+        first = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), differs.shape))
+    return AuditDiff(
+        shape=tuple(a.shape), profiles=(a.profile, b.profile), codes_total=a.shape.numel(),
+        codes_flipped=int(flips.sum()), blocks_total=a.scales.numel(),
+        scale_delta_hist={int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())},
+        blocks_differing=int(differs.sum()), first_diff=first,
+    )
+
+
+def diff_mappings(a: Mapping, b: Mapping) -> dict:
+    """{key: AuditDiff} for the keys whose tensors differ; a key present on one side only raises KeyError."""
+    only = sorted(map(str, set(a) ^ set(b)))
+    if only:
+        raise KeyError(f"audit: keys present on one side only: {only[:10]}{' ...' if len(only) > 10 else ''}")
+    return {k: d for k in a if not (d := diff(a[k], b[k])).identical}

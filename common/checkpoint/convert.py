@@ -1,0 +1,220 @@
+"""quantize_checkpoint: a bf16 MoE checkpoint -> the same checkpoint with MXFP4 routed experts.
+
+Work is planned from tensor headers first (names, dtypes, shapes: no data read), so shape errors such as K not a
+multiple of 32 surface before anything is written. Then each output group is produced from one source tensor read
+with safe_open and streamed to the output shard: peak memory is about one source tensor plus its outputs. The
+result is built in a staging directory next to dst and moved into place only when complete, so a failed conversion
+(non-finite weights, say) leaves no half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import constants as C
+from ..api import quantize
+from ..errors import DTypeError, ShapeError
+from ..layouts import deepseek_v4 as dsv4_layout
+from ..layouts import gpt_oss as gpt_oss_layout
+from ..profiles import get_profile
+from .archs import ArchSpec, ExpertSource, arch_spec, check_format
+from .safetensors_io import INDEX_NAME, CheckpointReader, TensorSpec, parse_size, write_sharded
+
+CODEC_VERSION = 1  # bump when the bytes quantize() writes for some input change
+QUANT_METHOD = "mxfp4_rl"
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+Loader = Callable[[str], torch.Tensor]
+
+
+def quantization_config(profile: str, fmt: str, source: dict | None = None) -> dict:
+    cfg = {"quant_method": QUANT_METHOD, "profile": profile, "format": fmt, "block_size": C.BLOCK_SIZE,
+           "codec_version": CODEC_VERSION}
+    if source:
+        # e.g. DeepSeek-V4's FP8 block config of its dense layers: the engine plugin delegates those layers to it.
+        cfg["source_quantization_config"] = source
+    return cfg
+
+
+def _k_and_rows(src: ExpertSource, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(K, N) of an expert weight: per-expert [N, K]; gpt-oss fused [E, K, N] (input features first)."""
+    return (shape[1], shape[2]) if src.expert is None else (shape[1], shape[0])
+
+
+def _check_expert(src: ExpertSource, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"tensor '{src.name}': routed-expert weights must be bf16/fp16/fp32 to quantize, got {dtype} "
+                         f"(is this checkpoint already quantized?)")
+    if len(shape) != (3 if src.expert is None else 2):
+        raise ShapeError(f"tensor '{src.name}': expected {'[E, K, N]' if src.expert is None else '[N, K]'}, "
+                         f"got shape {shape}")
+    k, _ = _k_and_rows(src, shape)
+    if k % C.BLOCK_SIZE:
+        raise ShapeError(f"tensor '{src.name}': the input-feature (K) dimension must be a multiple of "
+                         f"{C.BLOCK_SIZE} to quantize along it, got K={k} in shape {shape}")
+
+
+def _packed_specs(prefix: str, n: int, k: int, fmt: str) -> list[TensorSpec]:
+    if fmt == "deepseek-v4":
+        return [TensorSpec(f"{prefix}.weight", torch.int8, (n, k // 2)),
+                TensorSpec(f"{prefix}.scale", torch.float8_e8m0fnu, (n, k // C.BLOCK_SIZE))]
+    return [TensorSpec(f"{prefix}.weight", torch.uint8, (n, k // 2)),
+            TensorSpec(f"{prefix}.weight_scale", torch.uint8, (n, k // C.BLOCK_SIZE))]
+
+
+def _per_expert_group(spec: ArchSpec, src: ExpertSource, shape, fmt: str, load: Loader, profile: str):
+    n, k = shape
+    prefix = src.name.removesuffix(".weight") if fmt == "deepseek-v4" else spec.native_prefix(src.layer, src.expert,
+                                                                                            src.proj)
+    specs = _packed_specs(prefix, n, k, fmt)
+
+    def produce() -> dict[str, torch.Tensor]:
+        q = quantize(load(src.name), profile=profile, name=src.name)
+        w, s = dsv4_layout.to_deepseek_v4(q) if fmt == "deepseek-v4" else (q.codes, q.scales)
+        return {specs[0].name: w, specs[1].name: s}
+
+    return specs, produce
+
+
+def _quantize_fused(load: Loader, src: ExpertSource, profile: str):
+    """gpt-oss fused [E, K, N] -> per-expert quantized [N, K] (one expert at a time to bound fp32 temporaries)."""
+    w = load(src.name)
+    return [quantize(w[e].t(), profile=profile, name=f"{src.name}[{e}] (as [N, K])") for e in range(w.shape[0])]
+
+
+def _fused_group(spec: ArchSpec, src: ExpertSource, shape, fmt: str, load: Loader, profile: str):
+    e_count, k, n = shape
+    base = src.name.rsplit(".", 1)[0]  # model.layers.L.mlp.experts
+    if fmt == "gpt-oss":
+        stem = f"{base}.{'gate_up_proj' if src.proj == 'gate_up' else 'down_proj'}"
+        specs = [TensorSpec(f"{stem}_blocks", torch.uint8, (e_count, n, k // C.BLOCK_SIZE, 16)),
+                 TensorSpec(f"{stem}_scales", torch.uint8, (e_count, n, k // C.BLOCK_SIZE))]
+
+        def produce() -> dict[str, torch.Tensor]:
+            qs = _quantize_fused(load, src, profile)
+            # Columns of the source are already interleaved (gate i, up i), so rows of [N, K] are too.
+            codes, scales = torch.stack([q.codes for q in qs]), torch.stack([q.scales for q in qs])
+            return {specs[0].name: gpt_oss_layout.codes_to_blocks(codes), specs[1].name: scales}
+
+        return specs, produce
+    projs = ("gate", "up") if src.proj == "gate_up" else ("down",)
+    rows = n // len(projs)
+    specs = [s for e in range(e_count) for p in projs
+             for s in _packed_specs(spec.native_prefix(src.layer, e, p), rows, k, fmt)]
+
+    def produce() -> dict[str, torch.Tensor]:
+        out = {}
+        for e, q in enumerate(_quantize_fused(load, src, profile)):
+            if src.proj == "gate_up":  # rows 2i = gate i, 2i+1 = up i
+                pairs = zip(gpt_oss_layout.deinterleave_rows(q.codes), gpt_oss_layout.deinterleave_rows(q.scales))
+            else:
+                pairs = [(q.codes, q.scales)]
+            for p, (codes, scales) in zip(projs, pairs):
+                prefix = spec.native_prefix(src.layer, e, p)
+                out[f"{prefix}.weight"], out[f"{prefix}.weight_scale"] = codes, scales
+        return out
+
+    return specs, produce
+
+
+def plan_conversion(reader: CheckpointReader, spec: ArchSpec, fmt: str, profile: str,
+                    device: str | torch.device = "cpu"):
+    """[(output specs, producer, is_expert)] for every source tensor, in checkpoint order; reads headers only.
+
+    Expert tensors are moved to device before quantizing (on CUDA the codec runs its Triton kernels, which give the
+    same bytes as the CPU reference); everything else is copied without leaving the host.
+    """
+    plan = []
+
+    def load(name: str) -> torch.Tensor:
+        return reader.get(name).to(device)
+
+    for name in reader.names():
+        info = reader.info[name]
+        src = spec.match(name)
+        if src is None:
+            plan.append(([TensorSpec(name, info.dtype, info.shape)], lambda name=name: {name: reader.get(name)}, False))
+            continue
+        _check_expert(src, info.dtype, info.shape)
+        build = _fused_group if spec.fused else _per_expert_group
+        specs, produce = build(spec, src, info.shape, fmt, load, profile)
+        plan.append((specs, produce, True))
+    if not any(is_expert for *_, is_expert in plan):
+        raise ValueError(f"checkpoint '{reader.dir}' ({spec.model_type}) has no routed-expert tensor matching "
+                         f"{spec.pattern!r}: nothing to quantize")
+    return plan
+
+
+def _prepare_paths(src: Path, dst: Path) -> None:
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"'{src}' has no config.json: not a Hugging Face model directory")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"source and destination are the same directory '{src}'; choose a new DST")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination '{dst}' exists and is not empty; choose a new or empty directory")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise ValueError(f"destination '{dst}' is inside the source checkpoint '{src}'")
+
+
+def _copy_side_files(src: Path, stage: Path) -> None:
+    """Copy tokenizer, generation config, etc. (everything but weights, their index and config.json)."""
+    for p in src.iterdir():
+        if p.name == "config.json" or p.name == INDEX_NAME or p.suffix == ".safetensors":
+            continue
+        if p.is_dir():
+            shutil.copytree(p, stage / p.name)
+        else:
+            shutil.copy2(p, stage / p.name)
+
+
+def _new_config(src: Path, profile: str, fmt: str) -> dict:
+    config = json.loads((src / "config.json").read_text())
+    old = config.get("quantization_config")
+    if old and str(old.get("quant_method", "")).lower() in ("mxfp4", QUANT_METHOD):
+        raise ValueError(f"'{src}' is already an MXFP4 checkpoint (quant_method {old.get('quant_method')!r})")
+    config["quantization_config"] = quantization_config(profile, fmt, old)
+    return config
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, *, profile: str, fmt: str = "native",
+                        max_shard_bytes: int | str | None = None, progress: bool = True,
+                        device: str | torch.device = "cpu") -> Path:
+    """Convert the routed experts of a bf16 MoE checkpoint to MXFP4; copy everything else byte for byte.
+
+    profile: codec profile name (recorded in quantization_config; no default on purpose).
+    fmt: "native" (`{prefix}.weight` uint8 + `{prefix}.weight_scale` uint8), "gpt-oss" (`*_blocks` / `*_scales`,
+         model_type gpt_oss only) or "deepseek-v4" (int8 `.weight` + float8_e8m0fnu `.scale`, deepseek_v4 only).
+    max_shard_bytes: e.g. 5_000_000_000 or "5GB"; None writes a single model.safetensors.
+    device: where experts are quantized ("cuda" is much faster on large models; the bytes are the same).
+    """
+    src, dst = Path(src), Path(dst)
+    prof = get_profile(profile).name
+    _prepare_paths(src, dst)
+    config = _new_config(src, prof, fmt)
+    spec = arch_spec(config, where=str(src / "config.json"))
+    check_format(spec, fmt)
+    reader = CheckpointReader(src)
+    plan = plan_conversion(reader, spec, fmt, prof, device)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        bar = tqdm(total=len(plan), desc=f"mxfp4-rl quantize ({prof}, {fmt})", unit="tensor", disable=not progress)
+        with bar, reader:
+            write_sharded(stage, [specs for specs, _, _ in plan], lambda i: plan[i][1](),
+                          max_shard_bytes=parse_size(max_shard_bytes), on_group_done=lambda i: bar.update(1))
+        _copy_side_files(src, stage)
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if dst.exists():
+            dst.rmdir()  # checked empty above
+        os.replace(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dst

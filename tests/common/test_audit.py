@@ -1,0 +1,110 @@
+"""common.audit: stable hashes of packed tensors and the diff report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from common import MXFP4Tensor, ShapeError, quantize
+from common.audit import audit_hashes, diff, diff_mappings, tensor_hash
+
+PROFILE = "flashinfer"
+
+
+def _rand(seed: int, *shape: int) -> MXFP4Tensor:
+    g = torch.Generator().manual_seed(seed)
+    *lead, n, k = shape
+    return MXFP4Tensor(torch.randint(0, 256, (*lead, n, k // 2), generator=g, dtype=torch.uint8),
+                       torch.randint(0, 255, (*lead, n, k // 32), generator=g, dtype=torch.uint8), PROFILE)
+
+
+def test_hash_follows_its_documented_definition():
+    """Recompute the digest from the spec (domain, JSON header, codes, scales) without calling common.audit."""
+    q = _rand(0, 3, 4, 64)
+    header = json.dumps({"block_size": 32, "dtype": "uint8", "format": "mxfp4", "profile": PROFILE,
+                         "shape": [3, 4, 64]}, sort_keys=True, separators=(",", ":")).encode()
+    want = hashlib.sha256(b"mxfp4_rl/audit/v1\0" + header + q.codes.numpy().tobytes() + q.scales.numpy().tobytes())
+    assert tensor_hash(q) == want.hexdigest()
+
+
+def test_hash_golden_value_is_stable_across_releases():
+    codes = torch.arange(32, dtype=torch.uint8).reshape(2, 16)
+    q = MXFP4Tensor(codes, torch.tensor([[127], [130]], dtype=torch.uint8), "ocp")
+    # Pinned: a change here breaks hash comparisons between mixed learner/engine versions.
+    assert tensor_hash(q) == "fea14142435da6ad1c71c1a9bc902864e230a5e63ee3423e34443b57bd58b2b0"
+
+
+def test_hash_ignores_strides_and_sees_every_field():
+    q = _rand(1, 2, 8, 64)
+    wide = torch.zeros(2, 8, 64, dtype=torch.uint8)
+    wide[..., :32] = q.codes
+    strided = MXFP4Tensor(wide[..., :32], q.scales.transpose(0, 1).contiguous().transpose(0, 1), PROFILE)
+    assert not strided.codes.is_contiguous() and not strided.scales.is_contiguous()
+    assert tensor_hash(strided) == tensor_hash(q)
+    flipped = q.codes.clone()
+    flipped[1, 7, 31] ^= 0x10
+    bumped = q.scales.clone()
+    bumped[0, 0, 0] += 1
+    variants = [MXFP4Tensor(flipped, q.scales, PROFILE), MXFP4Tensor(q.codes, bumped, PROFILE),
+                MXFP4Tensor(q.codes, q.scales, "ocp"),
+                MXFP4Tensor(q.codes.reshape(16, 32), q.scales.reshape(16, 2), PROFILE)]
+    hashes = {tensor_hash(v) for v in variants} | {tensor_hash(q)}
+    assert len(hashes) == 5
+    assert audit_hashes({"b": q, "a": variants[0]}) == {"b": tensor_hash(q), "a": tensor_hash(variants[0])}
+    assert list(audit_hashes({"b": q, "a": q})) == ["b", "a"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hash_is_device_independent():
+    q = _rand(2, 4, 32, 128)
+    assert tensor_hash(q.to("cuda")) == tensor_hash(q)
+
+
+def test_diff_reports_flips_scale_changes_and_first_block():
+    a = _rand(3, 3, 8, 128)  # 3 experts, 8 rows, 4 blocks per row
+    a.scales[2, 0, 0], a.scales[1, 5, 2] = 100, 50
+    codes, scales = a.codes.clone(), a.scales.clone()
+    codes[1, 3, 20] ^= 0x30  # expert 1 row 3 byte 20 = block 1: one high-nibble flip
+    codes[2, 7, 63] ^= 0x11  # expert 2 row 7 block 3: both nibbles
+    scales[2, 0, 0], scales[1, 5, 2] = 101, 48  # exponent +1 and -2
+    d = diff(a, MXFP4Tensor(codes, scales, PROFILE))
+    assert d.codes_total == 3 * 8 * 128 and d.codes_flipped == 3
+    assert d.code_flip_rate == pytest.approx(3 / (3 * 8 * 128))
+    assert d.scale_delta_hist == {-2: 1, 1: 1} and d.scales_changed == 2
+    assert d.blocks_differing == 4 and d.blocks_total == 3 * 8 * 4
+    assert d.first_diff == (1, 3, 1) and not d.identical
+    text = str(d)
+    assert "4/96 blocks differ" in text and "code flips 3/3072" in text
+    assert "first difference at expert 1, row 3, block 1" in text
+
+
+def test_diff_of_equal_tensors_and_of_a_power_of_two_rescale():
+    x = torch.randn(4, 16, 256, generator=torch.Generator().manual_seed(4))
+    a = quantize(x, profile=PROFILE)
+    same = diff(a, MXFP4Tensor(a.codes.clone(), a.scales.clone(), PROFILE))
+    assert same.identical and same.first_diff is None and same.code_flip_rate == 0.0
+    assert str(same) == "MXFP4 diff of shape [4, 16, 256]: identical bytes (512 blocks)"
+    # x * 2 is exact in fp32: every scale exponent moves by exactly +1 and no element code changes.
+    d = diff(a, quantize(x * 2, profile=PROFILE))
+    assert d.codes_flipped == 0 and d.scale_delta_hist == {1: 512} and d.first_diff == (0, 0, 0)
+    assert "+1: 512" in str(d)
+    two_d = diff(a[0], quantize(x[0] * 4, profile=PROFILE))
+    assert two_d.scale_delta_hist == {2: 128} and "first difference at row 0, block 0" in str(two_d)
+
+
+def test_diff_profiles_and_errors():
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    a, b = quantize(x, profile="flashinfer"), quantize(x, profile="ocp")
+    d = diff(a, b)
+    assert d.profiles == ("flashinfer", "ocp") and "profiles differ" in str(d) and not d.identical
+    with pytest.raises(ShapeError, match=r"shapes differ, \[8, 64\] vs \[8, 32\]"):
+        diff(a, quantize(x[:, :32], profile="flashinfer"))
+    m = {"e0": a, "e1": a}
+    assert diff_mappings(m, {"e0": a, "e1": a}) == {}
+    assert list(diff_mappings(m, {"e0": a, "e1": b})) == ["e1"]
+    with pytest.raises(KeyError, match="one side only: \\['e2'\\]"):
+        diff_mappings(m, {**m, "e2": a})
