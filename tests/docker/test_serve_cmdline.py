@@ -159,8 +159,6 @@ def test_resolution_comes_from_our_plugin(compose, tiny_mxfp4, plugin_registered
     assert "Unknown quantization method: mxfp4_rl" in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="mxfp4_serve's override_quantization_method claims mxfp4_rl checkpoints even "
-                   "when the user asked for another method, so vLLM's mismatch check never runs (reported to lead)")
 def test_engine_refuses_a_contradicting_quantization(serve, compose, plugin_registered, tiny_mxfp4):
     # An explicit --quantization that contradicts the checkpoint should be an error, as vLLM's own check intends.
     argv = [("fp8" if a == "mxfp4_rl" else a) for a in compose["services"]["vllm"]["command"]]

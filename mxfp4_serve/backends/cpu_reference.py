@@ -1,0 +1,87 @@
+"""The reference MXFP4 MoE: pure torch, any device, fp32 math. The oracle that every faster backend must match.
+
+Per local expert that has tokens: dequantize its packed w13/w2 with the codec (exact), gather its tokens, two
+matmuls in fp32 with the activation between, scale by the router weight and scatter-add. Dequantizing on the fly
+keeps memory at one expert's bf16/fp32 weights, never the stack.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import dequantize
+
+from .base import ActivationSpec, DeviceInfo, MoEBackend
+
+
+def gated_activation(h: torch.Tensor, act: ActivationSpec) -> torch.Tensor:
+    """h [T, 2I] = [gate | up] (de-interleaved; the gpt-oss loader de-interleaves its checkpoint rows)."""
+    gate, up = h.chunk(2, dim=-1)
+    if act.name == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=act.limit)
+    up = up.clamp(min=-act.limit, max=act.limit)
+    return gate * torch.sigmoid(act.alpha * gate) * (up + 1)
+
+
+def expert_mlp(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+               b13: torch.Tensor | None, b2: torch.Tensor | None, x: torch.Tensor, act: ActivationSpec) -> torch.Tensor:
+    """One expert (its packed slices) on its tokens x [n, H] in fp32 -> [n, H] fp32."""
+    h = x @ dequantize((w13, w13_scale), torch.float32).t()
+    if b13 is not None:
+        h = h + b13.float()
+    y = gated_activation(h, act) @ dequantize((w2, w2_scale), torch.float32).t()
+    if b2 is not None:
+        y = y + b2.float()
+    return y
+
+
+# A torch custom op, so that torch.compile (vLLM compiles the model unless --enforce-eager) treats the
+# data-dependent per-expert loop as one opaque call instead of failing on its graph breaks.
+@torch.library.custom_op("mxfp4_rl::cpu_reference_moe", mutates_args=())
+def cpu_reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                      w13_bias: torch.Tensor | None, w2_bias: torch.Tensor | None, expert_map: torch.Tensor | None,
+                      activation: str, alpha: float, limit: float, router_weight_on_input: bool) -> torch.Tensor:
+    act = ActivationSpec(activation, alpha, limit)
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map.to(ids.device)[ids]  # global -> local, -1 for experts of other EP ranks
+    xf = x.float()
+    weights = topk_weights.float()
+    out = torch.zeros_like(xf)
+    for e in torch.unique(ids).tolist():
+        if e < 0:
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        w = weights[tok, slot].unsqueeze(1)
+        b13 = None if w13_bias is None else w13_bias[e]
+        b2 = None if w2_bias is None else w2_bias[e]
+        args = (w13[e], w13_scale[e], w2[e], w2_scale[e], b13, b2)
+        if router_weight_on_input:  # llama4-style: the router weight scales the expert's input
+            y = expert_mlp(*args, xf[tok] * w, act)
+        else:
+            y = expert_mlp(*args, xf[tok], act) * w
+        out.index_add_(0, tok, y)
+    return out.to(x.dtype)
+
+
+@cpu_reference_moe.register_fake
+def _(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, w13_bias, w2_bias, expert_map, activation, alpha,
+      limit, router_weight_on_input):
+    return torch.empty_like(x)
+
+
+class CPUReferenceBackend(MoEBackend):
+    name = "cpu_reference"
+
+    @classmethod
+    def supports(cls, device: DeviceInfo) -> tuple[bool, str]:
+        return True, ""  # plain torch: runs wherever torch does (slowly on GPUs: it is the oracle, not a kernel)
+
+    def apply(self, layer, x, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input=False):
+        return cpu_reference_moe(
+            x, topk_weights, topk_ids, layer.w13_weight, layer.w13_weight_scale, layer.w2_weight,
+            layer.w2_weight_scale, getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None), expert_map,
+            activation.name, float(activation.alpha), float(activation.limit), bool(apply_router_weight_on_input))

@@ -1,0 +1,80 @@
+"""`mxfp4_rl`: the vLLM QuantizationConfig of this plugin. It owns only the routed experts.
+
+Every other layer gets the method it would have had without us: the delegate config's method when the checkpoint
+names one (e.g. vLLM's FP8 block method for DeepSeek-V4 dense weights, `"delegate": {"quant_method": "fp8", ...}`
+in our quantization_config), else vLLM's UnquantizedLinearMethod for linear layers and vLLM's defaults (None) for
+the rest (embeddings, attention).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from . import compat
+from .moe_method import make_moe_method
+from .settings import (
+    QUANT_METHOD,
+    ServeSettings,
+    claims_checkpoint,
+    settings_for_online,
+    settings_from_quant_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class MXFP4RLConfig(QuantizationConfig):
+    def __init__(self, settings: ServeSettings | None = None) -> None:
+        super().__init__()
+        # No quantization_config anywhere (bf16 checkpoint + --quantization mxfp4_rl): vLLM calls cls() -> online.
+        self.settings = settings if settings is not None else settings_for_online()
+        self.delegate = self._make_delegate(self.settings.delegate)
+        logger.info("mxfp4_rl: profile %r, format %r, delegate %s", self.settings.profile, self.settings.fmt,
+                    type(self.delegate).__name__ if self.delegate else "none (unquantized)")
+
+    @staticmethod
+    def _make_delegate(cfg) -> QuantizationConfig | None:
+        if cfg is None:
+            return None
+        return compat.quantization_config_class(cfg["quant_method"]).from_config(dict(cfg))
+
+    # ---- vLLM's QuantizationConfig interface ----
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # the CPU reference backend runs anywhere; faster backends check capability in the oracle
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config (or the environment for online mode)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MXFP4RLConfig":
+        return cls(settings_from_quant_config(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        model_type = getattr(hf_config, "model_type", None)
+        return QUANT_METHOD if claims_checkpoint(hf_quant_cfg, user_quant, model_type) else None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if compat.is_moe_layer(layer):
+            return make_moe_method(layer.moe_config, self.settings)
+        if self.delegate is not None:
+            return self.delegate.get_quant_method(layer, prefix)
+        if compat.is_linear_layer(layer):
+            return compat.unquantized_linear_method()
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.delegate is not None:
+            self.delegate.apply_vllm_mapper(hf_to_vllm_mapper)

@@ -1,0 +1,89 @@
+"""The MXFP4 MoE method: thin glue between vLLM's MoE layer, our weight loader and the chosen backend."""
+
+from __future__ import annotations
+
+import torch
+
+from . import compat
+from .backends import DeviceInfo, select_backend
+from .loader import ExpertWeightLoader
+from .settings import ServeSettings
+from .shards import ExpertGeometry
+
+
+def _device_of(moe_config) -> torch.device:
+    device = getattr(moe_config, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def make_moe_method(moe_config, settings: ServeSettings):
+    """Build the method object (its base class comes from the running vLLM, see compat)."""
+    return _method_class()(moe_config, settings)
+
+
+_CLASS = None
+
+
+def _method_class() -> type:
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = type("MXFP4MoEMethod", (MXFP4MoEMethodMixin, compat.fused_moe_method_base()), {})
+    return _CLASS
+
+
+class MXFP4MoEMethodMixin:
+    """Routed experts kept packed: w13_weight/w2_weight uint8 codes + *_weight_scale uint8 E8M0 (+ biases)."""
+
+    def __init__(self, moe_config, settings: ServeSettings) -> None:
+        super().__init__(moe_config)
+        self.settings = settings
+        self.backend = select_backend(DeviceInfo.of(_device_of(moe_config)), settings.backend)
+
+    # ---- weights ----
+    def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra) -> None:
+        tp_rank, tp_size = compat.tp_rank_size(layer)
+        name = compat.layer_name(layer)
+        geometry = ExpertGeometry(layer_name=name, hidden=hidden_size,
+                                  intermediate=intermediate_size_per_partition * tp_size,
+                                  num_experts=compat.global_num_experts(layer, extra.get("global_num_experts",
+                                                                                         num_experts)),
+                                  num_local_experts=num_experts, tp_rank=tp_rank, tp_size=tp_size)
+        with_bias = compat.has_bias(layer)
+        params = {}
+        for pname, shape in geometry.param_shapes(with_bias=with_bias).items():
+            dtype = params_dtype if pname.endswith("bias") else torch.uint8
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            layer.register_parameter(pname, p)
+            params[pname] = p
+        to_local = compat.global_to_local(layer)
+        local_to_global = [-1] * num_experts
+        for g in range(geometry.num_experts):
+            if 0 <= (loc := to_local(g)) < num_experts:
+                local_to_global[loc] = g
+        loader = ExpertWeightLoader(geometry, self.settings, params, to_local, local_to_global)
+        for p in params.values():
+            # "block": vLLM's own loaders narrow such scales like their weights; ours ignores the tag.
+            compat.set_weight_attrs(p, {"weight_loader": loader, "quant_method": "block"})
+        layer.mxfp4_rl_loader = loader
+        self._first_processing_done = False
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Hook run by vLLM after the checkpoint is loaded (and again after a layerwise reload).
+
+        First time: refuse a checkpoint that left any expert tensor unloaded. Then hand the layer to the backend's
+        `prepare(layer)`, which converts the canonical packed parameters to its own layout in place.
+        """
+        if not self._first_processing_done:
+            layer.mxfp4_rl_loader.check_complete()
+            self._first_processing_done = True
+        self.backend.prepare(layer)
+
+    # ---- compute ----
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module):
+        return None  # no vLLM modular kernel runs our weights; the backend reads the layer's parameters itself
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              *args, **kwargs) -> torch.Tensor:
+        return self.backend.apply(layer, x, topk_weights, topk_ids, compat.activation_spec(layer),
+                                  compat.expert_map(layer), compat.apply_router_weight_on_input(layer))

@@ -1,0 +1,39 @@
+"""Entry point `vllm.general_plugins: mxfp4_rl = mxfp4_serve.plugin:register`.
+
+vLLM calls it in every process it starts (API server, engine core, workers), so it must be idempotent and cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .settings import QUANT_METHOD
+
+_registered = False
+# vLLM's gpt-oss loader bypasses per-expert weight loaders; ours routes fused expert tensors (see models/gpt_oss.py).
+MODEL_OVERRIDES = {"GptOssForCausalLM": "mxfp4_serve.models.gpt_oss:MXFP4GptOssForCausalLM"}
+
+
+def _configure_logging() -> None:
+    log = logging.getLogger("mxfp4_serve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def register() -> None:
+    """Register the `mxfp4_rl` quantization config and the model overrides with vLLM (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from . import compat
+    from .config import MXFP4RLConfig
+
+    _configure_logging()
+    compat.register_quantization_config(QUANT_METHOD)(MXFP4RLConfig)
+    for arch, target in MODEL_OVERRIDES.items():
+        compat.register_model(arch, target)
+    _registered = True

@@ -1,0 +1,115 @@
+"""What the engine plugin was asked to serve: profile, checkpoint format, backend override, delegate method.
+
+Read once from the checkpoint's `quantization_config` (or, for a bf16 checkpoint served with
+`--quantization mxfp4_rl`, from the environment) and validated here, so that the config and method classes stay
+thin glue. No vLLM import: unit tests construct these without an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from common import get_profile
+from common.constants import BLOCK_SIZE
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "mxfp4_rl"
+# Checkpoint expert layouts (see DESIGN "The native MXFP4 checkpoint format"). "bf16" = unquantized experts that the
+# plugin quantizes at load with the codec (online mode).
+FORMATS = ("native", "gpt-oss", "deepseek-v4", "bf16")
+# quant_method names of other tools' MXFP4 checkpoints, claimed only when the user passes --quantization mxfp4_rl.
+FOREIGN_MXFP4_METHODS = ("mxfp4", "gpt_oss_mxfp4")
+# Model types whose routed experts this plugin serves (DESIGN "The engine plugin").
+SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3")
+# Model types whose other-tool MXFP4 checkpoints (quant_method "mxfp4") we claim, and the layout they use.
+# DeepSeek-V4 checkpoints say quant_method "deepseek_v4_fp8" and need the FP8 delegate: not claimed yet.
+FOREIGN_FORMAT_BY_MODEL_TYPE = {"gpt_oss": "gpt-oss"}
+
+ENV_PROFILE = "MXFP4_RL_PROFILE"
+ENV_BACKEND = "MXFP4_RL_MOE_BACKEND"
+# Used only when the user explicitly asked for --quantization mxfp4_rl and named no profile; logged when chosen.
+EXPLICIT_REQUEST_PROFILE = "flashinfer"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """profile: codec profile name (common.profile_names()); fmt: one of FORMATS; backend: explicit MoE backend
+    name or None for the capability-based choice; delegate: the quantization_config of the method that non-expert
+    layers get (None = unquantized, i.e. what vLLM would give them without us)."""
+
+    profile: str
+    fmt: str = "native"
+    backend: str | None = None
+    delegate: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)  # raises UnknownProfileError listing the known profiles
+        if self.fmt not in FORMATS:
+            raise ValueError(f"mxfp4_rl quantization_config: unknown format {self.fmt!r}; expected one of {FORMATS}")
+        if self.delegate is not None and "quant_method" not in self.delegate:
+            raise ValueError(f"mxfp4_rl quantization_config: delegate {dict(self.delegate)!r} has no 'quant_method'")
+
+    @property
+    def online(self) -> bool:
+        """True when expert weights arrive in bf16 and are quantized at load."""
+        return self.fmt == "bf16"
+
+
+def _backend_override(cfg: Mapping[str, Any]) -> str | None:
+    return os.environ.get(ENV_BACKEND) or cfg.get("moe_backend") or None
+
+
+def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
+    """Settings from a checkpoint's (or --hf-overrides') quantization_config dict."""
+    method = cfg.get("quant_method")
+    if method == QUANT_METHOD:
+        block = cfg.get("block_size", BLOCK_SIZE)
+        if block != BLOCK_SIZE:
+            raise ValueError(f"mxfp4_rl quantization_config: block_size must be {BLOCK_SIZE}, got {block!r}")
+        if "profile" not in cfg:
+            raise ValueError("mxfp4_rl quantization_config has no 'profile'; the checkpoint must record the profile "
+                             "that quantized it (see common.checkpoint.quantize_checkpoint)")
+        return ServeSettings(profile=cfg["profile"], fmt=cfg.get("format", "native"),
+                             backend=_backend_override(cfg), delegate=cfg.get("delegate"))
+    if method in FOREIGN_MXFP4_METHODS:
+        # Another tool's MXFP4 checkpoint, claimed because the user passed --quantization mxfp4_rl. The bytes are
+        # fixed already; the profile only matters for later refits, so it comes from the user or the default.
+        # claims_checkpoint only lets gpt-oss through, so the layout is gpt-oss's.
+        return ServeSettings(profile=online_profile(), fmt="gpt-oss", backend=_backend_override(cfg))
+    raise ValueError(f"mxfp4_rl cannot serve a checkpoint with quant_method {method!r}; expected {QUANT_METHOD!r} "
+                     f"or one of {FOREIGN_MXFP4_METHODS}")
+
+
+def online_profile() -> str:
+    """Profile for a checkpoint that does not record one: $MXFP4_RL_PROFILE, else the explicit-request default."""
+    name = os.environ.get(ENV_PROFILE)
+    if name:
+        logger.info("mxfp4_rl: using MXFP4 profile %r from $%s", name, ENV_PROFILE)
+        return name
+    logger.warning("mxfp4_rl: no profile recorded in the checkpoint and $%s unset; using %r because "
+                   "--quantization mxfp4_rl was requested explicitly", ENV_PROFILE, EXPLICIT_REQUEST_PROFILE)
+    return EXPLICIT_REQUEST_PROFILE
+
+
+def settings_for_online() -> ServeSettings:
+    """Settings for a bf16 checkpoint served with --quantization mxfp4_rl (no quantization_config anywhere)."""
+    return ServeSettings(profile=online_profile(), fmt="bf16", backend=_backend_override({}))
+
+
+def claims_checkpoint(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None, model_type: str | None) -> bool:
+    """Whether `override_quantization_method` should resolve this checkpoint to mxfp4_rl."""
+    if not hf_quant_cfg:
+        return False
+    if user_quant is not None and user_quant != QUANT_METHOD:
+        # The user asked for another method: let vLLM's own mismatch check refuse the contradiction.
+        return False
+    method = hf_quant_cfg.get("quant_method")
+    if method == QUANT_METHOD:
+        return True
+    return (user_quant == QUANT_METHOD and method in FOREIGN_MXFP4_METHODS
+            and model_type in FOREIGN_FORMAT_BY_MODEL_TYPE)

@@ -1,0 +1,86 @@
+"""Bad checkpoints make the real engine fail at start with a message that names the tensor or layer.
+Each case starts its own engine process (it dies before the KV cache is allocated: ~10 s each)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
+from tests.serve.reference import run_engine
+
+pytestmark = pytest.mark.engine
+SCALE = "model.layers.1.mlp.experts.5.up_proj.weight_scale"
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    src = write_tiny_checkpoint(root / "bf16", arch="qwen3_moe", seed=0)
+    return root, quantize_checkpoint(src, root / "good", profile="flashinfer", progress=False)
+
+
+def _variant(native, name, edit_tensors=None, edit_config=None):
+    root, good = native
+    dst = root / name
+    shutil.copytree(good, dst)
+    if edit_tensors:
+        tensors = load_file(str(dst / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _fails(path, root, name, pattern, env=None):
+    proc, _, _ = run_engine({"model": str(path), "quantization": "mxfp4_rl"}, root / f"run_{name}", env=env)
+    assert proc.returncode != 0
+    import re
+
+    assert re.search(pattern, proc.stderr + proc.stdout), (proc.stderr + proc.stdout)[-3000:]
+
+
+def test_missing_scale_tensor(native):
+    path = _variant(native, "missing", edit_tensors=lambda t: t.pop(SCALE))
+    _fails(path, native[0], "missing", r"MoE layer 'model\.layers\.1\.mlp\.experts': 1 expert tensor\(s\) missing "
+                                        rf"from the checkpoint: '{SCALE}'")
+
+
+def test_wrong_scale_shape(native):
+    def edit(t):
+        t[SCALE] = t[SCALE][:, :-1].contiguous()
+
+    path = _variant(native, "shape", edit_tensors=edit)
+    _fails(path, native[0], "shape", rf"'{SCALE}': expected scales of shape \(64, 4\).*got \(64, 3\)")
+
+
+def test_wrong_scale_dtype(native):
+    def edit(t):
+        t[SCALE] = t[SCALE].to(torch.float32)
+
+    path = _variant(native, "dtype", edit_tensors=edit)
+    _fails(path, native[0], "dtype", rf"'{SCALE}': MXFP4 scales must have dtype torch\.uint8.*got torch\.float32")
+
+
+def test_unknown_profile(native):
+    def edit(cfg):
+        cfg["quantization_config"]["profile"] = "flashinfer_v2"
+
+    path = _variant(native, "profile", edit_config=edit)
+    _fails(path, native[0], "profile", r"unknown MXFP4 profile 'flashinfer_v2'; known profiles: ")
+
+
+def test_k_not_multiple_of_32(native):
+    """Online mode on a model whose moe_intermediate_size (the K of down_proj) is 48."""
+    root = native[0]
+    path = write_tiny_checkpoint(root / "k48", arch="qwen3_moe", moe_intermediate_size=48)
+    _fails(path, root, "k48", r"MoE layer 'model\.layers\.0\.mlp\.experts': moe intermediate size 48 \(the K of "
+                              r"w2, down_proj\) is not a multiple of the MXFP4 block size 32",
+           env={"MXFP4_RL_PROFILE": "flashinfer"})

@@ -1,0 +1,171 @@
+"""MoE backends: the oracle's choice and errors, and the CPU reference's numerics against independent references
+(float64 math on the codec's dequantized weights; transformers' own Qwen3-MoE and gpt-oss expert modules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common import dequantize, quantize
+from mxfp4_serve.backends import ActivationSpec, BackendUnavailableError, CPUReferenceBackend, DeviceInfo, MoEBackend
+from mxfp4_serve.backends import select_backend
+
+T, H, I, E, TOPK = 37, 128, 64, 8, 2
+PROFILE = "flashinfer"
+
+
+# ---- oracle ----------------------------------------------------------------------------------------------------------
+class _AlwaysRejects(MoEBackend):
+    name = "always_rejects"
+
+    @classmethod
+    def supports(cls, device):
+        return False, "rejects everything (test backend)"
+
+    def apply(self, *a, **k):
+        raise AssertionError("never selected")
+
+
+def test_cpu_picks_reference_and_logs_why_others_were_skipped():
+    assert isinstance(select_backend(DeviceInfo("cpu")), CPUReferenceBackend)
+
+
+@pytest.mark.parametrize("cap,issue", [((9, 0), "issue 5"), ((10, 0), "issue 8")])
+def test_pending_gpu_backends_reject_with_their_issue(cap, issue):
+    name = "hopper_triton" if cap == (9, 0) else "sm100_flashinfer"
+    with pytest.raises(BackendUnavailableError, match=rf"'{name}' was requested.*not implemented yet \({issue}\)"):
+        select_backend(DeviceInfo("cuda", cap), override=name)
+    # without an override the oracle falls through to the reference (correct, slow)
+    assert isinstance(select_backend(DeviceInfo("cuda", cap)), CPUReferenceBackend)
+
+
+def test_unknown_override_lists_available():
+    with pytest.raises(BackendUnavailableError, match=r"unknown MXFP4 MoE backend 'marlin'; available: "
+                                                      r"sm100_flashinfer, hopper_triton, cpu_reference"):
+        select_backend(DeviceInfo("cpu"), override="marlin")
+
+
+def test_no_candidate_lists_every_rejection():
+    from mxfp4_serve.backends.pending import HopperTritonBackend
+
+    with pytest.raises(BackendUnavailableError, match=r"no MXFP4 MoE backend can run on cpu: always_rejects: rejects "
+                                                      r"everything \(test backend\); hopper_triton: needs a CUDA"):
+        select_backend(DeviceInfo("cpu"), candidates=(_AlwaysRejects, HopperTritonBackend))
+
+
+def test_env_override_reaches_settings(monkeypatch):
+    from mxfp4_serve.settings import settings_from_quant_config
+
+    monkeypatch.setenv("MXFP4_RL_MOE_BACKEND", "hopper_triton")
+    s = settings_from_quant_config({"quant_method": "mxfp4_rl", "profile": PROFILE})
+    with pytest.raises(BackendUnavailableError, match="cannot run on cpu"):
+        select_backend(DeviceInfo("cpu"), s.backend)
+
+
+# ---- CPU reference numerics -----------------------------------------------------------------------------------------
+def _layer(with_bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Module()
+    w13 = quantize(torch.randn(E, 2 * I, H, generator=g) * 0.1, profile=PROFILE)
+    w2 = quantize(torch.randn(E, H, I, generator=g) * 0.1, profile=PROFILE)
+    for name, t in (("w13_weight", w13.codes), ("w13_weight_scale", w13.scales), ("w2_weight", w2.codes),
+                    ("w2_weight_scale", w2.scales)):
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+    if with_bias:
+        layer.w13_bias = torch.nn.Parameter(torch.randn(E, 2 * I, generator=g) * 0.1, requires_grad=False)
+        layer.w2_bias = torch.nn.Parameter(torch.randn(E, H, generator=g) * 0.1, requires_grad=False)
+    return layer, dequantize(w13, torch.float64), dequantize(w2, torch.float64)
+
+
+def _routing(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    x[0] = 0.0  # a zero token
+    x[1] *= 100.0  # a large one: drives gpt-oss's clamp
+    logits = torch.randn(T, E, generator=g)
+    w, ids = torch.softmax(logits, -1).topk(TOPK, dim=-1)
+    return x, w / w.sum(-1, keepdim=True), ids
+
+
+def _float64_moe(x, w, ids, w13, w2, act: ActivationSpec, b13=None, b2=None):
+    out = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(TOPK):
+            e = int(ids[t, j])
+            h = w13[e] @ x[t].double() + (0 if b13 is None else b13[e].double())
+            gate, up = h[:I], h[I:]
+            if act.name == "silu":
+                a = torch.nn.functional.silu(gate) * up
+            else:
+                gate, up = gate.clamp(max=act.limit), up.clamp(-act.limit, act.limit)
+                a = gate * torch.sigmoid(act.alpha * gate) * (up + 1)
+            out[t] += w[t, j].double() * (w2[e] @ a + (0 if b2 is None else b2[e].double()))
+    return out
+
+
+@pytest.mark.parametrize("act", ["silu", "swigluoai"])
+def test_reference_matches_float64(act):
+    spec = ActivationSpec(act)
+    layer, w13, w2 = _layer(with_bias=act == "swigluoai")
+    x, w, ids = _routing()
+    got = CPUReferenceBackend().apply(layer, x, w, ids, spec, None)
+    ref = _float64_moe(x, w, ids, w13, w2, spec, getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None))
+    # fp32 dot products of length <= 128 with |terms| ~ 1e-2..1: error <= K * 2^-24 * sum|terms| ~ 1e-5 relative
+    # to the largest output; 1e-4 of max|ref| leaves 10x headroom and is still 100x below one MXFP4 code step.
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_reference_expert_map_keeps_only_local_experts():
+    layer, w13, w2 = _layer(with_bias=False)
+    x, w, ids = _routing()
+    # EP rank 1 of 2 holds global experts 4..7 as local 0..3: feed it the upper half of the layer's experts
+    half = torch.nn.Module()
+    for name, p in layer.named_parameters():
+        half.register_parameter(name, torch.nn.Parameter(p[E // 2:].clone(), requires_grad=False))
+    emap = torch.tensor([-1] * (E // 2) + list(range(E // 2)))
+    spec = ActivationSpec("silu")
+    got = CPUReferenceBackend().apply(half, x, w, ids, spec, emap)
+    keep = ids >= E // 2
+    ref = _float64_moe(x, w * keep, ids, w13, w2, spec)
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_reference_matches_transformers_expert_modules():
+    """Same weights in transformers' Qwen3MoeExperts / GptOssExperts (their layouts: stacked / input-major and
+    interleaved), fp32 both sides: only summation order differs (bound as above)."""
+    from transformers import GptOssConfig, Qwen3MoeConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    x, w, ids = _routing()
+    layer, w13, w2 = _layer(with_bias=False)
+    qwen = Qwen3MoeExperts(Qwen3MoeConfig(num_experts=E, hidden_size=H, moe_intermediate_size=I))
+    qwen.gate_up_proj.data, qwen.down_proj.data = w13.float(), w2.float()
+    got = CPUReferenceBackend().apply(layer, x, w, ids, ActivationSpec("silu"), None)
+    ref = qwen(x, ids, w)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    layer, w13, w2 = _layer(with_bias=True, seed=2)
+    oss = GptOssExperts(GptOssConfig(num_local_experts=E, hidden_size=H, intermediate_size=I))
+    inter = torch.stack((w13[:, :I], w13[:, I:]), dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
+    b = layer.w13_bias.data
+    oss.gate_up_proj.data = inter.transpose(1, 2).float().contiguous()
+    oss.gate_up_proj_bias.data = torch.stack((b[:, :I], b[:, I:]), dim=2).flatten(1, 2)
+    oss.down_proj.data = w2.transpose(1, 2).float().contiguous()
+    oss.down_proj_bias.data = layer.w2_bias.data
+    got = CPUReferenceBackend().apply(layer, x, w, ids, ActivationSpec("swigluoai"), None)
+    ref = oss(x, ids, w)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_output_dtype_and_empty_batch():
+    layer, _, _ = _layer(with_bias=False)
+    x, w, ids = _routing()
+    assert CPUReferenceBackend().apply(layer, x.half(), w, ids, ActivationSpec(), None).dtype == torch.float16
+    empty = CPUReferenceBackend().apply(layer, x[:0], w[:0], ids[:0], ActivationSpec(), None)
+    assert empty.shape == (0, H)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match=r"unsupported MoE activation 'gelu'"):
+        ActivationSpec("gelu")
