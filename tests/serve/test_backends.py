@@ -169,3 +169,14 @@ def test_output_dtype_and_empty_batch():
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match=r"unsupported MoE activation 'gelu'"):
         ActivationSpec("gelu")
+
+
+def test_reference_runs_inside_torch_compile_fullgraph():
+    # vLLM compiles the model unless --enforce-eager; the per-expert loop is data dependent, so the backend is a
+    # torch custom op that dynamo must keep opaque (fullgraph=True fails on any graph break).
+    layer, _, _ = _layer(with_bias=False)
+    x, w, ids = _routing()
+    backend, spec = CPUReferenceBackend(), ActivationSpec("silu")
+    eager = backend.apply(layer, x, w, ids, spec, None)
+    compiled = torch.compile(lambda a, b, c: backend.apply(layer, a, b, c, spec, None), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, w, ids), eager)
