@@ -14,8 +14,8 @@ Scale rules (amax = largest |x| of the 32-element block, as fp32; E, M = its exp
                  bits, truncate): E' - emax_exp. (Quark / compressed-tensors "even", torchao EVEN.)
   CEIL_QUOTIENT  q = fl(amax / emax_value) (fp32 division, round to nearest even), then the next power of two
                  at or above q from q's bits: (bits(q) + 0x7FFFFF) & 0x7F800000. (OpenAI triton_kernels
-                 ROUND_UP, DeepSeek `fast_round_scale`.) Differs from RCEIL where the division rounds onto a
-                 power of two, and for subnormal q.
+                 ROUND_UP, DeepSeek `fast_round_scale`.) Equal to RCEIL wherever q is normal (checked on every
+                 finite fp32 amax); differs only for subnormal q, i.e. amax < emax_value * 2^-126.
 Codes are clamped to [0, 254]. Elements are x * 2^(127 - code) in fp32, rounded to the element grid and
 saturated; a code-0 block uses 2^code0_exponent instead of 2^127 where a peer does so.
 """

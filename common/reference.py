@@ -105,7 +105,8 @@ def quantize_mxfp8(x: torch.Tensor, profile: Profile, *, name: str | None = None
         check_finite(x, name)
     xb = _blocks_f32(x)
     scales, mult = _block_scales(xb, profile, E4M3)
-    y = torch.clamp(xb * mult.unsqueeze(-1), -C.E4M3_MAX, C.E4M3_MAX)  # clamp keeps NaN
+    # clamp keeps NaN; copysign pins a NaN product's sign to the element's own (it is platform-dependent otherwise)
+    y = torch.copysign(torch.clamp(xb * mult.unsqueeze(-1), -C.E4M3_MAX, C.E4M3_MAX), xb)
     return y.to(torch.float8_e4m3fn).reshape(x.shape), scales
 
 
