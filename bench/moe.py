@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Benchmark of the grouped MXFP4 MoE kernels (common.grouped_gemm) against bf16 torch._grouped_mm, one GPU.
+
+  learner  fwd+bwd of the expert MLP with LoRA r=16 on w13 and w2: ours (packed MXFP4 base, in-kernel dequant)
+           vs bf16 torch._grouped_mm with a FROZEN bf16 base (fwd + dX + LoRA grads, same LoRA), torch autograd
+  engine   forward only (no LoRA): ours vs bf16 torch._grouped_mm
+  routing  route + permute + weighted un-permute (pure torch)
+Shapes (per GPU): dsv4 = DeepSeek-V4-Flash at EP=8 (hidden 4096, moe intermediate 2048, 32 local experts, top-6,
+silu), gptoss = gpt-oss-120b (hidden 2880, intermediate 2880, 128 experts, top-4, clamp-swiglu). Routing is
+balanced (token t, slot j -> expert (t*k + j) mod E). The bf16 weights are the exact dequantization of the packed
+ones, so outputs and gradients are compared (relative L2). Times are triton.testing.do_bench medians (ms); next
+to each, the roofline floor max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured in this run.
+usage: python bench/moe.py [--shapes dsv4,gptoss] [--tokens 16,128,1024,4096,16384] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+import common
+from common.grouped_gemm import MXFP4GroupedMLP, moe_mlp_forward, permute, route, unpermute
+from common.grouped_gemm import activations as A
+from common.grouped_gemm import ops
+
+SHAPES = {"dsv4": dict(H=4096, I=2048, E=32, k=6, act="silu"),
+          "gptoss": dict(H=2880, I=2880, E=128, k=4, act="swiglu_oai")}
+RANK = 16
+
+
+def bench(fn, rep=100):
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def device_rates():
+    """(copy bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
+    n = 1 << 29
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = bench(lambda: a @ b)
+    return 2 * n / (t * 1e-3), 2 * 8192 ** 3 / (tm * 1e-3)
+
+
+def make_weights(s, gen):
+    e, h, i = s["E"], s["H"], s["I"]
+    w = {}
+    for name, shape in (("w13", (e, 2 * i, h)), ("w2", (e, h, i))):
+        codes = torch.randint(0, 256, (*shape[:2], shape[2] // 2), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = torch.randint(118, 122, (*shape[:2], shape[2] // 32), dtype=torch.uint8, device="cuda",
+                               generator=gen)
+        w[name] = (codes, scales)
+        w[name + "_bf16"] = common.dequantize((codes, scales), torch.bfloat16)
+    lora = [torch.randn(e, RANK, h, device="cuda", generator=gen) / h ** 0.5,
+            torch.randn(e, 2 * i, RANK, device="cuda", generator=gen) / RANK ** 0.5,
+            torch.randn(e, RANK, i, device="cuda", generator=gen) / i ** 0.5,
+            torch.randn(e, h, RANK, device="cuda", generator=gen) / RANK ** 0.5]
+    return w, [p.requires_grad_(True) for p in lora]
+
+
+def bf16_mlp(x, offs, w, lora, act, scaling):
+    """The bf16 baseline: torch._grouped_mm with frozen bf16 weights, LoRA as grouped GEMMs, torch autograd."""
+    o = offs[1:]
+
+    def lin(inp, wt, la, lb):
+        y = torch._grouped_mm(inp, wt.transpose(1, 2), offs=o)
+        if la is not None:
+            h = torch._grouped_mm(inp, la.to(torch.bfloat16).transpose(1, 2), offs=o) * scaling
+            y = y + torch._grouped_mm(h, lb.to(torch.bfloat16).transpose(1, 2), offs=o)
+        return y
+
+    l13, l2 = (lora[0], lora[1]) if lora else (None, None), (lora[2], lora[3]) if lora else (None, None)
+    pre = lin(x, w["w13_bf16"], *l13)
+    a = A.gated(pre, act)
+    return lin(a, w["w2_bf16"], *l2)
+
+
+def ours_mlp(x, offs, w, lora, act, scaling):
+    return MXFP4GroupedMLP.apply(x, offs, *w["w13"], *w["w2"], *lora, scaling, act, None, None)
+
+
+def peak_mb(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def floors(s, m, packed_bytes, rates, learner):
+    """(bytes, FLOPs, floor ms) of the engine forward or the learner fwd+bwd at m sorted rows."""
+    h, i, e = s["H"], s["I"], s["E"]
+    active = min(e, m) / e
+    act_bytes = 2 * m * (h + 2 * i + i + h)  # x, pre, a, y (bf16) once each
+    flops = 6 * m * h * i
+    wbytes = packed_bytes * active
+    if learner:  # weights read in fwd and bwd; dy, dpre, dx and the saved tensors re-read
+        wbytes, act_bytes, flops = 2 * wbytes, 2 * act_bytes + 2 * m * (h + 2 * i + h), 2 * flops
+    total = wbytes + act_bytes
+    return total, flops, max(total / rates[0], flops / rates[1]) * 1e3
+
+
+def run_shape(name, s, tokens, rates, gen, results):
+    w, lora = make_weights(s, gen)
+    packed = sum(t.numel() for k in ("w13", "w2") for t in w[k])
+    print(f"# {name}: packed expert bytes {packed / 1e9:.3f} GB, bf16 {2 * packed * 32 / 17 / 1e9:.3f} GB",
+          flush=True)
+    scaling = 2.0
+    for t in tokens:
+        ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
+        tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1)
+        xt = torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
+        r = dict(shape=name, tokens=t)
+
+        def route_permute_unpermute():
+            rt = route(ids, s["E"])
+            return unpermute(permute(xt, rt), rt, tw)
+
+        r["routing_ms"] = bench(route_permute_unpermute)
+        routing = route(ids, s["E"])
+        x = permute(xt, routing).contiguous()
+        offs = routing.offsets
+        m = x.shape[0]
+        # engine forward
+        with torch.no_grad():
+            y0 = moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"])
+            y1 = bf16_mlp(x, offs, w, None, s["act"], scaling)
+            r["engine_rel_err"] = rel(y0, y1)
+            r["engine_ours_ms"] = bench(lambda: moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"]))
+            r["engine_bf16_ms"] = bench(lambda: bf16_mlp(x, offs, w, None, s["act"], scaling))
+            r["engine_ours_peak_mb"] = peak_mb(lambda: moe_mlp_forward(x, offs, w["w13"], w["w2"],
+                                                                       activation=s["act"]))
+            r["engine_bf16_peak_mb"] = peak_mb(lambda: bf16_mlp(x, offs, w, None, s["act"], scaling))
+        r["engine_bytes"], r["engine_flops"], r["engine_floor_ms"] = floors(s, m, packed, rates, False)
+        r["engine_wfloor_ms"] = packed * min(s["E"], m) / s["E"] / rates[0] * 1e3  # packed weight bytes / copy bw
+        # learner fwd + bwd
+        xg = x.detach().requires_grad_(True)
+        dy = torch.randn(m, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
+        leaves = [xg, *lora]
+
+        def step(fn):
+            return torch.autograd.grad(fn(xg, offs, w, lora, s["act"], scaling), leaves, dy)
+
+        g0, g1 = step(ours_mlp), step(bf16_mlp)
+        r["learner_rel_err"] = max(rel(a, b) for a, b in zip(g0, g1))
+        r["learner_ours_ms"] = bench(lambda: step(ours_mlp))
+        r["learner_bf16_ms"] = bench(lambda: step(bf16_mlp))
+        r["learner_ours_peak_mb"] = peak_mb(lambda: step(ours_mlp))
+        r["learner_bf16_peak_mb"] = peak_mb(lambda: step(bf16_mlp))
+        r["learner_bytes"], r["learner_flops"], r["learner_floor_ms"] = floors(s, m, packed, rates, True)
+        for key in ("engine", "learner"):
+            r[f"{key}_ratio"] = r[f"{key}_ours_ms"] / r[f"{key}_bf16_ms"]
+        results.append(r)
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        del x, xg, dy, g0, g1, y0, y1
+        torch.cuda.empty_cache()
+    del w
+
+
+def table(results):
+    lines = ["| shape | tokens | learner ours ms | learner bf16 ms | ratio | floor ms | engine ours ms | engine bf16 ms "
+             "| ratio | floor ms (weights) | routing ms | peak MB learner ours/bf16 | peak MB engine ours/bf16 "
+             "| rel err learner/engine |", "|" + "---|" * 14]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['learner_ours_ms']:.3f} | {r['learner_bf16_ms']:.3f} | "
+            f"{r['learner_ratio']:.2f} | {r['learner_floor_ms']:.3f} | {r['engine_ours_ms']:.3f} | "
+            f"{r['engine_bf16_ms']:.3f} | {r['engine_ratio']:.2f} | {r['engine_floor_ms']:.3f} "
+            f"({r['engine_wfloor_ms']:.3f}) | {r['routing_ms']:.3f} | {r['learner_ours_peak_mb']:.0f}/"
+            f"{r['learner_bf16_peak_mb']:.0f} | {r['engine_ours_peak_mb']:.0f}/{r['engine_bf16_peak_mb']:.0f} | "
+            f"{r['learner_rel_err']:.1e}/{r['engine_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def check_configs():
+    """Every autotune candidate of every kernel vs the pure-torch reference (fp32 output, tight bound), natively."""
+    from common.grouped_gemm import configs as C
+    from common.grouped_gemm import reference as R
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    e, n, k = 5, 320, 608  # k: not a multiple of any BLOCK_K; n: not a multiple of BLOCK_N
+    counts = torch.tensor([0, 1, 37, 200, 3])
+    offs = torch.zeros(e + 1, dtype=torch.int32, device="cuda")
+    offs[1:] = counts.cumsum(0).cuda()
+    m = int(counts.sum())
+    q = common.quantize(torch.randn(e, 2 * n, k, device="cuda", generator=gen), profile="flashinfer")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    dy = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ref_f = R.grouped_mm_ref(x, offs, q.codes, q.scales)
+    ref_d = R.grouped_mm_dx_ref(dy, offs, q.codes, q.scales)
+    ref_g, _ = R.grouped_mm_gated_ref(x, offs, q.codes, q.scales, activation="silu")
+    worst = 0.0
+    for kind in C.KINDS:
+        for cfg in C.all_candidates(kind):
+            if kind == "fwd":
+                err = rel(ops.grouped_mm_mxfp4(x, offs, q.codes, q.scales, out_dtype=torch.float32, config=cfg), ref_f)
+            elif kind == "dx":
+                err = rel(ops.grouped_mm_mxfp4_dx(dy, offs, q.codes, q.scales, out_dtype=torch.float32, config=cfg),
+                          ref_d)
+            else:
+                a, _ = ops.grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation="silu",
+                                                  out_dtype=torch.float32, config=cfg)
+                err = rel(a, ref_g)
+            worst = max(worst, err)
+            print(f"# check {kind} {cfg}: rel err {err:.2e}", flush=True)
+    print(f"# check worst rel err {worst:.2e} (fp32 outputs; bound 1e-4)", flush=True)
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="dsv4,gptoss")
+    ap.add_argument("--tokens", default="16,128,1024,4096,16384")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--check-only", action="store_true")
+    a = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", __import__("triton").__version__,
+          time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
+    worst = check_configs()
+    if worst >= 1e-4 and ops.fast_decode():
+        print("# fast decode failed the check; retrying with MXFP4_GG_DECODE=select", flush=True)
+        os.environ["MXFP4_GG_DECODE"] = "select"
+        worst = check_configs()
+    print(f"# decode: {'fast' if ops.fast_decode() else 'select'}", flush=True)
+    if a.check_only:
+        return 0 if worst < 1e-4 else 1
+    rates = device_rates()
+    print(f"# copy bandwidth {rates[0] / 1e12:.2f} TB/s, bf16 matmul {rates[1] / 1e12:.0f} TFLOP/s", flush=True)
+    results = []
+    t0 = time.time()
+    for name in a.shapes.split(","):
+        run_shape(name, SHAPES[name], [int(t) for t in a.tokens.split(",")], rates, gen, results)
+    print(f"# total {time.time() - t0:.0f} s", flush=True)
+    for kind, tuner in ops._TUNED.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            print(f"# autotune {kind} {key} -> {cfg}", flush=True)
+    md = table(results)
+    print(md)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "moe.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(0), rates=rates, results=results), f, indent=1)
+    with open(os.path.join(a.out, "moe.md"), "w") as f:
+        f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""@triton.jit grouped GEMMs over expert-sorted rows with MXFP4 weights dequantized tile by tile in the K loop.
+
+Both kernels read the canonical packed layout directly (codes [E, N, K/2], scales [E, N, K/32]); no bf16 copy of a
+weight ever reaches global memory, and the backward reads the same bytes as the forward (no transpose copy):
+- `_grouped_fwd_kernel`: y = x_e @ W_e^T (+ bias_e) (+ lh @ B_e^T); with ACT the weight has 2N rows [gate; up]
+  and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward).
+- `_grouped_dx_kernel`: dx = dy_e @ W_e (+ lh @ A_e); with ACT the epilogue turns that into (d gate, d up) using
+  the saved pre-activation, so the backward of the activation costs no extra pass over memory.
+Grid: axis 0 = row tiles (cdiv(M, BLOCK_M) + E, an upper bound of the ragged tile count), axis 1 = output tiles.
+Row tiles vary fastest, so programs that share a weight tile run together and hit L2.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tiles import (
+    ACT_NONE,
+    _act_bwd,
+    _act_fwd,
+    _dot_xw,
+    _dot_xwt,
+    _load_w_tile,
+    _lora_tile,
+    _tile_rows,
+)
+
+
+@triton.jit
+def _grouped_fwd_kernel(
+        x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, lh_ptr, lw_ptr, y_ptr, pre_ptr,
+        M, N, K, E, ROWS_BUCKET,
+        stride_xm, stride_ce, stride_cn, stride_se, stride_sn, stride_be,
+        stride_lhm, stride_lwe, stride_lwn, stride_ym, stride_pm,
+        ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, E_POW2: tl.constexpr, F32_DOT: tl.constexpr, FAST_DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
+    if expert >= E:
+        return
+    e64 = expert.to(tl.int64)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    c_ptr = codes_ptr + e64 * stride_ce
+    s_ptr = scales_ptr + e64 * stride_se
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+        w = _load_w_tile(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
+        acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
+        if ACT != ACT_NONE:
+            w_up = _load_w_tile(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
+            acc_up = _dot_xwt(a, w_up, acc_up, SWAP_AB, F32_DOT)
+        a_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT != ACT_NONE:
+            acc_up += tl.load(bias_ptr + e64 * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if LORA_R > 0:
+        # lw = B [E, Nw, R]: element (r, n) sits at n * stride_lwn + r
+        lw_e = lw_ptr + e64 * stride_lwe
+        acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols, col_ok, LORA_R, F32_DOT)
+        if ACT != ACT_NONE:
+            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols + N, col_ok, LORA_R, F32_DOT)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ACT != ACT_NONE:
+        if SAVE_PRE:
+            pre_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
+            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
+        out = _act_fwd(acc, acc_up, ACT, ALPHA, LIMIT)
+    else:
+        out = acc
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_dx_kernel(
+        dy_ptr, codes_ptr, scales_ptr, offsets_ptr, lh_ptr, lw_ptr, pre_ptr, dx_ptr,
+        M, N, K, E, ROWS_BUCKET,
+        stride_dym, stride_ce, stride_cn, stride_se, stride_sn,
+        stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
+        ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
+        E_POW2: tl.constexpr, F32_DOT: tl.constexpr, FAST_DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dx [M, K] = dy [M, N] @ W [N, K]: BLOCK_N is the reduction step over W's rows, BLOCK_K the output tile
+    # over W's packed K axis, so each weight tile is read in its stored orientation.
+    expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
+    if expert >= E:
+        return
+    e64 = expert.to(tl.int64)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < row_end
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    c_ptr = codes_ptr + e64 * stride_ce
+    s_ptr = scales_ptr + e64 * stride_se
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    nn = tl.arange(0, BLOCK_N)
+    a_ptrs = dy_ptr + rows[:, None] * stride_dym + nn[None, :]
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + nn
+        n_ok = n < N
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = _load_w_tile(c_ptr, s_ptr, n, n_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
+        acc = _dot_xw(a, w, acc, SWAP_AB, F32_DOT)
+        a_ptrs += BLOCK_N
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if LORA_R > 0:
+        # lw = A [E, R, K]: element (r, k) sits at r * stride_lwr + k
+        acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_ptr + e64 * stride_lwe, stride_lwr, 1, cols, col_ok,
+                          LORA_R, F32_DOT)
+    mask = row_ok[:, None] & col_ok[None, :]
+    out_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :]
+    if ACT != ACT_NONE:
+        pre_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
+        gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(pre_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        d_gate, d_up = _act_bwd(gate, up, acc, ACT, ALPHA, LIMIT)
+        tl.store(out_ptrs, d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + K, d_up.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)

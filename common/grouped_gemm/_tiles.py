@@ -1,0 +1,179 @@
+"""@triton.jit helpers of the grouped MXFP4 GEMMs: tile -> expert mapping, in-register dequantization of a
+weight tile, the two MMA orientations, and the gated activation forward/backward.
+
+The dequantization is exact (as common.reference.dequantize_mxfp4): an E2M1 value has 2 significant bits and a
+scale is a power of two, so value * scale (fp32) is a bf16 number and the cast to bf16 does not round.
+"""
+
+import triton
+import triton.language as tl
+
+ACT_NONE = tl.constexpr(0)
+ACT_SILU = tl.constexpr(1)
+ACT_SWIGLU_OAI = tl.constexpr(2)
+
+
+@triton.jit
+def _tile_rows(offsets_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Map the pid_m-th row tile of the ragged batch to (expert, first row, end row of the expert).
+
+    Expert e owns ceil(rows_e / BLOCK_M) tiles; tiles are numbered expert by expert. All experts' tile counts are
+    loaded as one vector and scanned, so the mapping costs one load and a cumsum (no serial loop, no host sync).
+    The launcher's grid has cdiv(M, BLOCK_M) + E tiles, an upper bound; programs past the last tile get
+    expert == E and exit.
+    """
+    e_idx = tl.arange(0, E_POW2)
+    e_ok = e_idx < E
+    lo = tl.load(offsets_ptr + e_idx, mask=e_ok, other=0)
+    hi = tl.load(offsets_ptr + e_idx + 1, mask=e_ok, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, 0)
+    expert = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    mine = e_idx == expert
+    first_tile = tl.sum(tl.where(mine, cum - tiles, 0), 0)
+    row0 = tl.sum(tl.where(mine, lo, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, hi, 0), 0)
+    return expert, row0, row_end
+
+
+@triton.jit
+def _e2m1_f32_scaled_down(packed):
+    """(even, odd) fp32 values * 2^-126 of the two E2M1 nibbles of each code byte (int32 0..255).
+
+    Placing a nibble's magnitude bits eem at fp32 bits 24..22 gives exponent field ee and top mantissa bit m: for
+    ee >= 1 that is 2^(ee-127) * (1 + m/2), for ee = 0 the subnormal m * 2^-127, i.e. always the E2M1 value
+    times 2^-126. Five integer ops per element instead of a compare-and-select decode.
+    """
+    lo = ((packed & 0x7) << 22) | ((packed & 0x8) << 28)
+    hi = ((packed & 0x70) << 18) | ((packed & 0x80) << 24)
+    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_f32_select(packed):
+    """(even, odd) fp32 E2M1 values of the nibbles (unscaled, no subnormal intermediates): the compare-and-select
+    decode, about twice the integer ops of _e2m1_f32_scaled_down; the fallback where fp32 subnormals flush."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    lo_m = lo & 7
+    hi_m = hi & 7
+    # m >= 2: exponent/mantissa pair (m + 252) << 22 (1.0 for m = 2); m == 1: 0.5 = 0x3F000000; m == 0: 0
+    lo_v = tl.where(lo_m >= 2, (lo_m + 252) << 22, lo_m * 0x3F000000) | ((lo & 8) << 28)
+    hi_v = tl.where(hi_m >= 2, (hi_m + 252) << 22, hi_m * 0x3F000000) | ((hi & 8) << 28)
+    return lo_v.to(tl.float32, bitcast=True), hi_v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_f32(s):
+    """fp32 2^(s - 127) of scale bytes (int32); byte 0 is the subnormal 2^-127, byte 255 NaN."""
+    bits = tl.where(s >= 1, s << 23, 0x00400000)
+    return tl.where(s == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_factors(s):
+    """fp32 (f1, f2) with f1 * f2 = 2^126 * 2^(s - 127) = 2^(s - 1), each a finite power of two: f1 = 2^(min(s,
+    128) - 1), f2 = 2^(max(s, 128) - 128). Byte 255 (NaN) gives f2 = NaN. Exact: every partial product of an E2M1
+    value has 2 significant bits and stays >= 2^-128, inside fp32's subnormal range."""
+    f1 = (tl.minimum(s, 128) + 126) << 23
+    f2 = tl.where(s == 255, 0x7FC00000, (tl.maximum(s, 128) - 1) << 23)
+    return f1.to(tl.float32, bitcast=True), f2.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr,
+                 R: tl.constexpr, C: tl.constexpr, FAST_DECODE: tl.constexpr = True):
+    """bf16 W[rows, col0:col0+C] ([R, C]) of one expert, dequantized from its packed codes [N, K/2] and E8M0
+    scales [N, K/32]. C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
+    wholly inside K or wholly masked (masked codes read as 0 = +0.0)."""
+    pc = col0 // 2 + tl.arange(0, C // 2)
+    packed = tl.load(codes_ptr + rows[:, None] * stride_cr + pc[None, :],
+                     mask=row_ok[:, None] & (pc < K // 2)[None, :], other=0).to(tl.int32)
+    if FAST_DECODE:
+        lo, hi = _e2m1_f32_scaled_down(packed)
+    else:
+        lo, hi = _e2m1_f32_select(packed)
+    # byte j holds element 2j (low nibble) and 2j + 1 (high nibble)
+    v = tl.reshape(tl.join(lo, hi), (R, C // 32, 32))
+    sc = col0 // 32 + tl.arange(0, C // 32)
+    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
+                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127).to(tl.int32)
+    # fp32 multiplies then the cast to bf16: all exact (the products have 2 significant bits); the interpreter
+    # has no bf16 arithmetic.
+    if FAST_DECODE:
+        f1, f2 = _e8m0_factors(s)
+        w = (v * f1[:, :, None]) * f2[:, :, None]
+    else:
+        w = v * _e8m0_f32(s)[:, :, None]
+    return tl.reshape(w, (R, C)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, F32_DOT: tl.constexpr):
+    """acc += a @ b. F32_DOT (set under TRITON_INTERPRET=1, whose bf16 dot is wrong in triton 3.9) multiplies the
+    same bf16 values in fp32: products of bf16 numbers are exact in fp32 either way."""
+    if F32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_xwt(a, w, acc, SWAP_AB: tl.constexpr, F32_DOT: tl.constexpr):
+    """acc += a [BM, BK] @ w [BN, BK]^T. With SWAP_AB the accumulator is [BN, BM] (acc^T += w @ a^T): at a few
+    rows per expert the weight rows then fill the MMA's M side (>= 64 on Hopper) and the tokens its small N side."""
+    if SWAP_AB:
+        acc = _mma(w, tl.trans(a), acc, F32_DOT)
+    else:
+        acc = _mma(a, tl.trans(w), acc, F32_DOT)
+    return acc
+
+
+@triton.jit
+def _dot_xw(a, w, acc, SWAP_AB: tl.constexpr, F32_DOT: tl.constexpr):
+    """acc += a [BM, BR] @ w [BR, BK]; with SWAP_AB acc is [BK, BM] (acc^T += w^T @ a^T)."""
+    if SWAP_AB:
+        acc = _mma(tl.trans(w), tl.trans(a), acc, F32_DOT)
+    else:
+        acc = _mma(a, w, acc, F32_DOT)
+    return acc
+
+
+@triton.jit
+def _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_ptr, stride_lwr, stride_lwo, cols, col_ok,
+               LORA_R: tl.constexpr, F32_DOT: tl.constexpr):
+    """fp32 [BM, BC] = lh[rows, :R] @ lw[:R, cols]: the low-rank term of one output tile (lh already scaled)."""
+    r = tl.arange(0, LORA_R)
+    h = tl.load(lh_ptr + rows[:, None] * stride_lhm + r[None, :], mask=row_ok[:, None], other=0.0)
+    w = tl.load(lw_ptr + r[:, None] * stride_lwr + cols[None, :] * stride_lwo, mask=col_ok[None, :], other=0.0)
+    return _mma(h, w, tl.zeros((h.shape[0], w.shape[1]), dtype=tl.float32), F32_DOT)
+
+
+@triton.jit
+def _act_fwd(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """Gated activation in fp32 (twin of common/grouped_gemm/activations.py)."""
+    if ACT == ACT_SILU:
+        out = gate * tl.sigmoid(gate) * up
+    else:
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        out = (u + 1.0) * g * tl.sigmoid(ALPHA * g)
+    return out
+
+
+@triton.jit
+def _act_bwd(gate, up, da, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """(d gate, d up) of the gated activation given d out, in fp32 (autograd of activations.py)."""
+    if ACT == ACT_SILU:
+        sg = tl.sigmoid(gate)
+        d_gate = da * up * sg * (1.0 + gate * (1.0 - sg))
+        d_up = da * gate * sg
+    else:
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        sg = tl.sigmoid(ALPHA * g)
+        # torch.clamp passes the gradient on the closed interval [min, max]
+        d_gate = tl.where(gate <= LIMIT, da * (u + 1.0) * sg * (1.0 + ALPHA * g * (1.0 - sg)), 0.0)
+        d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), da * g * sg, 0.0)
+    return d_gate, d_up

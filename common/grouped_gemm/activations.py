@@ -1,0 +1,51 @@
+"""Gated activations of the first MoE GEMM, in pure torch (fp32): the reference the fused epilogues match.
+
+Canonical w13 layout is vLLM's: rows 0..I-1 are the gate projection (w1), rows I..2I-1 the up projection (w3).
+gpt-oss interleaves gate/up rows in its checkpoint; common.layouts de-interleaves them into this layout, so the
+kernels only ever see [gate; up].
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Kernel codes of the activations (constexpr ACT of common/grouped_gemm/_kernels.py). 0 = no activation.
+ACT_NONE = 0
+ACT_SILU = 1
+ACT_SWIGLU_OAI = 2
+ACTIVATIONS = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
+
+# gpt-oss clamp-swiglu constants (gpt-oss model card / reference implementation: alpha 1.702, limit 7.0).
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+
+
+def activation_code(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Qwen3-MoE, DeepSeek-V3/V4 experts)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA,
+               limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """gpt-oss: gate clamped to <= limit, up to [-limit, limit]; (up + 1) * gate * sigmoid(alpha * gate).
+
+    torch.clamp's gradient passes where the input lies inside the closed interval, which the fused backward
+    epilogue reproduces (common/grouped_gemm/_tiles.py::_act_bwd).
+    """
+    g = gate.clamp(max=limit)
+    u = up.clamp(min=-limit, max=limit)
+    return (u + 1) * g * torch.sigmoid(alpha * g)
+
+
+def gated(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """Apply the gated activation to pre [M, 2I] = [gate | up] -> [M, I]."""
+    fn = {"silu": silu_mul, "swiglu_oai": swiglu_oai}
+    activation_code(activation)
+    gate, up = pre.chunk(2, dim=-1)
+    return fn[activation](gate, up)

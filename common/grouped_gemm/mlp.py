@@ -1,0 +1,94 @@
+"""The routed-expert MLP on expert-sorted rows, built from the grouped MXFP4 GEMMs:
+
+    pre = x W13^T (+ b13) (+ s x A13^T B13^T);  a = act(pre);  y = a W2^T (+ b2) (+ s a A2^T B2^T)
+
+`MXFP4GroupedMLP` is the learner's autograd.Function: the packed W13/W2 are frozen (no weight gradient), LoRA
+factors (any float dtype, e.g. fp32 masters) get gradients, and autograd saves only packed weights and bf16
+activations (x, pre, a, the rank-R projections). `moe_mlp_forward` is the same forward without autograd state
+(the engine path); `moe_layer_forward` adds routing and the weighted un-permute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import lora as L
+from .ops import grouped_mm_mxfp4, grouped_mm_mxfp4_dx, grouped_mm_mxfp4_gated
+from .routing import permute, route, unpermute
+
+Packed = tuple[torch.Tensor, torch.Tensor]  # (codes uint8 [E, N, K/2], scales uint8 [E, N, K/32])
+
+
+def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.bfloat16).contiguous()
+
+
+def _down(x: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
+    """scaling * x_e @ A_e^T [M, R] (bf16): the LoRA down-projection, or None without LoRA."""
+    return None if a is None else L.grouped_mm(x, offsets, a.transpose(1, 2)) * scaling
+
+
+class MXFP4GroupedMLP(torch.autograd.Function):
+    """apply(x [M, H] bf16 sorted, offsets int32 [E+1], w13_codes, w13_scales, w2_codes, w2_scales,
+    lora13_a [E, R, H] | None, lora13_b [E, 2I, R] | None, lora2_a [E, R, I] | None, lora2_b [E, H, R] | None,
+    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None) -> y [M, H] bf16."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, lora13_a, lora13_b, lora2_a,
+                lora2_b, scaling, activation, bias13, bias2):
+        a13, b13, a2, b2 = (_bf16(t) for t in (lora13_a, lora13_b, lora2_a, lora2_b))
+        if (a13 is None) != (b13 is None) or (a2 is None) != (b2 is None):
+            raise ValueError("MXFP4GroupedMLP: give both LoRA factors (A and B) of a projection, or neither")
+        hs13 = _down(x, offsets, a13, scaling)
+        act, pre = grouped_mm_mxfp4_gated(x, offsets, w13_codes, w13_scales, activation=activation, bias=bias13,
+                                          lora=None if a13 is None else (hs13, b13), save_pre=True)
+        hs2 = _down(act, offsets, a2, scaling)
+        y = grouped_mm_mxfp4(act, offsets, w2_codes, w2_scales, bias=bias2,
+                             lora=None if a2 is None else (hs2, b2))
+        ctx.save_for_backward(x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, pre, act, hs13, hs2,
+                              a13, b13, a2, b2)
+        ctx.meta = (scaling, activation, [t.dtype if t is not None else None
+                                          for t in (lora13_a, lora13_b, lora2_a, lora2_b)])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, c13, s13, c2, s2, pre, act, hs13, hs2, a13, b13, a2, b2 = ctx.saved_tensors
+        scaling, activation, dtypes = ctx.meta
+        dy = dy.to(torch.bfloat16).contiguous()
+        grads = [None, None, None, None]
+        lora2 = None
+        if a2 is not None:
+            grads[3] = L.grouped_wgrad(dy, hs2, offsets)                 # dB2_e = dy_e^T (s a_e A2_e^T)
+            dh2 = L.grouped_mm(dy, offsets, b2) * scaling                # s dy_e B2_e
+            grads[2] = L.grouped_wgrad(dh2, act, offsets)                # dA2_e = dh2_e^T a_e
+            lora2 = (dh2, a2)
+        dpre = grouped_mm_mxfp4_dx(dy, offsets, c2, s2, lora=lora2, pre=pre, activation=activation)
+        lora13 = None
+        if a13 is not None:
+            grads[1] = L.grouped_wgrad(dpre, hs13, offsets)
+            dh13 = L.grouped_mm(dpre, offsets, b13) * scaling
+            grads[0] = L.grouped_wgrad(dh13, x, offsets)
+            lora13 = (dh13, a13)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grouped_mm_mxfp4_dx(dpre, offsets, c13, s13, lora=lora13)
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+        return (dx, None, None, None, None, None, *grads, None, None, None, None)
+
+
+def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Packed, *, activation: str,
+                    bias13: torch.Tensor | None = None, bias2: torch.Tensor | None = None) -> torch.Tensor:
+    """Inference forward of the expert MLP on sorted rows (no LoRA, nothing saved): the engine's grouped path."""
+    act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13)
+    return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2)
+
+
+def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
+                      w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
+                      bias2: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H]."""
+    routing = route(topk_ids, w13[0].shape[0])
+    y = moe_mlp_forward(permute(x, routing), routing.offsets, w13, w2, activation=activation, bias13=bias13,
+                        bias2=bias2)
+    return unpermute(y, routing, topk_weights)

@@ -1,0 +1,232 @@
+"""Public grouped MXFP4 GEMMs: validate, pick a tile configuration, launch (common/grouped_gemm/_kernels.py).
+
+Inputs are expert-sorted rows x [M, K] (bf16) with expert_offsets int32 [E+1] (rows offsets[e]:offsets[e+1]
+belong to expert e; offsets[0] = 0, offsets[E] = M) and one projection of every expert in the canonical packed
+layout: codes uint8 [E, N, K/2], scales uint8 [E, N, K/32] (what common.quantize returns for a [E, N, K] weight).
+The weight tiles are dequantized in registers inside the K loop; nothing but the output is written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..errors import DTypeError, ShapeError
+from ..kernels import interpreting
+from ..tensor import check_packed
+from . import activations as A
+from ._kernels import _grouped_dx_kernel, _grouped_fwd_kernel
+from .configs import INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
+
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (h [M, R] already scaled, per-expert factor); see each op
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    if not t.is_cuda and not interpreting():
+        raise RuntimeError(f"{what}: the grouped MXFP4 GEMM needs CUDA tensors (got {t.device}); on CPU set "
+                           "TRITON_INTERPRET=1 before importing triton, or use common.grouped_gemm.reference")
+
+
+def check_offsets(offsets: torch.Tensor, experts: int, rows: int, name: str = "expert_offsets") -> None:
+    """offsets must be int32 [E+1], start at 0, never decrease and end at M (values checked with a host copy)."""
+    if offsets.dtype != torch.int32 or offsets.dim() != 1 or offsets.numel() != experts + 1:
+        raise ShapeError(f"tensor '{name}': expected int32 [{experts + 1}] (experts + 1), got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    o = offsets.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != rows or bool((o[1:] < o[:-1]).any()):
+        raise ShapeError(f"tensor '{name}': must start at 0, never decrease and end at the row count {rows}; got "
+                         f"{o.tolist()[:8]}{'...' if o.numel() > 8 else ''} (last {int(o[-1])})")
+
+
+def _check(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, x_name: str,
+           reduce_dim: int, validate: bool | None) -> None:
+    """Shapes/dtypes of one grouped GEMM; reduce_dim is x's column count the weight must match."""
+    check_packed(codes, scales, "weight")
+    if codes.dim() != 3:
+        raise ShapeError(f"tensor 'weight': codes must be [E, N, K/2], got {tuple(codes.shape)}")
+    if x.dtype != torch.bfloat16:
+        raise DTypeError(f"tensor '{x_name}': expected bfloat16 (the MMA runs bf16 x bf16), got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != reduce_dim:
+        raise ShapeError(f"tensor '{x_name}': expected [M, {reduce_dim}], got {tuple(x.shape)}")
+    for t, n in ((offsets, "expert_offsets"), (codes, "codes"), (scales, "scales")):
+        if t.device != x.device:
+            raise ValueError(f"tensor '{n}' is on {t.device} but '{x_name}' on {x.device}")
+    _check_device(x, x_name)
+    if validate is None:
+        validate = not x.is_cuda  # a host sync would stall (and break CUDA-graph capture of) the GPU path
+    if validate:
+        check_offsets(offsets, codes.shape[0], x.shape[0])
+    elif offsets.dtype != torch.int32 or offsets.shape != (codes.shape[0] + 1,):
+        raise ShapeError(f"tensor 'expert_offsets': expected int32 [{codes.shape[0] + 1}], got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+
+
+def _pad_rank(lora: LowRank | None, factor_rank_dim: int, rows: int, name: str) -> tuple[torch.Tensor, ...]:
+    """(h, w, R) with R padded to a power of two >= 16 (the MMA's minimum K) by zero columns; (dummy) if None."""
+    if lora is None:
+        return None, None, 0
+    h, w = lora
+    r = h.shape[1]
+    if h.dim() != 2 or h.shape[0] != rows or w.dim() != 3 or w.shape[factor_rank_dim] != r:
+        raise ShapeError(f"lora '{name}': h must be [M={rows}, R] and the factor's rank dim {factor_rank_dim} must "
+                         f"match R; got h {tuple(h.shape)}, factor {tuple(w.shape)}")
+    rp = max(16, triton.next_power_of_2(r))
+    h = h.to(torch.bfloat16)
+    w = w.to(torch.bfloat16)
+    if rp != r:
+        h = torch.nn.functional.pad(h, (0, rp - r))
+        pad = [0, 0] * (w.dim() - 1 - factor_rank_dim) + [0, rp - r]
+        w = torch.nn.functional.pad(w, pad)
+    return h.contiguous(), w.contiguous(), rp
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _to_triton(cfg: TileConfig) -> "triton.Config":
+    return triton.Config(cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _tuned(kind: str, kernel):
+    """The autotuned wrapper of a kernel: candidates pruned to the call's rows-per-expert bucket."""
+    if kind not in _TUNED:
+        def prune(configs, named_args, **kwargs):
+            keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"])}
+            return [c for c in configs if c.__str__() in keep]
+
+        _TUNED[kind] = triton.autotune(configs=[_to_triton(c) for c in all_candidates(kind)],
+                                       key=["N", "K", "ROWS_BUCKET", "ACT", "LORA_R"],
+                                       prune_configs_by={"early_config_prune": prune})(kernel)
+    return _TUNED[kind]
+
+
+def fast_decode() -> bool:
+    """MXFP4_GG_DECODE=select picks the compare-and-select E2M1 decode (no subnormal intermediates) over the
+    default bit-placement decode (common/grouped_gemm/_tiles.py)."""
+    return os.environ.get("MXFP4_GG_DECODE", "fast") != "select"
+
+
+def autotune_enabled() -> bool:
+    """MXFP4_GG_AUTOTUNE=0 replaces the autotuner by the first candidate of the bucket (fast start, tests)."""
+    return os.environ.get("MXFP4_GG_AUTOTUNE", "1") not in ("0", "false", "no", "off")
+
+
+def _launch(kind: str, kernel, grid_n: int, m: int, e: int, config: TileConfig | None, args: list, kw: dict):
+    """Launch with an explicit config, the interpreter's fixed config, or the autotuner (GPU default)."""
+    bucket = rows_bucket(m, e)
+    if config is None and interpreting():
+        config = INTERPRETER_CONFIG
+    elif config is None and not autotune_enabled():
+        config = candidates(kind, bucket)[0]
+    if config is not None:
+        grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
+                                                                else config.block_k))
+        kernel[grid](*args, **kw, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    tile = "BLOCK_N" if kind != "dx" else "BLOCK_K"
+    _tuned(kind, kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(grid_n, meta[tile]))](
+        *args, **kw)
+
+
+def _e_pow2(e: int) -> int:
+    return max(2, triton.next_power_of_2(e))
+
+
+def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate):
+    kind = "gated" if act else "fwd"
+    e, n_rows, kh = codes.shape
+    k = kh * 2
+    _check(x, offsets, codes, scales, "x", k, validate)
+    n = n_rows // 2 if act else n_rows
+    if act and n_rows % 2:
+        raise ShapeError(f"tensor 'w13': a gated weight needs an even row count [gate; up], got {n_rows}")
+    if bias is not None and bias.shape != (e, n_rows):
+        raise ShapeError(f"tensor 'bias': expected [{e}, {n_rows}], got {tuple(bias.shape)}")
+    m = x.shape[0]
+    codes, scales = codes.contiguous(), scales.contiguous()
+    out_dtype = out_dtype or x.dtype
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    pre = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device) if (act and save_pre) else None
+    lh, lw, r = _pad_rank(lora, 2, m, "B")
+    if lw is not None and lw.shape[:2] != (e, n_rows):
+        raise ShapeError(f"lora 'B': expected [{e}, {n_rows}, R], got {tuple(lw.shape)}")
+    if m == 0:
+        return y, pre
+    x = x.contiguous()
+    dummy = y
+    args = [x, codes, scales, offsets, bias if bias is not None else dummy, lh if r else dummy,
+            lw if r else dummy, y, pre if pre is not None else dummy,
+            m, n, k, e, rows_bucket(m, e),
+            x.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
+            bias.stride(0) if bias is not None else 0, lh.stride(0) if r else 0, lw.stride(0) if r else 0,
+            lw.stride(1) if r else 0, y.stride(0), pre.stride(0) if pre is not None else 0]
+    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
+              SAVE_PRE=pre is not None, E_POW2=_e_pow2(e), F32_DOT=interpreting(), FAST_DECODE=fast_decode())
+    _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
+    return y, pre
+
+
+def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
+                     out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
+                     lora: LowRank | None = None, config: TileConfig | None = None,
+                     validate: bool | None = None) -> torch.Tensor:
+    """y [M, N] = x_e @ W_e^T (+ bias[e]) (+ lora_h @ B_e^T) for each expert's rows.
+
+    codes [E, N, K/2], scales [E, N, K/32]; bias [E, N]; lora = (h [M, R] = scaling * x_e @ A_e^T, B [E, N, R]).
+    validate (default: on for CPU tensors, off for CUDA, whose check would sync) checks the offsets' values.
+    """
+    return _fwd(x, expert_offsets, codes, scales, act=A.ACT_NONE, bias=bias, lora=lora, save_pre=False,
+                out_dtype=out_dtype, config=config, validate=validate)[0]
+
+
+def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           *, activation: str, bias: torch.Tensor | None = None, lora: LowRank | None = None,
+                           save_pre: bool = False, out_dtype: torch.dtype | None = None,
+                           config: TileConfig | None = None, validate: bool | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
+
+    codes [E, 2I, K/2] / scales [E, 2I, K/32] are w13 = [gate; up] (vLLM's order); pre = x_e @ W13_e^T
+    (+ bias [E, 2I]) (+ lora_h @ B_e^T with B [E, 2I, R]) is returned in x's dtype when save_pre (the backward
+    needs it); activation is "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss clamp-swiglu).
+    """
+    return _fwd(x, expert_offsets, codes, scales, act=A.activation_code(activation), bias=bias, lora=lora,
+                save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate)
+
+
+def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                        *, lora: LowRank | None = None, pre: torch.Tensor | None = None,
+                        activation: str | None = None, out_dtype: torch.dtype | None = None,
+                        config: TileConfig | None = None, validate: bool | None = None) -> torch.Tensor:
+    """dx [M, K] = dy_e @ W_e (+ lora_h @ A_e) from the same packed W [E, N, K/2] the forward used.
+
+    lora = (h [M, R] = scaling * dy_e @ B_e, A [E, R, K]). With activation and pre [M, 2K] (the saved
+    pre-activation of the gated GEMM) the result is instead d pre [M, 2K] = the activation's backward applied
+    to dx, i.e. the gradient to feed the first GEMM's own dx.
+    """
+    e, n, kh = codes.shape
+    k = kh * 2
+    _check(dy, expert_offsets, codes, scales, "dy", n, validate)
+    act = A.ACT_NONE if activation is None else A.activation_code(activation)
+    m = dy.shape[0]
+    if act and (pre is None or pre.shape != (m, 2 * k) or pre.dtype != dy.dtype):
+        raise ShapeError(f"tensor 'pre': the activation backward needs the saved pre-activation [{m}, {2 * k}] "
+                         f"{dy.dtype}, got {None if pre is None else (tuple(pre.shape), pre.dtype)}")
+    dx = torch.empty(m, 2 * k if act else k, dtype=out_dtype or dy.dtype, device=dy.device)
+    lh, lw, r = _pad_rank(lora, 1, m, "A")
+    if lw is not None and (lw.shape[0], lw.shape[2]) != (e, k):
+        raise ShapeError(f"lora 'A': expected [{e}, R, {k}], got {tuple(lw.shape)}")
+    if m == 0:
+        return dx
+    dy, codes, scales = dy.contiguous(), codes.contiguous(), scales.contiguous()
+    pre = pre.contiguous() if act else None
+    args = [dy, codes, scales, expert_offsets, lh if r else dx, lw if r else dx, pre if act else dx, dx,
+            m, n, k, e, rows_bucket(m, e),
+            dy.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
+            lh.stride(0) if r else 0, lw.stride(0) if r else 0, lw.stride(1) if r else 0,
+            pre.stride(0) if act else 0, dx.stride(0)]
+    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e), F32_DOT=interpreting(), FAST_DECODE=fast_decode())
+    _launch("dx", _grouped_dx_kernel, k, m, e, config, args, kw)
+    return dx

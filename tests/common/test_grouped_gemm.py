@@ -1,0 +1,298 @@
+"""Grouped MXFP4 GEMM kernels (common.grouped_gemm) == their pure-torch twins (common.grouped_gemm.reference).
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set before triton is imported); with CUDA they run natively.
+Bounds (relative L2 error, ||out - ref|| / ||ref||), all against fp32 references built from the same bf16 inputs
+and the exact dequantized weights:
+- fp32 outputs: every product of a bf16 activation and a dequantized weight is exact in fp32, so only the order
+  of the fp32 sums differs: |error| <= K * 2^-24 * sum|x||w| per element, and sum|x||w| ~ sqrt(K) * |sum x w| for
+  random signs: 160 * 6e-8 * 13 ~ 1.2e-4 worst case; FP32_BOUND = 2e-4.
+- bf16 outputs: one rounding to bf16 on top, <= 2^-7 relative per element (2^-8 with round-to-nearest on GPUs;
+  the interpreter's cast truncates): BF16_BOUND = 2^-7 + 2e-4.
+- the autograd MLP stores pre, act, d pre and the LoRA projections in bf16 between GEMMs: up to four such
+  roundings compound along a gradient path: MLP_BOUND = 4 * 2^-7 ~ 3.1e-2 (measured ~1e-2 on CPU, ~6e-3 on H100).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import common  # noqa: E402
+from common.errors import DTypeError, ShapeError  # noqa: E402
+from common.grouped_gemm import (  # noqa: E402
+    MXFP4GroupedMLP,
+    TileConfig,
+    grouped_mm_mxfp4,
+    grouped_mm_mxfp4_dx,
+    grouped_mm_mxfp4_gated,
+    moe_layer_forward,
+    permute,
+    route,
+    unpermute,
+)
+from common.grouped_gemm import configs as C  # noqa: E402
+from common.grouped_gemm import lora as L  # noqa: E402
+from common.grouped_gemm import reference as R  # noqa: E402
+from common.kernels import interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+FP32_BOUND = 2e-4
+BF16_BOUND = 2.0**-7 + 2e-4
+MLP_BOUND = 4 * 2.0**-7
+# The interpreter runs one program at a time (~5 ms each): tiles of 16 rows x 32 columns keep every test at a
+# few dozen programs; both MMA orientations are exercised.
+CONFIGS = [TileConfig(16, 32, 64, swap_ab=False), TileConfig(16, 32, 64, swap_ab=True)]
+CFG_IDS = ["ab", "swap_ab"]
+# rows per expert: an empty expert, a single token, uneven groups (a partial and a full row tile)
+COUNTS = [3, 0, 1, 17, 5]
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _offsets(counts: list[int]) -> torch.Tensor:
+    o = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    o[1:] = torch.tensor(counts).cumsum(0)
+    return o.to(DEVICE)
+
+
+def _packed(e: int, n: int, k: int, seed: int, std: float = 1.0) -> common.MXFP4Tensor:
+    w = torch.randn(e, n, k, generator=_gen(seed)) * std
+    return common.quantize(w, profile="flashinfer").to(DEVICE)
+
+
+def _bf16(*shape: int, seed: int, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=_gen(seed)) * std).to(torch.bfloat16).to(DEVICE)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _all_bytes_weight(e: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed weights holding every code byte (all 16 nibbles in both positions) and scale bytes from 2^-125
+    (byte 2: the smallest whose values 0.5 * scale are all fp32 normals) up to 2^123 (byte 250, so 6 * scale stays
+    finite). Bytes 0 and 1 give subnormal weights (|w| < 2^-126), which the MMA may flush to zero (numpy in the
+    interpreter does, as tensor cores may): an absolute deviation below 2^-126, left out of this bitwise test."""
+    codes = (torch.arange(e * n * k // 2) % 256).to(torch.uint8).view(e, n, k // 2)
+    sc = torch.tensor([2, 3, 4, 100, 126, 127, 128, 129, 200, 250], dtype=torch.uint8)
+    scales = sc[torch.arange(e * n * k // 32) % sc.numel()].view(e, n, k // 32)
+    return codes.to(DEVICE), scales.to(DEVICE)
+
+
+@pytest.mark.parametrize("decode", ["fast", "select"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+def test_in_kernel_dequant_is_exact(cfg, decode, monkeypatch):
+    """One-hot activation rows pick single weight rows/columns: with fp32 output the kernels must reproduce
+    common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales."""
+    monkeypatch.setenv("MXFP4_GG_DECODE", decode)
+    e, n, k = 2, 32, 128
+    codes, scales = _all_bytes_weight(e, n, k)
+    w = common.dequantize((codes, scales), torch.float32)
+    offs = _offsets([k, k])
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
+    y = grouped_mm_mxfp4(eye, offs, codes, scales, out_dtype=torch.float32, config=cfg)
+    assert torch.equal(y.view(e, k, n), w.transpose(1, 2))
+    offs_n = _offsets([n, n])
+    eye_n = torch.eye(n, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
+    dx = grouped_mm_mxfp4_dx(eye_n, offs_n, codes, scales, out_dtype=torch.float32, config=cfg)
+    assert torch.equal(dx.view(e, n, k), w)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+@pytest.mark.parametrize("k", [96, 160])  # not multiples of the 64-wide K tile
+def test_forward_matches_reference(cfg, k):
+    e, n = len(COUNTS), 48
+    q = _packed(e, n, k, seed=k)
+    offs = _offsets(COUNTS)
+    x = _bf16(sum(COUNTS), k, seed=1)
+    bias = _bf16(e, n, seed=2)
+    ref = R.grouped_mm_ref(x, offs, q.codes, q.scales, bias=bias)
+    y32 = grouped_mm_mxfp4(x, offs, q.codes, q.scales, bias=bias, out_dtype=torch.float32, config=cfg)
+    assert _rel(y32, ref) < FP32_BOUND
+    y = grouped_mm_mxfp4(x, offs, q.codes, q.scales, bias=bias, config=cfg)
+    assert y.dtype == torch.bfloat16 and _rel(y, ref) < BF16_BOUND
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+def test_dx_matches_reference(cfg):
+    e, n, k = len(COUNTS), 40, 96  # N = 40: a partial reduction tile
+    q = _packed(e, n, k, seed=3)
+    offs = _offsets(COUNTS)
+    dy = _bf16(sum(COUNTS), n, seed=4)
+    ref = R.grouped_mm_dx_ref(dy, offs, q.codes, q.scales)
+    assert _rel(grouped_mm_mxfp4_dx(dy, offs, q.codes, q.scales, out_dtype=torch.float32, config=cfg), ref) < FP32_BOUND
+    assert _rel(grouped_mm_mxfp4_dx(dy, offs, q.codes, q.scales, config=cfg), ref) < BF16_BOUND
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+def test_gated_forward_matches_reference(cfg, activation):
+    """std 3 activations push pre-activations across the clamp limit 7 of swiglu_oai; bias and LoRA included."""
+    e, i, k, r = len(COUNTS), 32, 96, 8
+    q = _packed(e, 2 * i, k, seed=5)
+    offs = _offsets(COUNTS)
+    x = _bf16(sum(COUNTS), k, seed=6, std=0.3)
+    bias = _bf16(e, 2 * i, seed=7)
+    h = _bf16(sum(COUNTS), r, seed=8)
+    b = _bf16(e, 2 * i, r, seed=9, std=0.5)
+    a_ref, pre_ref = R.grouped_mm_gated_ref(x, offs, q.codes, q.scales, activation=activation, bias=bias, lora=(h, b))
+    assert (pre_ref.abs() > 7).any() and (pre_ref.abs() < 7).any()
+    a, pre = grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation=activation, bias=bias, lora=(h, b),
+                                    save_pre=True, out_dtype=torch.float32, config=cfg)
+    assert _rel(a, a_ref) < FP32_BOUND
+    assert pre.dtype == torch.bfloat16 and _rel(pre, pre_ref) < BF16_BOUND
+    a16, none = grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation=activation, bias=bias, lora=(h, b),
+                                       config=cfg)
+    assert none is None and _rel(a16, a_ref) < BF16_BOUND
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+def test_dx_with_activation_backward(cfg, activation):
+    """dx kernel + LoRA + fused activation backward == autograd of the torch activation, incl. pre-activations
+    exactly at the clamp limits (torch.clamp passes the gradient there)."""
+    e, n, k, r = len(COUNTS), 48, 64, 16
+    m = sum(COUNTS)
+    q = _packed(e, n, k, seed=10)
+    offs = _offsets(COUNTS)
+    dy = _bf16(m, n, seed=11)
+    pre = _bf16(m, 2 * k, seed=12, std=5.0)
+    pre[0, :4] = torch.tensor([7.0, -7.0, 7.0, 6.0], dtype=torch.bfloat16)
+    pre[0, k:k + 4] = torch.tensor([-7.0, 7.0, 8.0, -9.0], dtype=torch.bfloat16)
+    h = _bf16(m, r, seed=13)
+    a = _bf16(e, r, k, seed=14, std=0.5)
+    da = R.grouped_mm_dx_ref(dy, offs, q.codes, q.scales, lora=(h, a))
+    ref = R.gated_bwd_ref(pre, da, activation)
+    got = grouped_mm_mxfp4_dx(dy, offs, q.codes, q.scales, lora=(h, a), pre=pre, activation=activation,
+                              out_dtype=torch.float32, config=cfg)
+    assert _rel(got, ref) < FP32_BOUND
+
+
+def _lora_params(e: int, h: int, i: int, r: int, seed: int) -> list[torch.Tensor]:
+    shapes = [(e, r, h), (e, 2 * i, r), (e, r, i), (e, h, r)]
+    g = _gen(seed)
+    return [(torch.randn(s, generator=g) * 0.3).to(DEVICE).requires_grad_(True) for s in shapes]
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_mlp_autograd_matches_reference(activation):
+    """MXFP4GroupedMLP (fp32 LoRA masters, bf16 compute) vs torch autograd through the fp32 reference MLP."""
+    e, h, i, r = len(COUNTS), 64, 32, 8
+    q13, q2 = _packed(e, 2 * i, h, seed=20, std=0.15), _packed(e, h, i, seed=21, std=0.2)
+    offs = _offsets(COUNTS)
+    x = _bf16(sum(COUNTS), h, seed=22)
+    b13, b2 = _bf16(e, 2 * i, seed=23, std=0.1), _bf16(e, h, seed=24, std=0.1)
+    lo = _lora_params(e, h, i, r, seed=25)
+    dy = _bf16(sum(COUNTS), h, seed=26)
+    xk = x.clone().requires_grad_(True)
+    y = MXFP4GroupedMLP.apply(xk, offs, q13.codes, q13.scales, q2.codes, q2.scales, *lo, 0.5, activation, b13, b2)
+    got = torch.autograd.grad(y, [xk, *lo], dy)
+    xr = x.float().requires_grad_(True)
+    yr = R.moe_mlp_ref(xr, offs, (q13.codes, q13.scales), (q2.codes, q2.scales), activation=activation,
+                       lora13=lo[:2], lora2=lo[2:], scaling=0.5, bias13=b13, bias2=b2)
+    ref = torch.autograd.grad(yr, [xr, *lo], dy.float())
+    assert _rel(y, yr) < MLP_BOUND
+    for name, g, gr, leaf in zip(["x", "A13", "B13", "A2", "B2"], got, ref, [xk, *lo]):
+        assert g.dtype == leaf.dtype, name  # bf16 dx, fp32 LoRA gradients for fp32 masters
+        assert _rel(g, gr) < MLP_BOUND, name
+    assert not lo[0].grad_fn and got[3][1].abs().sum() == 0  # expert 1 has no rows: zero LoRA gradient
+
+
+def test_mlp_without_lora_and_zero_rows():
+    e, h, i = 3, 64, 32
+    q13, q2 = _packed(e, 2 * i, h, seed=30, std=0.15), _packed(e, h, i, seed=31, std=0.2)
+    x = _bf16(0, h, seed=32).requires_grad_(True)
+    offs = _offsets([0, 0, 0])
+    y = MXFP4GroupedMLP.apply(x, offs, q13.codes, q13.scales, q2.codes, q2.scales, None, None, None, None, 1.0,
+                              "silu", None, None)
+    assert y.shape == (0, h)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert gx.shape == (0, h)
+
+
+def test_routing_roundtrip_and_layer_forward():
+    t, k, e, h, i = 7, 2, 4, 64, 32
+    g = _gen(40)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    ids[3] = torch.tensor([1, 1])  # the same expert twice for one token is routed twice
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(DEVICE)
+    x = _bf16(t, h, seed=41)
+    rt = route(ids, e)
+    counts = torch.bincount(ids.flatten().cpu(), minlength=e)
+    assert rt.offsets.cpu().tolist() == [0, *counts.cumsum(0).tolist()]
+    xs = permute(x, rt)
+    experts_of_rows = torch.repeat_interleave(torch.arange(e), counts)
+    for row in range(t * k):  # every sorted row is a copy of a token routed to the row's expert
+        tok = int(rt.token[row])
+        assert torch.equal(xs[row], x[tok]) and int(experts_of_rows[row]) in ids[tok].tolist()
+    back = unpermute(xs, rt, weights)
+    assert torch.allclose(back.float(), x.float() * weights.sum(1, keepdim=True).float(), rtol=2**-7, atol=0)
+    q13, q2 = _packed(e, 2 * i, h, seed=42, std=0.15), _packed(e, h, i, seed=43, std=0.2)
+    y = moe_layer_forward(x, ids, weights, (q13.codes, q13.scales), (q2.codes, q2.scales), activation="silu")
+    ref = torch.zeros(t, h)
+    for tok in range(t):
+        for j in range(k):
+            ex = int(ids[tok, j])
+            single = _offsets([1 if q == ex else 0 for q in range(e)])
+            out = R.moe_mlp_ref(x[tok:tok + 1], single, (q13.codes, q13.scales), (q2.codes, q2.scales),
+                                activation="silu")
+            ref[tok] += float(weights[tok, j]) * out[0].cpu()
+    assert _rel(y.cpu(), ref) < 2 * BF16_BOUND  # bf16 act between the GEMMs and a bf16 output
+
+
+def test_lora_grouped_helpers_match_loop():
+    offs = _offsets([2, 0, 5])
+    a, b = _bf16(7, 32, seed=50), _bf16(3, 32, 16, seed=51)
+    want = torch.cat([a[0:2].float() @ b[0].float(), a[2:7].float() @ b[2].float()])
+    assert _rel(L.grouped_mm(a, offs, b), want) < BF16_BOUND
+    c = _bf16(7, 16, seed=52)
+    wg = L.grouped_wgrad(a, c, offs)
+    assert wg.shape == (3, 32, 16) and torch.equal(wg[1], torch.zeros_like(wg[1]))
+    assert _rel(wg[2], a[2:7].float().T @ c[2:7].float()) < BF16_BOUND
+
+
+def test_errors_name_tensor_expected_and_actual():
+    e, n, k = 2, 32, 64
+    q = _packed(e, n, k, seed=60)
+    offs = _offsets([3, 1])
+    x = _bf16(4, k, seed=61)
+    with pytest.raises(DTypeError, match="'x'.*bfloat16.*float32"):
+        grouped_mm_mxfp4(x.float(), offs, q.codes, q.scales)
+    with pytest.raises(ShapeError, match=r"'x'.*\[M, 64\].*\(4, 96\)"):
+        grouped_mm_mxfp4(_bf16(4, 96, seed=62), offs, q.codes, q.scales)
+    with pytest.raises(ShapeError, match="'expert_offsets'.*end at the row count 4"):
+        grouped_mm_mxfp4(x, _offsets([3, 2]), q.codes, q.scales, validate=True)
+    with pytest.raises(ShapeError, match="'expert_offsets'.*int32"):
+        grouped_mm_mxfp4(x, offs.long(), q.codes, q.scales)
+    with pytest.raises(ShapeError, match="'pre'"):
+        grouped_mm_mxfp4_dx(_bf16(4, n, seed=63), offs, q.codes, q.scales, activation="silu")
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation="gelu")
+    with pytest.raises(ShapeError, match="'bias'"):
+        grouped_mm_mxfp4(x, offs, q.codes, q.scales, bias=_bf16(e, n + 1, seed=64))
+    with pytest.raises(ShapeError, match="'topk_ids'.*\\[0, 4\\).*\\[0, 5\\]"):
+        route(torch.tensor([[0, 5]]), 4, validate=True)
+    with pytest.raises(ValueError, match="block_k must be >= 64"):
+        TileConfig(16, 32, 32)
+
+
+def test_autotune_candidates_are_valid():
+    for kind in C.KINDS:
+        for bucket in (1, 16, 32, 64, 128, 4096):
+            cands = C.candidates(kind, bucket)
+            assert cands and all(isinstance(c, TileConfig) for c in cands)
+            # shared memory per stage (bf16 rows + uint8 codes, twice for gated) fits an H100/H200 block (227 KB)
+            for c in cands:
+                rows_tile = c.block_m * (c.block_k if kind != "dx" else c.block_n) * 2
+                w_tile = c.block_n * c.block_k // 2 * (2 if kind == "gated" else 1)
+                assert (rows_tile + w_tile) * c.num_stages < 227 * 1024, (kind, c)
+    assert C.rows_bucket(96, 32) == 4 and C.rows_bucket(0, 8) == 1 and C.rows_bucket(10**9, 1) == 4096
