@@ -10,7 +10,8 @@ import logging
 
 from .base import DeviceInfo, MoEBackend
 from .cpu_reference import CPUReferenceBackend
-from .pending import HopperTritonBackend, SM100FlashInferBackend
+from .hopper_triton import HopperTritonBackend
+from .pending import SM100FlashInferBackend
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()

@@ -22,14 +22,6 @@ class _Pending(MoEBackend):
         raise NotImplementedError(f"MoE backend {self.name!r} is not implemented yet ({self.issue})")
 
 
-class HopperTritonBackend(_Pending):
-    """SM90 Triton grouped GEMM with in-kernel dequant, shared with the learner's kernels (common/)."""
-
-    name = "hopper_triton"
-    min_capability = (9, 0)
-    issue = "issue 5"
-
-
 class SM100FlashInferBackend(_Pending):
     """SM100 FlashInfer TRT-LLM MXFP4 MoE (bf16 or MXFP8 activations)."""
 

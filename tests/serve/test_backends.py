@@ -30,13 +30,19 @@ def test_cpu_picks_reference_and_logs_why_others_were_skipped():
     assert isinstance(select_backend(DeviceInfo("cpu")), CPUReferenceBackend)
 
 
-@pytest.mark.parametrize("cap,issue", [((9, 0), "issue 5"), ((10, 0), "issue 8")])
-def test_pending_gpu_backends_reject_with_their_issue(cap, issue):
-    name = "hopper_triton" if cap == (9, 0) else "sm100_flashinfer"
-    with pytest.raises(BackendUnavailableError, match=rf"'{name}' was requested.*not implemented yet \({issue}\)"):
-        select_backend(DeviceInfo("cuda", cap), override=name)
-    # without an override the oracle falls through to the reference (correct, slow)
-    assert isinstance(select_backend(DeviceInfo("cuda", cap)), CPUReferenceBackend)
+def test_pending_sm100_backend_rejects_with_its_issue():
+    with pytest.raises(BackendUnavailableError, match=r"'sm100_flashinfer' was requested.*not implemented yet "
+                                                      r"\(issue 8\)"):
+        select_backend(DeviceInfo("cuda", (10, 0)), override="sm100_flashinfer")
+
+
+def test_hopper_picks_triton_and_older_gpus_fall_back_to_the_reference():
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    assert isinstance(select_backend(DeviceInfo("cuda", (9, 0))), HopperTritonBackend)
+    assert isinstance(select_backend(DeviceInfo("cuda", (8, 0))), CPUReferenceBackend)
+    with pytest.raises(BackendUnavailableError, match=r"'hopper_triton' was requested but cannot run on cuda sm80"):
+        select_backend(DeviceInfo("cuda", (8, 0)), override="hopper_triton")
 
 
 def test_unknown_override_lists_available():
@@ -46,7 +52,7 @@ def test_unknown_override_lists_available():
 
 
 def test_no_candidate_lists_every_rejection():
-    from mxfp4_serve.backends.pending import HopperTritonBackend
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
 
     with pytest.raises(BackendUnavailableError, match=r"no MXFP4 MoE backend can run on cpu: always_rejects: rejects "
                                                       r"everything \(test backend\); hopper_triton: needs a CUDA"):
@@ -180,3 +186,32 @@ def test_reference_runs_inside_torch_compile_fullgraph():
     eager = backend.apply(layer, x, w, ids, spec, None)
     compiled = torch.compile(lambda a, b, c: backend.apply(layer, a, b, c, spec, None), fullgraph=True, backend="eager")
     assert torch.equal(compiled(x, w, ids), eager)
+
+
+@pytest.mark.parametrize("act", ["silu", "swigluoai"])
+@pytest.mark.parametrize("ep", [False, True])
+def test_hopper_triton_computes_the_reference_function(act, ep):
+    # Runs the real Triton kernels (interpreter on CPU, natively on a GPU). The kernels take bf16 activations and
+    # store the activation and output in bf16: three roundings of relative size 2^-8 (the interpreter truncates
+    # instead of rounding), so the output's relative error is a few 2^-8 ~ 1e-2 in norm; 2.5e-2 leaves headroom and
+    # is still far below what a wrong expert, scale or activation produces (O(1)).
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = ActivationSpec(act)
+    layer, _, _ = _layer(with_bias=act == "swigluoai")
+    layer = layer.to(device)
+    x, w, ids = (t.to(device) for t in _routing())
+    x = x.to(torch.bfloat16)
+    expert_map = None
+    if ep:  # this rank holds the upper half of the experts
+        expert_map = torch.full((E,), -1, dtype=torch.int32, device=device)
+        expert_map[E // 2:] = torch.arange(E - E // 2, dtype=torch.int32, device=device)
+        for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale", "w13_bias", "w2_bias"):
+            if hasattr(layer, name):
+                setattr(layer, name, torch.nn.Parameter(getattr(layer, name)[E // 2:], requires_grad=False))
+    ref = CPUReferenceBackend().apply(layer, x.float(), w, ids, spec, expert_map).float()
+    got = HopperTritonBackend().apply(layer, x, w, ids, spec, expert_map)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    rel = (got.float() - ref).norm() / ref.norm()
+    assert rel < 2.5e-2, rel
