@@ -1,0 +1,22 @@
+"""Learner side of mxfp4-rl: MoE experts that stay MXFP4 in training (LoRA or fake-QAT), HF integration, export
+to the engine and train/serve parity metrics. Imports common + torch/transformers/peft; never vllm at import time."""
+
+from .adapters import load_adapters, save_adapters
+from .checkpoint_io import load_mxfp4_model, save_mxfp4_checkpoint
+from .conversion import convert, experts_modules
+from .experts import MXFP4Experts
+from .grouped import grouped_mlp, register_backend
+from .lora import LoRASpec
+
+__all__ = [
+    "LoRASpec",
+    "MXFP4Experts",
+    "convert",
+    "experts_modules",
+    "grouped_mlp",
+    "load_adapters",
+    "load_mxfp4_model",
+    "register_backend",
+    "save_adapters",
+    "save_mxfp4_checkpoint",
+]
