@@ -11,7 +11,7 @@ import logging
 from .base import DeviceInfo, MoEBackend
 from .cpu_reference import CPUReferenceBackend
 from .hopper_triton import HopperTritonBackend
-from .pending import SM100FlashInferBackend
+from .sm100_flashinfer import SM100FlashInferBackend
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()

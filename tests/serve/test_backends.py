@@ -30,12 +30,6 @@ def test_cpu_picks_reference_and_logs_why_others_were_skipped():
     assert isinstance(select_backend(DeviceInfo("cpu")), CPUReferenceBackend)
 
 
-def test_pending_sm100_backend_rejects_with_its_issue():
-    with pytest.raises(BackendUnavailableError, match=r"'sm100_flashinfer' was requested.*not implemented yet "
-                                                      r"\(issue 8\)"):
-        select_backend(DeviceInfo("cuda", (10, 0)), override="sm100_flashinfer")
-
-
 def test_hopper_picks_triton_and_older_gpus_fall_back_to_the_reference():
     from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
 
