@@ -6,6 +6,7 @@ from .checkpoint_io import load_mxfp4_model, save_mxfp4_checkpoint
 from .conversion import convert, experts_modules
 from .experts import MXFP4Experts
 from .grouped import grouped_mlp, register_backend
+from . import grouped_triton  # noqa: F401  (registers the fused GPU backend; imports triton lazily)
 from .lora import LoRASpec
 
 __all__ = [

@@ -8,11 +8,18 @@ from __future__ import annotations
 import torch
 
 
-def _native_ok(t: torch.Tensor) -> bool:
+def _native_ok(*ts: torch.Tensor) -> bool:
+    """torch._grouped_mm needs sm90+ on CUDA and 16-byte aligned strides and pointers (a rank-4 bf16 LoRA factor
+    has 8-byte rows): otherwise the per-expert loop runs."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if t.is_cuda:
-        return torch.cuda.get_device_capability(t.device) >= (9, 0)
+    t = ts[0]
+    if t.is_cuda and torch.cuda.get_device_capability(t.device) < (9, 0):
+        return False
+    for u in ts:
+        size = u.element_size()
+        if u.data_ptr() % 16 or any(st * size % 16 for st, n in zip(u.stride(), u.shape) if st != 1 and n > 1):
+            return False
     return True
 
 
@@ -27,7 +34,7 @@ def grouped_mm(a: torch.Tensor, offsets: torch.Tensor, b: torch.Tensor) -> torch
     b = b.to(torch.bfloat16)
     if a.shape[0] == 0:
         return a.new_empty(0, b.shape[2])
-    if _native_ok(a):
+    if _native_ok(a, b):
         return torch._grouped_mm(a, b, offs=offsets[1:])
     out = a.new_zeros(a.shape[0], b.shape[2])
     for e, lo, hi in _bounds(offsets):
@@ -43,7 +50,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
     e = offsets.numel() - 1
     if a.shape[0] == 0:
         return a.new_zeros(e, a.shape[1], b.shape[1])
-    if _native_ok(a):
+    if _native_ok(a.t(), b):
         return torch._grouped_mm(a.t(), b, offs=offsets[1:])
     out = a.new_zeros(e, a.shape[1], b.shape[1])
     for i, lo, hi in _bounds(offsets):

@@ -1,0 +1,66 @@
+"""The fused GPU backend of the grouped MoE MLP seam: `common.grouped_gemm`'s Triton kernels, which dequantize the
+packed MXFP4 weight tiles in registers in forward and backward (no bf16 expert copy, no weight gradient), with the
+per-expert LoRA as rank-r grouped GEMMs. Registered in front of the reference; `supports` says when it applies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .grouped import ExpertOperands, register_backend
+from .weights import PackedExpertWeights
+
+_GPT_OSS = (1.702, 7.0)
+
+
+def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str]:
+    act = ops.activation
+    if act.kind == "glu":
+        probe = torch.linspace(-8, 8, 33)  # transformers' ACT2FN["silu"] is its own class: compare behaviour
+        if torch.equal(act.act_fn(probe), nn.functional.silu(probe)):
+            return "silu", ""
+        return None, f"glu with {getattr(act.act_fn, '__name__', act.act_fn)!r}: the kernels fuse silu only"
+    # gpt-oss keeps gate/up rows interleaved in the learner (its checkpoint layout); the kernels expect [gate; up].
+    return None, "clamp_swiglu with interleaved gate/up rows (gpt-oss): the kernels expect [gate; up] rows"
+
+
+def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
+    if not x.is_cuda:
+        return False, "needs CUDA tensors"
+    if x.dtype != torch.bfloat16:
+        return False, f"the kernels take bf16 activations, got {x.dtype}"
+    if not (isinstance(ops.w13, PackedExpertWeights) and isinstance(ops.w2, PackedExpertWeights)):
+        return False, "QAT masters need a weight gradient; the fused kernels serve frozen packed experts"
+    if ops.act_quant_profile is not None:
+        return False, "W4A8 activation fake quant is not fused"
+    name, reason = _kernel_activation(ops)
+    if name is None:
+        return False, reason
+    loras = [lo for lo in (ops.lora13, ops.lora2) if lo is not None]
+    if any(not isinstance(lo.dropout, nn.Identity) and lo.training for lo in loras):
+        return False, "LoRA dropout is not fused"
+    if len({lo.spec.scaling for lo in loras}) > 1:
+        return False, "gate/up and down LoRA with different scaling"
+    return True, ""
+
+
+def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       ops: ExpertOperands) -> torch.Tensor:
+    """Same contract as grouped.reference_grouped_mlp; callers go through grouped_mlp (which checks `supports`)."""
+    from common.grouped_gemm import MXFP4GroupedMLP, permute, route, unpermute
+
+    activation, reason = _kernel_activation(ops)
+    if activation is None:
+        raise ValueError(f"triton grouped MLP: {reason}")
+    routing = route(topk_ids, ops.num_experts)
+    lo13, lo2 = ops.lora13, ops.lora2
+    scaling = (lo13 or lo2).spec.scaling if (lo13 or lo2) else 1.0
+    y = MXFP4GroupedMLP.apply(
+        permute(x.to(torch.bfloat16), routing), routing.offsets, ops.w13.codes, ops.w13.scales, ops.w2.codes,
+        ops.w2.scales, None if lo13 is None else lo13.A, None if lo13 is None else lo13.B,
+        None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2)
+    return unpermute(y, routing, topk_weights).to(x.dtype)
+
+
+register_backend("triton", triton_grouped_mlp, supports)

@@ -1,0 +1,79 @@
+"""The learner's fused GPU backend (common.grouped_gemm kernels) computes the reference grouped MLP's function and
+gradients. On CPU the kernels run under the Triton interpreter (tests/conftest.py), called directly because the
+backend's `supports` keeps `auto` on the bitwise reference there."""
+
+import pytest
+import torch
+from torch import nn
+
+import common
+from mxfp4_train.grouped import Activation, ExpertOperands, reference_grouped_mlp, select_backend
+from mxfp4_train.grouped_triton import supports, triton_grouped_mlp
+from mxfp4_train.lora import ExpertLoRA, LoRASpec
+from mxfp4_train.weights import FakeQuantExpertWeights, PackedExpertWeights
+
+E, H, I, T, K = 4, 64, 32, 12, 2
+
+
+def _ops(gen, lora=True, bias=False):
+    w13 = common.quantize(torch.randn(E, 2 * I, H, generator=gen) * 0.2, profile="flashinfer")
+    w2 = common.quantize(torch.randn(E, H, I, generator=gen) * 0.2, profile="flashinfer")
+    spec = LoRASpec(r=4, alpha=8.0)
+    ops = ExpertOperands(PackedExpertWeights(w13.codes, w13.scales), PackedExpertWeights(w2.codes, w2.scales),
+                         Activation("glu", act_fn=nn.SiLU()), E)
+    if lora:
+        ops.lora13, ops.lora2 = ExpertLoRA(E, H, 2 * I, spec), ExpertLoRA(E, I, H, spec)
+        with torch.no_grad():  # B starts at zero (PEFT init); make the adapters matter
+            ops.lora13.B.normal_(0, 0.1, generator=gen)
+            ops.lora2.B.normal_(0, 0.1, generator=gen)
+    if bias:
+        ops.b13, ops.b2 = torch.randn(E, 2 * I, generator=gen) * 0.1, torch.randn(E, H, generator=gen) * 0.1
+    return ops
+
+
+def _routing(gen):
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    w, ids = torch.softmax(torch.randn(T, E, generator=gen), -1).topk(K, dim=-1)
+    ids[0] = torch.tensor([1, 3])  # expert 0 and 2 may get few tokens; force a known pair too
+    return x, ids, w
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_gradients_match_the_reference(bias):
+    # bf16 activations through two GEMMs, the activation and the LoRA products, each rounded to bf16 (2^-8; the
+    # interpreter truncates, 2^-7): a few such roundings bound the relative error near 3e-2 for outputs and
+    # gradients; a wrong expert, scale, row order or missing LoRA term gives O(1).
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ops = _ops(gen, bias=bias)
+    x, ids, w = _routing(gen)
+    x_ref = x.float().requires_grad_(True)
+    ref = reference_grouped_mlp(x_ref, ids, w.float(), ops)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in (ops.lora13.A, ops.lora13.B, ops.lora2.A, ops.lora2.B)]
+    for p in (ops.lora13.A, ops.lora13.B, ops.lora2.A, ops.lora2.B):
+        p.grad = None
+    x_k = x.clone().requires_grad_(True)
+    got = triton_grouped_mlp(x_k, ids, w, ops)
+    assert got.dtype == torch.bfloat16
+    got.float().square().sum().backward()
+    assert _rel(got, ref) < 3e-2
+    assert _rel(x_k.grad, x_ref.grad) < 3e-2
+    for g, r in zip((ops.lora13.A.grad, ops.lora13.B.grad, ops.lora2.A.grad, ops.lora2.B.grad), ref_grads):
+        assert _rel(g, r) < 5e-2
+
+
+def test_supports_explains_every_rejection():
+    gen = torch.Generator().manual_seed(0)
+    ops = _ops(gen)
+    x, _, _ = _routing(gen)
+    assert supports(x, ops) == (False, "needs CUDA tensors")
+    assert select_backend(x, ops) == "reference"  # auto keeps the bitwise reference on CPU
+    if torch.cuda.is_available():
+        assert supports(x.cuda(), ops)[0]
+        assert "bf16" in supports(x.cuda().float(), ops)[1]
+        qat = ExpertOperands(FakeQuantExpertWeights(torch.randn(E, 2 * I, H), "flashinfer"), ops.w2, ops.activation, E)
+        assert "weight gradient" in supports(x.cuda(), qat)[1]
