@@ -46,6 +46,16 @@ def _blocks_f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // C.BLOCK_SIZE, C.BLOCK_SIZE)
 
 
+def validated_blocks(x: torch.Tensor, name: str | None, nonfinite: str) -> torch.Tensor:
+    """The checks every quantizer runs first (dtype, K % 32, non-finite policy), then x as fp32 [..., K/32, 32]."""
+    check_input(x, name)
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    if nonfinite == "raise":
+        check_finite(x, name)
+    return _blocks_f32(x)
+
+
 def _block_scales(xb: torch.Tensor, profile: Profile, fmt: ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
     # torch.amax propagates NaN, which scale_codes maps to the profile's NaN byte.
     amax = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros(xb.shape[:-1])
@@ -58,12 +68,7 @@ def _block_scales(xb: torch.Tensor, profile: Profile, fmt: ElementFormat) -> tup
 def quantize_mxfp4(x: torch.Tensor, profile: Profile, *, name: str | None = None,
                    nonfinite: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., N, K] float -> (codes uint8 [..., N, K/2], scales uint8 [..., N, K/32])."""
-    check_input(x, name)
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-    if nonfinite == "raise":
-        check_finite(x, name)
-    xb = _blocks_f32(x)
+    xb = validated_blocks(x, name, nonfinite)
     scales, mult = _block_scales(xb, profile, E2M1)
     # copysign: a NaN product (NaN element, or Inf * 0) carries no reliable sign; the element's own sign is kept.
     y = torch.copysign(xb * mult.unsqueeze(-1), xb)
@@ -96,14 +101,9 @@ def quantize_mxfp8(x: torch.Tensor, profile: Profile, *, name: str | None = None
     Elements are x * 2^(127 - code) in fp32, clamped to +-448 and rounded half to even (torch's cast), so
     finite values saturate as `cvt.rn.satfinite.e4m3x2` does.
     """
-    check_input(x, name)
     if profile.tie_rule is not TieRule.EVEN:
         raise ValueError(f"profile {profile.name!r}: MXFP8 supports only round-half-to-even elements")
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-    if nonfinite == "raise":
-        check_finite(x, name)
-    xb = _blocks_f32(x)
+    xb = validated_blocks(x, name, nonfinite)
     scales, mult = _block_scales(xb, profile, E4M3)
     # clamp keeps NaN; copysign pins a NaN product's sign to the element's own (it is platform-dependent otherwise)
     y = torch.copysign(torch.clamp(xb * mult.unsqueeze(-1), -C.E4M3_MAX, C.E4M3_MAX), xb)
