@@ -60,10 +60,18 @@ class AuditDiff:
     scale_delta_hist: dict[int, int]  # b - a scale exponent -> count, only nonzero deltas
     blocks_differing: int  # blocks whose scale or any code differs
     first_diff: tuple[int, ...] | None  # (leading dims..., row, block) of the first differing block
+    # Flips between +0 (0x0) and -0 (0x8): the bytes differ but the value does not (profiles keep the sign of zero,
+    # so tiny updates around zero flip it without changing what the engine computes).
+    zero_sign_flips: int = 0
 
     @property
     def code_flip_rate(self) -> float:
         return self.codes_flipped / self.codes_total if self.codes_total else 0.0
+
+    @property
+    def value_flip_rate(self) -> float:
+        """Fraction of codes whose value changed (code flips minus +0/-0 flips)."""
+        return (self.codes_flipped - self.zero_sign_flips) / self.codes_total if self.codes_total else 0.0
 
     @property
     def scales_changed(self) -> int:
@@ -83,12 +91,22 @@ class AuditDiff:
         where = ", ".join(f"{n} {i}" for n, i in zip(labels, self.first_diff))
         hist = ", ".join(f"{d:+d}: {c}" for d, c in sorted(self.scale_delta_hist.items())) or "none"
         return (f"{head}: {self.blocks_differing}/{self.blocks_total} blocks differ; "
-                f"code flips {self.codes_flipped}/{self.codes_total} ({100 * self.code_flip_rate:.4f}%); "
+                f"code flips {self.codes_flipped}/{self.codes_total} ({100 * self.code_flip_rate:.4f}%, "
+                f"{self.zero_sign_flips} of them +0/-0 only); "
                 f"scale exponent changes {self.scales_changed} ({hist}); first difference at {where}")
 
 
 def _nibble_flips(xor: torch.Tensor) -> torch.Tensor:
     return ((xor & 0x0F) != 0).to(torch.int64) + ((xor >> 4) != 0).to(torch.int64)
+
+
+def _zero_sign_flips(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Nibbles that are +-0 on both sides with different signs (0x0 <-> 0x8)."""
+    total = 0
+    for shift in (0, 4):
+        na, nb = (a >> shift) & 0xF, (b >> shift) & 0xF
+        total += int((((na & 0x7) == 0) & ((nb & 0x7) == 0) & (na != nb)).sum())
+    return total
 
 
 def diff(a: MXFP4Tensor, b: MXFP4Tensor) -> AuditDiff:
@@ -110,7 +128,7 @@ def diff(a: MXFP4Tensor, b: MXFP4Tensor) -> AuditDiff:
         shape=tuple(a.shape), profiles=(a.profile, b.profile), codes_total=a.shape.numel(),
         codes_flipped=int(flips.sum()), blocks_total=a.scales.numel(),
         scale_delta_hist={int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())},
-        blocks_differing=int(differs.sum()), first_diff=first,
+        blocks_differing=int(differs.sum()), first_diff=first, zero_sign_flips=_zero_sign_flips(a.codes, bc),
     )
 
 

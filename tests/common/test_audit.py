@@ -108,3 +108,17 @@ def test_diff_profiles_and_errors():
     assert list(diff_mappings(m, {"e0": a, "e1": b})) == ["e1"]
     with pytest.raises(KeyError, match="one side only: \\['e2'\\]"):
         diff_mappings(m, {**m, "e2": a})
+
+
+def test_diff_separates_sign_of_zero_flips_from_value_flips():
+    # byte 0x80 = (even +0, odd -0); 0x08 = (even -0, odd +0): both nibbles flip sign of zero only.
+    # byte 0x21 -> 0x31: one real flip (odd nibble 2 -> 3).
+    codes_a = torch.zeros(1, 16, dtype=torch.uint8)
+    codes_b = codes_a.clone()
+    codes_a[0, :3] = torch.tensor([0x80, 0x00, 0x21], dtype=torch.uint8)
+    codes_b[0, :3] = torch.tensor([0x08, 0x88, 0x31], dtype=torch.uint8)
+    scales = torch.full((1, 1), 127, dtype=torch.uint8)
+    d = diff(MXFP4Tensor(codes_a, scales, "flashinfer"), MXFP4Tensor(codes_b, scales, "flashinfer"))
+    assert d.codes_flipped == 5 and d.zero_sign_flips == 4
+    assert d.value_flip_rate == 1 / 32 and d.code_flip_rate == 5 / 32
+    assert "4 of them +0/-0 only" in str(d)
