@@ -38,6 +38,12 @@ class MXFP4MoEMethodMixin:
         super().__init__(moe_config)
         self.settings = settings
         self.backend = select_backend(DeviceInfo.of(_device_of(moe_config)), settings.backend)
+        if settings.activations not in self.backend.activation_modes:
+            raise ValueError(f"mxfp4_rl: expert activations {settings.activations!r} were requested but MoE backend "
+                             f"{self.backend.name!r} runs only {self.backend.activation_modes}")
+        if hasattr(self.backend, "activations"):  # backends with several modes (sm100_flashinfer) take the choice
+            self.backend.activations = settings.activations
+            self.backend.profile = settings.profile
 
     # ---- weights ----
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
@@ -66,6 +72,7 @@ class MXFP4MoEMethodMixin:
             # "block": vLLM's own loaders narrow such scales like their weights; ours ignores the tag.
             compat.set_weight_attrs(p, {"weight_loader": loader, "quant_method": "block"})
         layer.mxfp4_rl_loader = loader
+        layer.mxfp4_rl_profile = self.settings.profile  # W4A8 backends quantize activations with it
         self._first_processing_done = False
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

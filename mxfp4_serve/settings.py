@@ -32,6 +32,8 @@ FOREIGN_FORMAT_BY_MODEL_TYPE = {"gpt_oss": "gpt-oss"}
 
 ENV_PROFILE = "MXFP4_RL_PROFILE"
 ENV_BACKEND = "MXFP4_RL_MOE_BACKEND"
+ENV_ACTIVATIONS = "MXFP4_RL_MOE_ACTIVATIONS"
+ACTIVATION_MODES = ("bf16", "mxfp8")
 # Used only when the user explicitly asked for --quantization mxfp4_rl and named no profile; logged when chosen.
 EXPLICIT_REQUEST_PROFILE = "flashinfer"
 
@@ -46,9 +48,13 @@ class ServeSettings:
     fmt: str = "native"
     backend: str | None = None
     delegate: Mapping[str, Any] | None = None
+    activations: str = "bf16"  # expert-input format: "bf16" (W4A16) or "mxfp8" (W4A8, B200 backend)
 
     def __post_init__(self) -> None:
         get_profile(self.profile)  # raises UnknownProfileError listing the known profiles
+        if self.activations not in ACTIVATION_MODES:
+            raise ValueError(f"mxfp4_rl: unknown expert activation format {self.activations!r}; expected one of "
+                             f"{ACTIVATION_MODES} (quantization_config 'activations' or ${ENV_ACTIVATIONS})")
         if self.fmt not in FORMATS:
             raise ValueError(f"mxfp4_rl quantization_config: unknown format {self.fmt!r}; expected one of {FORMATS}")
         if self.delegate is not None and "quant_method" not in self.delegate:
@@ -64,6 +70,10 @@ def _backend_override(cfg: Mapping[str, Any]) -> str | None:
     return os.environ.get(ENV_BACKEND) or cfg.get("moe_backend") or None
 
 
+def _activations(cfg: Mapping[str, Any]) -> str:
+    return os.environ.get(ENV_ACTIVATIONS) or cfg.get("activations") or "bf16"
+
+
 def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
     """Settings from a checkpoint's (or --hf-overrides') quantization_config dict."""
     method = cfg.get("quant_method")
@@ -75,12 +85,14 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
             raise ValueError("mxfp4_rl quantization_config has no 'profile'; the checkpoint must record the profile "
                              "that quantized it (see common.checkpoint.quantize_checkpoint)")
         return ServeSettings(profile=cfg["profile"], fmt=cfg.get("format", "native"),
-                             backend=_backend_override(cfg), delegate=cfg.get("delegate"))
+                             backend=_backend_override(cfg), delegate=cfg.get("delegate"),
+                             activations=_activations(cfg))
     if method in FOREIGN_MXFP4_METHODS:
         # Another tool's MXFP4 checkpoint, claimed because the user passed --quantization mxfp4_rl. The bytes are
         # fixed already; the profile only matters for later refits, so it comes from the user or the default.
         # claims_checkpoint only lets gpt-oss through, so the layout is gpt-oss's.
-        return ServeSettings(profile=online_profile(), fmt="gpt-oss", backend=_backend_override(cfg))
+        return ServeSettings(profile=online_profile(), fmt="gpt-oss", backend=_backend_override(cfg),
+                             activations=_activations(cfg))
     raise ValueError(f"mxfp4_rl cannot serve a checkpoint with quant_method {method!r}; expected {QUANT_METHOD!r} "
                      f"or one of {FOREIGN_MXFP4_METHODS}")
 
@@ -98,7 +110,8 @@ def online_profile() -> str:
 
 def settings_for_online() -> ServeSettings:
     """Settings for a bf16 checkpoint served with --quantization mxfp4_rl (no quantization_config anywhere)."""
-    return ServeSettings(profile=online_profile(), fmt="bf16", backend=_backend_override({}))
+    return ServeSettings(profile=online_profile(), fmt="bf16", backend=_backend_override({}),
+                         activations=_activations({}))
 
 
 def claims_checkpoint(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None, model_type: str | None) -> bool:

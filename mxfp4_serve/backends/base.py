@@ -54,6 +54,9 @@ class MoEBackend(abc.ABC):
     """One way of computing the MXFP4 MoE. Stateless: everything it needs lives on the layer as parameters."""
 
     name: str = ""
+    # Expert-input activation formats the backend can run: "bf16" (W4A16) and/or "mxfp8" (W4A8, quantized by the
+    # codec with the model's profile). The MoE method refuses a configuration its backend cannot honour.
+    activation_modes: tuple[str, ...] = ("bf16",)
 
     @classmethod
     @abc.abstractmethod

@@ -95,6 +95,8 @@ class SM100FlashInferBackend(MoEBackend):
 
     name = "sm100_flashinfer"
 
+    activation_modes = ACTIVATION_MODES
+
     def __init__(self, activations: str = "bf16", profile: str | None = None) -> None:
         if activations not in ACTIVATION_MODES:
             raise ValueError(f"sm100_flashinfer: unknown activation mode {activations!r}; expected one of "
@@ -130,6 +132,29 @@ class SM100FlashInferBackend(MoEBackend):
                 dst.copy_(new)
             else:
                 dst.index_copy_(0, ids, new)
+
+    # ---- refit (mxfp4_serve.sync): canonical bytes in, kernel layout kept ----
+    @staticmethod
+    def _params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: getattr(layer, n).data for n in (*PARAMS, "w13_bias", "w2_bias") if getattr(layer, n, None) is not None}
+
+    def read_canonical(self, layer: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """The canonical bytes of one parameter of a prepared layer (a copy; for hashes and deltas)."""
+        params = self._params(layer)
+        return layout.revert_experts(params)[param_name].reshape(params[param_name].shape)
+
+    def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Set the canonical bytes of `param_name` for the given local experts and re-run the layout conversion
+        for those experts only, in place (codes and scales of a matrix may arrive in separate calls: each call
+        reverts, edits and converts the touched experts, so the layer is consistent after every call)."""
+        params = self._params(layer)
+        ids = local_experts.to(device=params["w13_weight"].device, dtype=torch.long)
+        sliced = {n: p.index_select(0, ids) for n, p in params.items()}
+        canonical = layout.revert_experts(sliced, ids.tolist())
+        canonical[param_name] = values.to(params[param_name].device).reshape(canonical[param_name].shape)
+        for n, new in layout.convert_experts(canonical, ids.tolist()).items():
+            params[n].index_copy_(0, ids, new.reshape(sliced[n].shape).to(params[n].dtype))
 
     # ---- compute ----
     def apply(self, layer, x, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input=False):

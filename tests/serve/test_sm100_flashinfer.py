@@ -170,3 +170,60 @@ def test_apply_without_flashinfer_raises_import_error(no_flashinfer):
     with pytest.raises(ImportError):
         SM100FlashInferBackend().apply(layer, torch.zeros(1, 256), torch.ones(1, 1),
                                        torch.zeros(1, 1, dtype=torch.long), ActivationSpec(), None)
+
+
+def test_refit_writes_touched_experts_in_kernel_layout_and_reads_back_canonical():
+    # The sync path (mxfp4_serve.sync.layers) writes canonical bytes per expert through write_experts and hashes
+    # read_canonical; after every call the layer must equal convert_experts(canonical) for ALL experts.
+    from common.layouts import flashinfer_trtllm as fl
+    from mxfp4_serve.backends.sm100_flashinfer import SM100FlashInferBackend
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    e, h, i = 3, 256, 128  # the kernel's alignment (hidden % 256, intermediate % 128)
+    shapes = {"w13_weight": (e, 2 * i, h // 2), "w13_weight_scale": (e, 2 * i, h // 32),
+              "w2_weight": (e, h, i // 2), "w2_weight_scale": (e, h, i // 32)}
+    canonical = {n: torch.randint(0, 256, s, generator=gen, dtype=torch.uint8) for n, s in shapes.items()}
+    layer = torch.nn.Module()
+    for n, t in canonical.items():
+        layer.register_parameter(n, torch.nn.Parameter(t.clone(), requires_grad=False))
+    backend = SM100FlashInferBackend()
+    backend.prepare(layer)
+    storage = {n: getattr(layer, n).data_ptr() for n in shapes}
+    for n in shapes:
+        assert torch.equal(backend.read_canonical(layer, n), canonical[n])
+    experts = torch.tensor([2, 0])
+    for n in ("w13_weight", "w13_weight_scale", "w2_weight"):
+        new = torch.randint(0, 256, (2, *shapes[n][1:]), generator=gen, dtype=torch.uint8)
+        backend.write_experts(layer, n, experts, new)
+        canonical[n][experts] = new
+        want = fl.convert_experts(canonical)
+        for m in shapes:
+            assert torch.equal(getattr(layer, m).data, want[m].reshape(shapes[m])), (n, m)
+            assert torch.equal(backend.read_canonical(layer, m), canonical[m])
+    assert storage == {n: getattr(layer, n).data_ptr() for n in shapes}  # in place: CUDA graphs stay valid
+
+
+def test_method_refuses_w4a8_on_a_backend_without_it():
+    from mxfp4_serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="unknown expert activation format 'fp8'"):
+        ServeSettings(profile="flashinfer", activations="fp8")
+    from mxfp4_serve.backends import CPUReferenceBackend
+
+    assert CPUReferenceBackend.activation_modes == ("bf16",)
+
+
+def test_moe_method_refuses_activations_its_backend_cannot_run():
+    # W4A8 requested on a CPU (only the bf16 reference can run there): refused at engine start, naming both.
+    from mxfp4_serve.moe_method import MXFP4MoEMethodMixin
+    from mxfp4_serve.settings import ServeSettings
+
+    class _Base:
+        def __init__(self, moe_config):
+            pass
+
+    method_cls = type("M", (MXFP4MoEMethodMixin, _Base), {})
+    with pytest.raises(ValueError, match=r"activations 'mxfp8'.*'cpu_reference' runs only \('bf16',\)"):
+        method_cls(types.SimpleNamespace(device="cpu"), ServeSettings(profile="flashinfer", activations="mxfp8"))
+    assert method_cls(types.SimpleNamespace(device="cpu"), ServeSettings(profile="flashinfer")).backend.name == \
+        "cpu_reference"
