@@ -40,7 +40,7 @@ def test_auto_skips_rejecting_backends_and_explicit_choice_explains(restore_regi
     assert select_backend(x, ops) == "reference"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         select_backend(x, ops, "never")
-    with pytest.raises(ValueError, match="unknown grouped-MLP backend 'nope'; registered: never, reference"):
+    with pytest.raises(ValueError, match="unknown grouped-MLP backend 'nope'; registered: never, triton, reference"):
         select_backend(x, ops, "nope")
 
 
@@ -57,7 +57,7 @@ def test_preferred_backend_runs_and_all_rejections_are_listed(restore_registry):
     assert calls == [x.shape]
     grouped._BACKENDS["spy"] = (spy, lambda x, ops: (False, "busy"))
     grouped._BACKENDS["reference"] = (grouped.reference_grouped_mlp, lambda x, ops: (False, "disabled"))
-    with pytest.raises(ValueError, match="spy: busy; reference: disabled"):
+    with pytest.raises(ValueError, match="spy: busy; triton: needs CUDA tensors; reference: disabled"):
         select_backend(x, ops)
 
 
