@@ -43,11 +43,10 @@ def dtype_from_tag(tag: str) -> torch.dtype:
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorInfo:
+class TensorSpec:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +54,13 @@ class TensorInfo:
         for s in self.shape:
             n *= s
         return n * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo(TensorSpec):
+    """A tensor of a checkpoint on disk: its spec and the shard file that holds it."""
+
+    file: Path
 
 
 class CheckpointReader:
@@ -123,18 +129,6 @@ class CheckpointReader:
         self.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
 
 
 # A group is the set of output tensors produced together (e.g. codes + scales of one weight); groups never straddle
