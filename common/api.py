@@ -24,15 +24,6 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
     return backend == "triton"
 
 
-def _check(x: torch.Tensor, name: str | None, nonfinite: str) -> None:
-    """Input checks shared by both backends, so the kernels see only inputs the reference accepts."""
-    reference.check_input(x, name)
-    if nonfinite not in reference.NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {reference.NONFINITE_MODES}, got {nonfinite!r}")
-    if nonfinite == "raise":
-        reference.check_finite(x, name)
-
-
 def quantize(x: torch.Tensor, *, profile: str | Profile, name: str | None = None, nonfinite: str = "raise",
              backend: str = "auto") -> MXFP4Tensor:
     """Quantize x [..., N, K] (K a multiple of 32) along K to MXFP4.
@@ -41,7 +32,8 @@ def quantize(x: torch.Tensor, *, profile: str | Profile, name: str | None = None
     nonfinite="profile" applies the profile's documented NaN/Inf rule.
     """
     prof = get_profile(profile)
-    _check(x, name, nonfinite)
+    # Checked here once for both backends, so the kernels see only inputs the reference accepts.
+    reference.check_quantizer_input(x, name, nonfinite)
     if _use_triton(backend, x):
         from .kernels import quantize_mxfp4_triton
 
@@ -75,7 +67,8 @@ def quantize_mxfp8(x: torch.Tensor, *, profile: str | Profile, name: str | None 
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP8 (E4M3 elements, E8M0 block-32 scales) along the last axis: (float8_e4m3fn [..., K], uint8 [..., K/32])."""
     prof = get_profile(profile)
-    _check(x, name, nonfinite)
+    # Checked here once for both backends, so the kernels see only inputs the reference accepts.
+    reference.check_quantizer_input(x, name, nonfinite)
     if _use_triton(backend, x):
         from .kernels import quantize_mxfp8_triton
 

@@ -46,13 +46,18 @@ def _blocks_f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // C.BLOCK_SIZE, C.BLOCK_SIZE)
 
 
-def validated_blocks(x: torch.Tensor, name: str | None, nonfinite: str) -> torch.Tensor:
-    """The checks every quantizer runs first (dtype, K % 32, non-finite policy), then x as fp32 [..., K/32, 32]."""
+def check_quantizer_input(x: torch.Tensor, name: str | None, nonfinite: str) -> None:
+    """The checks every quantizer (reference or kernel) runs first: dtype, K % 32, the non-finite policy."""
     check_input(x, name)
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     if nonfinite == "raise":
         check_finite(x, name)
+
+
+def validated_blocks(x: torch.Tensor, name: str | None, nonfinite: str) -> torch.Tensor:
+    """check_quantizer_input, then x as fp32 [..., K/32, 32]."""
+    check_quantizer_input(x, name, nonfinite)
     return _blocks_f32(x)
 
 
