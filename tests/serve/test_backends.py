@@ -209,3 +209,14 @@ def test_hopper_triton_computes_the_reference_function(act, ep):
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     rel = (got.float() - ref).norm() / ref.norm()
     assert rel < 2.5e-2, rel
+
+
+def test_hopper_triton_refuses_what_its_kernels_do_not_implement():
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    layer, _, _ = _layer(with_bias=False)
+    x, w, ids = _routing()
+    with pytest.raises(NotImplementedError, match="router weights on the input.*cpu_reference"):
+        HopperTritonBackend().apply(layer, x, w, ids, ActivationSpec("silu"), None, apply_router_weight_on_input=True)
+    with pytest.raises(NotImplementedError, match="alpha 1.702, limit 7.0; the model asks for alpha 1.5, limit 7.0"):
+        HopperTritonBackend().apply(layer, x, w, ids, ActivationSpec("swigluoai", alpha=1.5), None)
