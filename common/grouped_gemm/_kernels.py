@@ -3,7 +3,10 @@
 Both kernels read the canonical packed layout directly (codes [E, N, K/2], scales [E, N, K/32]); no bf16 copy of a
 weight ever reaches global memory, and the backward reads the same bytes as the forward (no transpose copy):
 - `_grouped_fwd_kernel`: y = x_e @ W_e^T (+ bias_e) (+ lh @ B_e^T); with ACT the weight has 2N rows [gate; up]
-  and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward).
+  and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward). GATHER reads
+  row r of the sorted batch from x[src[r]] (the token permutation fused into the loads) and SCATTER writes it to
+  y[dst[r]] times rw[dst[r]] (the un-permutation and router weight fused into the epilogue), so the engine's MoE
+  layer never copies the activations into expert order and back.
 - `_grouped_dx_kernel`: dx = dy_e @ W_e (+ lh @ A_e); with ACT the epilogue turns that into (d gate, d up) using
   the saved pre-activation, so the backward of the activation costs no extra pass over memory.
 Grid: axis 0 = row tiles (cdiv(M, BLOCK_M) + E, an upper bound of the ragged tile count), axis 1 = output tiles.
@@ -16,9 +19,11 @@ import triton.language as tl
 from ._tiles import (
     ACT_NONE,
     _act_bwd,
+    _dot_xwt_scaled,
     _act_fwd,
     _dot_xw,
     _dot_xwt,
+    _load_w_packed,
     _load_w_tile,
     _lora_tile,
     _tile_rows,
@@ -27,13 +32,14 @@ from ._tiles import (
 
 @triton.jit
 def _grouped_fwd_kernel(
-        x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, lh_ptr, lw_ptr, y_ptr, pre_ptr,
+        x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, lh_ptr, lw_ptr, y_ptr, pre_ptr, src_ptr, dst_ptr, rw_ptr,
         M, N, K, E, ROWS_BUCKET,
         stride_xm, stride_ce, stride_cn, stride_se, stride_sn, stride_be,
         stride_lhm, stride_lwe, stride_lwn, stride_ym, stride_pm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, E_POW2: tl.constexpr, F32_DOT: tl.constexpr, FAST_DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+        E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
+        DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -50,14 +56,27 @@ def _grouped_fwd_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros_like(acc)
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    if GATHER:
+        src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows
+    a_ptrs = x_ptr + src[:, None] * stride_xm + kk[None, :]
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-        w = _load_w_tile(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
-        acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
-        if ACT != ACT_NONE:
-            w_up = _load_w_tile(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
-            acc_up = _dot_xwt(a, w_up, acc_up, SWAP_AB, F32_DOT)
+        if DOT_SCALED:
+            wp, ws = _load_w_packed(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+            acc = _dot_xwt_scaled(a, wp, ws, acc, SWAP_AB)
+            if ACT != ACT_NONE:
+                wp, ws = _load_w_packed(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+                acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
+        else:
+            w = _load_w_tile(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K,
+                             DECODE)
+            acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
+            if ACT != ACT_NONE:
+                w_up = _load_w_tile(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K,
+                                    DECODE)
+                acc_up = _dot_xwt(a, w_up, acc_up, SWAP_AB, F32_DOT)
         a_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -71,7 +90,8 @@ def _grouped_fwd_kernel(
         lw_e = lw_ptr + e64 * stride_lwe
         acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols, col_ok, LORA_R, F32_DOT)
         if ACT != ACT_NONE:
-            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols + N, col_ok, LORA_R, F32_DOT)
+            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols + N, col_ok, LORA_R,
+                                 F32_DOT)
     mask = row_ok[:, None] & col_ok[None, :]
     if ACT != ACT_NONE:
         if SAVE_PRE:
@@ -81,7 +101,12 @@ def _grouped_fwd_kernel(
         out = _act_fwd(acc, acc_up, ACT, ALPHA, LIMIT)
     else:
         out = acc
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    if SCATTER:
+        dst = tl.load(dst_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        out = out * tl.load(rw_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        dst = rows
+    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -91,8 +116,10 @@ def _grouped_dx_kernel(
         stride_dym, stride_ce, stride_cn, stride_se, stride_sn,
         stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
-        E_POW2: tl.constexpr, F32_DOT: tl.constexpr, FAST_DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
+        DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dot_scaled reduces along the packed axis; here the reduction runs over W's rows (ops.py refuses it)
+    tl.static_assert(not DOT_SCALED)
     # dx [M, K] = dy [M, N] @ W [N, K]: BLOCK_N is the reduction step over W's rows, BLOCK_K the output tile
     # over W's packed K axis, so each weight tile is read in its stored orientation.
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
@@ -116,7 +143,7 @@ def _grouped_dx_kernel(
         n = n0 + nn
         n_ok = n < N
         a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = _load_w_tile(c_ptr, s_ptr, n, n_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, FAST_DECODE)
+        w = _load_w_tile(c_ptr, s_ptr, n, n_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, DECODE)
         acc = _dot_xw(a, w, acc, SWAP_AB, F32_DOT)
         a_ptrs += BLOCK_N
     if SWAP_AB:

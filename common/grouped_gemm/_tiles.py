@@ -12,6 +12,12 @@ ACT_NONE = tl.constexpr(0)
 ACT_SILU = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
 
+# E2M1 decodes of a weight tile (ops.decode_mode): compare-and-select in fp32, bit placement in fp32, bit placement
+# in bf16x2 PTX (GPU only: the interpreter cannot run inline assembly).
+DECODE_SELECT = tl.constexpr(0)
+DECODE_BITS = tl.constexpr(1)
+DECODE_BF16X2 = tl.constexpr(2)
+
 
 @triton.jit
 def _tile_rows(offsets_ptr, pid_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -64,6 +70,63 @@ def _e2m1_f32_select(packed):
 
 
 @triton.jit
+def _e2m1_bf16x2_times(packed, factor):
+    """(even, odd) bf16 E2M1 values of each code byte (uint8) times factor (bf16, one per byte), two elements per
+    32-bit op (sm_90 PTX). prmt spreads two code bytes into the two bf16 halves of a register; each nibble's
+    magnitude bits eem land at bf16 bits 8..6 and its sign at bit 15, which reads as the E2M1 value times 2^-126
+    (ee = 0 gives the subnormal m * 2^-127, as in _e2m1_f32_scaled_down); mul.rn.bf16x2 by 2^126 restores it
+    exactly (a normal bf16 of 2 significant bits) and a second one applies the factor, exactly unless the product
+    overflows (inf, as the fp32 decode) or is a subnormal (kept: bf16 arithmetic does not flush)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 z, c, t, u, x, y;
+        mov.b32 z, 0;
+        mov.b32 c, 0x7E807E80;
+        prmt.b32 t, $4, z, 0x4140;
+        prmt.b32 u, $4, z, 0x4342;
+        shl.b32 x, t, 6;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 x, x, y;
+        mul.rn.bf16x2 x, x, c;
+        mul.rn.bf16x2 $0, x, $5;
+        shl.b32 x, u, 6;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, u, 12;
+        and.b32 y, y, 0x80008000;
+        or.b32 x, x, y;
+        mul.rn.bf16x2 x, x, c;
+        mul.rn.bf16x2 $1, x, $6;
+        shl.b32 x, t, 2;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, t, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 x, x, y;
+        mul.rn.bf16x2 x, x, c;
+        mul.rn.bf16x2 $2, x, $5;
+        shl.b32 x, u, 2;
+        and.b32 x, x, 0x01C001C0;
+        shl.b32 y, u, 8;
+        and.b32 y, y, 0x80008000;
+        or.b32 x, x, y;
+        mul.rn.bf16x2 x, x, c;
+        mul.rn.bf16x2 $3, x, $6;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[packed, factor], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _e8m0_bf16(s):
+    """bf16 2^(s - 127) of scale bytes (int32): byte 0 is the subnormal 2^-127 (bits 0x0040), byte 255 NaN."""
+    bits = tl.where(s >= 1, s << 7, 0x0040)
+    return tl.where(s == 255, 0x7FC0, bits).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _e8m0_f32(s):
     """fp32 2^(s - 127) of scale bytes (int32); byte 0 is the subnormal 2^-127, byte 255 NaN."""
     bits = tl.where(s >= 1, s << 23, 0x00400000)
@@ -81,31 +144,63 @@ def _e8m0_factors(s):
 
 
 @triton.jit
-def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr,
-                 R: tl.constexpr, C: tl.constexpr, FAST_DECODE: tl.constexpr = True):
-    """bf16 W[rows, col0:col0+C] ([R, C]) of one expert, dequantized from its packed codes [N, K/2] and E8M0
-    scales [N, K/32]. C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
-    wholly inside K or wholly masked (masked codes read as 0 = +0.0)."""
+def _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
+    """(codes uint8 [R, C/2], scale bytes uint8 [R, C/32]) of W[rows, col0:col0+C] of one expert, stored as packed
+    codes [N, K/2] and E8M0 scales [N, K/32]. C is a multiple of 32 and col0 of C, and K a multiple of 32, so a
+    scale block is either wholly inside K or wholly masked (masked codes read as 0 = +0.0, masked scales as 1.0)."""
     pc = col0 // 2 + tl.arange(0, C // 2)
     packed = tl.load(codes_ptr + rows[:, None] * stride_cr + pc[None, :],
-                     mask=row_ok[:, None] & (pc < K // 2)[None, :], other=0).to(tl.int32)
-    if FAST_DECODE:
+                     mask=row_ok[:, None] & (pc < K // 2)[None, :], other=0)
+    sc = col0 // 32 + tl.arange(0, C // 32)
+    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
+                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
+    return packed, s
+
+
+@triton.jit
+def _dequant_tile(packed, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr = DECODE_BITS):
+    """bf16 [R, C] values of a packed tile from _load_w_packed (exact, see the module docstring)."""
+    s = s.to(tl.int32)
+    if DECODE == DECODE_BF16X2:
+        f = _e8m0_bf16(s)
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, C // 32, 16)), (R, C // 2))
+        lo, hi = _e2m1_bf16x2_times(packed, f)
+        return tl.reshape(tl.join(lo, hi), (R, C))
+    packed = packed.to(tl.int32)
+    if DECODE == DECODE_BITS:
         lo, hi = _e2m1_f32_scaled_down(packed)
     else:
         lo, hi = _e2m1_f32_select(packed)
     # byte j holds element 2j (low nibble) and 2j + 1 (high nibble)
     v = tl.reshape(tl.join(lo, hi), (R, C // 32, 32))
-    sc = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
-                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127).to(tl.int32)
     # fp32 multiplies then the cast to bf16: all exact (the products have 2 significant bits); the interpreter
     # has no bf16 arithmetic.
-    if FAST_DECODE:
+    if DECODE == DECODE_BITS:
         f1, f2 = _e8m0_factors(s)
         w = (v * f1[:, :, None]) * f2[:, :, None]
     else:
         w = v * _e8m0_f32(s)[:, :, None]
     return tl.reshape(w, (R, C)).to(tl.bfloat16)
+
+
+@triton.jit
+def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr,
+                 R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr = DECODE_BITS):
+    """bf16 W[rows, col0:col0+C] ([R, C]) of one expert, dequantized in registers."""
+    packed, s = _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C)
+    return _dequant_tile(packed, s, R, C, DECODE)
+
+
+@triton.jit
+def _dot_xwt_scaled(a, packed, s, acc, SWAP_AB: tl.constexpr):
+    """acc += a [BM, BK] @ W^T with W given packed ([BN, BK/2] codes, [BN, BK/32] scale bytes): Triton's
+    `dot_scaled`, which upcasts the E2M1 tile with the compiler's own converter (on Hopper: emulated, bf16 MMA).
+    The reduction runs along W's packed axis, as dot_scaled requires, so only x @ W^T can use it, not the dx."""
+    if SWAP_AB:
+        acc = tl.dot_scaled(packed, s, "e2m1", tl.trans(a), None, "bf16", acc)
+    else:
+        acc = tl.dot_scaled(a, None, "bf16", tl.trans(packed), s, "e2m1", acc)
+    return acc
 
 
 @triton.jit

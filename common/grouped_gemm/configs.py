@@ -17,7 +17,9 @@ KINDS = ("fwd", "gated", "dx")
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """BLOCK_M: rows (tokens) per tile; BLOCK_N: weight rows per tile (fwd) or reduction step (dx); BLOCK_K:
-    reduction step (fwd) or output columns (dx). swap_ab puts the weight tile on the MMA's M side (few tokens)."""
+    reduction step (fwd) or output columns (dx). swap_ab puts the weight tile on the MMA's M side (few tokens).
+    dot_scaled (fwd/gated only) feeds the packed tile to Triton's `tl.dot_scaled` instead of dequantizing it with
+    the kernels' own bit-placement decode."""
 
     block_m: int
     block_n: int
@@ -25,6 +27,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
+    dot_scaled: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -36,7 +39,8 @@ class TileConfig:
             raise ValueError(f"TileConfig.block_k must be >= 64 (it tiles the packed K axis), got {self.block_k}")
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SWAP_AB=self.swap_ab)
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SWAP_AB=self.swap_ab,
+                    DOT_SCALED=self.dot_scaled)
 
 
 # Under the interpreter: few, mid-sized programs (the tests' K = 96 and 160 exercise a partial last K tile).
@@ -55,7 +59,9 @@ def _small(kind: str) -> list[TileConfig]:
     # fwd/gated: (BLOCK_N weight rows = MMA M, BLOCK_K reduction); dx: (BLOCK_N reduction, BLOCK_K output = MMA M).
     sizes = ((64, 256), (128, 128), (64, 128), (128, 256)) if kind != "dx" else ((128, 64), (64, 128), (128, 128),
                                                                                   (256, 64))
-    return [TileConfig(16, bn, bk, 4, 3, swap_ab=True) for bn, bk in sizes]
+    # plus deeper pipelines with more, narrower programs: more weight bytes in flight per SM
+    extra = [TileConfig(16, 32, 256, 4, 4, swap_ab=True), TileConfig(16, 64, 128, 4, 5, swap_ab=True)]
+    return [TileConfig(16, bn, bk, 4, 3, swap_ab=True) for bn, bk in sizes] + extra
 
 
 def _medium(kind: str) -> list[TileConfig]:
@@ -79,20 +85,31 @@ def _large(kind: str) -> list[TileConfig]:
             TileConfig(64, 128, 128, 4, 3, True)]
 
 
-def candidates(kind: str, bucket: int) -> list[TileConfig]:
-    """Autotune candidates for a kernel kind at a rows-per-expert bucket."""
+DOT_SCALED_MODES = ("auto", "off", "only")
+
+
+def candidates(kind: str, bucket: int, dot_scaled: str = "off") -> list[TileConfig]:
+    """Autotune candidates for a kernel kind at a rows-per-expert bucket. dot_scaled: "auto" tunes both decodes
+    of the forward kinds (the kernels' bit-placement decode and tl.dot_scaled), "off" / "only" one of them."""
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; choose one of {KINDS}")
+    if dot_scaled not in DOT_SCALED_MODES:
+        raise ValueError(f"dot_scaled must be one of {DOT_SCALED_MODES}, got {dot_scaled!r}")
     if bucket <= 16:
-        return _small(kind)
-    if bucket <= 64:
-        return _medium(kind)
-    return _large(kind)
+        base = _small(kind)
+    elif bucket <= 64:
+        base = _medium(kind)
+    else:
+        base = _large(kind)
+    if kind == "dx" or dot_scaled == "off":
+        return base
+    twins = [dataclasses.replace(c, dot_scaled=True) for c in base]
+    return twins if dot_scaled == "only" else base + twins
 
 
 def all_candidates(kind: str) -> list[TileConfig]:
     seen: dict[TileConfig, None] = {}
     for b in (1, 64, 4096):
-        for c in candidates(kind, b):
+        for c in candidates(kind, b, "auto"):
             seen[c] = None
     return list(seen)

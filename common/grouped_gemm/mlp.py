@@ -14,7 +14,7 @@ import torch
 
 from . import lora as L
 from .ops import grouped_mm_mxfp4, grouped_mm_mxfp4_dx, grouped_mm_mxfp4_gated
-from .routing import permute, route, unpermute
+from .routing import route
 
 Packed = tuple[torch.Tensor, torch.Tensor]  # (codes uint8 [E, N, K/2], scales uint8 [E, N, K/32])
 
@@ -87,8 +87,15 @@ def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Pac
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
                       bias2: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H]."""
+    """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H].
+
+    The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
+    the second GEMM's epilogue (each (token, slot) row lands in its own row, times its router weight); the k rows
+    of a token are then summed in fp32."""
+    t, k = topk_ids.shape
     routing = route(topk_ids, w13[0].shape[0])
-    y = moe_mlp_forward(permute(x, routing), routing.offsets, w13, w2, activation=activation, bias13=bias13,
-                        bias2=bias2)
-    return unpermute(y, routing, topk_weights)
+    act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13,
+                                    gather_rows=routing.token)
+    y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, scatter_rows=routing.source,
+                         row_weights=topk_weights.reshape(-1).float())
+    return y.view(t, k, -1).sum(1, dtype=torch.float32).to(x.dtype)

@@ -18,7 +18,7 @@ from ..kernels import interpreting
 from ..tensor import check_packed
 from . import activations as A
 from ._kernels import _grouped_dx_kernel, _grouped_fwd_kernel
-from .configs import INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
+from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (h [M, R] already scaled, per-expert factor); see each op
 
@@ -41,8 +41,9 @@ def check_offsets(offsets: torch.Tensor, experts: int, rows: int, name: str = "e
 
 
 def _check(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, x_name: str,
-           reduce_dim: int, validate: bool | None) -> None:
-    """Shapes/dtypes of one grouped GEMM; reduce_dim is x's column count the weight must match."""
+           reduce_dim: int, validate: bool | None, rows: int | None = None) -> None:
+    """Shapes/dtypes of one grouped GEMM; reduce_dim is x's column count the weight must match, rows the sorted
+    row count (x's rows unless the rows are gathered)."""
     check_packed(codes, scales, "weight")
     if codes.dim() != 3:
         raise ShapeError(f"tensor 'weight': codes must be [E, N, K/2], got {tuple(codes.shape)}")
@@ -57,7 +58,7 @@ def _check(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: 
     if validate is None:
         validate = not x.is_cuda  # a host sync would stall (and break CUDA-graph capture of) the GPU path
     if validate:
-        check_offsets(offsets, codes.shape[0], x.shape[0])
+        check_offsets(offsets, codes.shape[0], x.shape[0] if rows is None else rows)
     elif offsets.dtype != torch.int32 or offsets.shape != (codes.shape[0] + 1,):
         raise ShapeError(f"tensor 'expert_offsets': expected int32 [{codes.shape[0] + 1}], got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
@@ -93,7 +94,7 @@ def _tuned(kind: str, kernel):
     """The autotuned wrapper of a kernel: candidates pruned to the call's rows-per-expert bucket."""
     if kind not in _TUNED:
         def prune(configs, named_args, **kwargs):
-            keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"])}
+            keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"], dot_scaled_mode())}
             return [c for c in configs if c.__str__() in keep]
 
         _TUNED[kind] = triton.autotune(configs=[_to_triton(c) for c in all_candidates(kind)],
@@ -102,10 +103,32 @@ def _tuned(kind: str, kernel):
     return _TUNED[kind]
 
 
-def fast_decode() -> bool:
-    """MXFP4_GG_DECODE=select picks the compare-and-select E2M1 decode (no subnormal intermediates) over the
-    default bit-placement decode (common/grouped_gemm/_tiles.py)."""
-    return os.environ.get("MXFP4_GG_DECODE", "fast") != "select"
+DECODES = {"select": 0, "bits": 1, "bf16x2": 2}
+
+
+def decode_mode() -> str:
+    """The weight-tile decode of common/grouped_gemm/_tiles.py, MXFP4_GG_DECODE: "bf16x2" (GPU default: bit
+    placement in packed bf16x2 PTX), "bits" (interpreter default: bit placement in fp32) or "select"
+    (compare-and-select in fp32, no subnormal intermediates). Under the interpreter bf16x2 falls back to bits."""
+    mode = os.environ.get("MXFP4_GG_DECODE", "bits" if interpreting() else "bf16x2")
+    if mode not in DECODES:
+        raise ValueError(f"MXFP4_GG_DECODE must be one of {tuple(DECODES)}, got {mode!r}")
+    return "bits" if (mode == "bf16x2" and interpreting()) else mode
+
+
+def _decode() -> int:
+    return DECODES[decode_mode()]
+
+
+def dot_scaled_mode() -> str:
+    """MXFP4_GG_DOT_SCALED=off (default), auto (tune both decodes of the forward GEMMs) or only (tl.dot_scaled
+    for the forward GEMMs). Off by default: on an H100 with triton 3.6, dot_scaled's emulated upcast made the
+    forward GEMMs 1.2-1.6x slower than the bf16x2 decode (bench/RESULTS.md). Read when a new autotune key is first
+    tuned; a process keeps what it tuned."""
+    mode = os.environ.get("MXFP4_GG_DOT_SCALED", "off")
+    if mode not in DOT_SCALED_MODES:
+        raise ValueError(f"MXFP4_GG_DOT_SCALED must be one of {DOT_SCALED_MODES}, got {mode!r}")
+    return mode
 
 
 def autotune_enabled() -> bool:
@@ -116,10 +139,13 @@ def autotune_enabled() -> bool:
 def _launch(kind: str, kernel, grid_n: int, m: int, e: int, config: TileConfig | None, args: list, kw: dict):
     """Launch with an explicit config, the interpreter's fixed config, or the autotuner (GPU default)."""
     bucket = rows_bucket(m, e)
+    if config is not None and config.dot_scaled and kind == "dx":
+        raise ValueError("TileConfig.dot_scaled applies to the forward GEMMs only: tl.dot_scaled reduces along the "
+                         "packed K axis, the dx GEMM reduces over the weight's rows")
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
-        config = candidates(kind, bucket)[0]
+        config = candidates(kind, bucket, dot_scaled_mode())[0]
     if config is not None:
         grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
                                                                 else config.block_k))
@@ -134,17 +160,33 @@ def _e_pow2(e: int) -> int:
     return max(2, triton.next_power_of_2(e))
 
 
-def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate):
+def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.device) -> None:
+    if t is None:
+        return
+    if t.dtype not in (torch.int32, torch.int64) or t.shape != (rows,) or t.device != device:
+        raise ShapeError(f"tensor '{name}': expected int32/int64 [{rows}] on {device}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
+
+
+def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate,
+         gather_rows=None, scatter_rows=None, row_weights=None):
     kind = "gated" if act else "fwd"
     e, n_rows, kh = codes.shape
     k = kh * 2
-    _check(x, offsets, codes, scales, "x", k, validate)
+    m = x.shape[0] if gather_rows is None else gather_rows.shape[0]
+    _check(x, offsets, codes, scales, "x", k, validate, rows=m)
+    _check_rows(gather_rows, m, "gather_rows", x.device)
+    _check_rows(scatter_rows, m, "scatter_rows", x.device)
+    if (scatter_rows is None) != (row_weights is None):
+        raise ValueError("grouped_mm_mxfp4: give scatter_rows and row_weights together, or neither")
+    if row_weights is not None and (row_weights.shape != (m,) or not row_weights.is_floating_point()):
+        raise ShapeError(f"tensor 'row_weights': expected a float [{m}], got {row_weights.dtype} "
+                         f"{tuple(row_weights.shape)}")
     n = n_rows // 2 if act else n_rows
     if act and n_rows % 2:
         raise ShapeError(f"tensor 'w13': a gated weight needs an even row count [gate; up], got {n_rows}")
     if bias is not None and bias.shape != (e, n_rows):
         raise ShapeError(f"tensor 'bias': expected [{e}, {n_rows}], got {tuple(bias.shape)}")
-    m = x.shape[0]
     codes, scales = codes.contiguous(), scales.contiguous()
     out_dtype = out_dtype or x.dtype
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -156,44 +198,55 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
         return y, pre
     x = x.contiguous()
     dummy = y
+    # unused pointer arguments get any tensor of the call (their loads are compiled out)
     args = [x, codes, scales, offsets, bias if bias is not None else dummy, lh if r else dummy,
             lw if r else dummy, y, pre if pre is not None else dummy,
+            gather_rows if gather_rows is not None else offsets, scatter_rows if scatter_rows is not None else offsets,
+            row_weights.contiguous() if row_weights is not None else dummy,
             m, n, k, e, rows_bucket(m, e),
             x.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0, lh.stride(0) if r else 0, lw.stride(0) if r else 0,
             lw.stride(1) if r else 0, y.stride(0), pre.stride(0) if pre is not None else 0]
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
-              SAVE_PRE=pre is not None, E_POW2=_e_pow2(e), F32_DOT=interpreting(), FAST_DECODE=fast_decode())
+              SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
+              E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=_decode())
     _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
     return y, pre
 
 
 def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
                      out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
-                     lora: LowRank | None = None, config: TileConfig | None = None,
+                     lora: LowRank | None = None, scatter_rows: torch.Tensor | None = None,
+                     row_weights: torch.Tensor | None = None, config: TileConfig | None = None,
                      validate: bool | None = None) -> torch.Tensor:
     """y [M, N] = x_e @ W_e^T (+ bias[e]) (+ lora_h @ B_e^T) for each expert's rows.
 
     codes [E, N, K/2], scales [E, N, K/32]; bias [E, N]; lora = (h [M, R] = scaling * x_e @ A_e^T, B [E, N, R]).
+    With scatter_rows [M] (a permutation of 0..M-1) and row_weights [M], sorted row r is written to
+    y[scatter_rows[r]] multiplied by row_weights[scatter_rows[r]] (the MoE un-permutation with the router weight;
+    rows no sorted row maps to are left uninitialised).
     validate (default: on for CPU tensors, off for CUDA, whose check would sync) checks the offsets' values.
     """
     return _fwd(x, expert_offsets, codes, scales, act=A.ACT_NONE, bias=bias, lora=lora, save_pre=False,
-                out_dtype=out_dtype, config=config, validate=validate)[0]
+                out_dtype=out_dtype, config=config, validate=validate, scatter_rows=scatter_rows,
+                row_weights=row_weights)[0]
 
 
 def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                            *, activation: str, bias: torch.Tensor | None = None, lora: LowRank | None = None,
                            save_pre: bool = False, out_dtype: torch.dtype | None = None,
-                           config: TileConfig | None = None, validate: bool | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           gather_rows: torch.Tensor | None = None, config: TileConfig | None = None,
+                           validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
 
     codes [E, 2I, K/2] / scales [E, 2I, K/32] are w13 = [gate; up] (vLLM's order); pre = x_e @ W13_e^T
     (+ bias [E, 2I]) (+ lora_h @ B_e^T with B [E, 2I, R]) is returned in x's dtype when save_pre (the backward
     needs it); activation is "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss clamp-swiglu).
+    With gather_rows [M], x is the unsorted [T, K] and sorted row r reads x[gather_rows[r]] (the MoE permutation
+    fused into the loads); the outputs have M rows.
     """
     return _fwd(x, expert_offsets, codes, scales, act=A.activation_code(activation), bias=bias, lora=lora,
-                save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate)
+                save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows)
 
 
 def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -227,6 +280,7 @@ def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: t
             dy.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
             lh.stride(0) if r else 0, lw.stride(0) if r else 0, lw.stride(1) if r else 0,
             pre.stride(0) if act else 0, dx.stride(0)]
-    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e), F32_DOT=interpreting(), FAST_DECODE=fast_decode())
+    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e),
+              F32_DOT=interpreting(), DECODE=_decode())
     _launch("dx", _grouped_dx_kernel, k, m, e, config, args, kw)
     return dx

@@ -48,6 +48,10 @@ MLP_BOUND = 4 * 2.0**-7
 # few dozen programs; both MMA orientations are exercised.
 CONFIGS = [TileConfig(16, 32, 64, swap_ab=False), TileConfig(16, 32, 64, swap_ab=True)]
 CFG_IDS = ["ab", "swap_ab"]
+# The forward GEMMs also run with Triton's tl.dot_scaled consuming the packed tile (both orientations).
+FWD_CONFIGS = CONFIGS + [TileConfig(16, 32, 64, swap_ab=False, dot_scaled=True),
+                         TileConfig(16, 32, 64, swap_ab=True, dot_scaled=True)]
+FWD_IDS = CFG_IDS + ["ab-dot_scaled", "swap_ab-dot_scaled"]
 # rows per expert: an empty expert, a single token, uneven groups (a partial and a full row tile)
 COUNTS = [3, 0, 1, 17, 5]
 
@@ -88,11 +92,14 @@ def _all_bytes_weight(e: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tenso
     return codes.to(DEVICE), scales.to(DEVICE)
 
 
-@pytest.mark.parametrize("decode", ["fast", "select"])
+@pytest.mark.parametrize("decode", ["bits", "select", "bf16x2"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_in_kernel_dequant_is_exact(cfg, decode, monkeypatch):
     """One-hot activation rows pick single weight rows/columns: with fp32 output the kernels must reproduce
-    common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales."""
+    common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales.
+    bf16x2 is inline PTX: it runs natively only (under the interpreter it falls back to bits)."""
+    if decode == "bf16x2" and interpreting():
+        pytest.skip("the bf16x2 decode is inline PTX; the interpreter runs the bits decode instead")
     monkeypatch.setenv("MXFP4_GG_DECODE", decode)
     e, n, k = 2, 32, 128
     codes, scales = _all_bytes_weight(e, n, k)
@@ -107,7 +114,19 @@ def test_in_kernel_dequant_is_exact(cfg, decode, monkeypatch):
     assert torch.equal(dx.view(e, n, k), w)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+@pytest.mark.parametrize("cfg", [FWD_CONFIGS[2], FWD_CONFIGS[3]], ids=FWD_IDS[2:])
+def test_dot_scaled_dequant_is_exact(cfg):
+    """The same one-hot check for the forward through tl.dot_scaled (Triton's own E2M1 upcast and E8M0 scaling):
+    it must agree with common.dequantize bit for bit, like the kernels' own decode."""
+    e, n, k = 2, 32, 128
+    codes, scales = _all_bytes_weight(e, n, k)
+    w = common.dequantize((codes, scales), torch.float32)
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
+    y = grouped_mm_mxfp4(eye, _offsets([k, k]), codes, scales, out_dtype=torch.float32, config=cfg)
+    assert torch.equal(y.view(e, k, n), w.transpose(1, 2))
+
+
+@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
 @pytest.mark.parametrize("k", [96, 160])  # not multiples of the 64-wide K tile
 def test_forward_matches_reference(cfg, k):
     e, n = len(COUNTS), 48
@@ -134,7 +153,7 @@ def test_dx_matches_reference(cfg):
 
 
 @pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
 def test_gated_forward_matches_reference(cfg, activation):
     """std 3 activations push pre-activations across the clamp limit 7 of swiglu_oai; bias and LoRA included."""
     e, i, k, r = len(COUNTS), 32, 96, 8
@@ -205,6 +224,43 @@ def test_mlp_autograd_matches_reference(activation):
         assert g.dtype == leaf.dtype, name  # bf16 dx, fp32 LoRA gradients for fp32 masters
         assert _rel(g, gr) < MLP_BOUND, name
     assert not lo[0].grad_fn and got[3][1].abs().sum() == 0  # expert 1 has no rows: zero LoRA gradient
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], FWD_CONFIGS[3]], ids=["swap_ab", "swap_ab-dot_scaled"])
+def test_gather_and_scatter_equal_explicit_permutation(cfg):
+    """gather_rows reads the sorted rows straight from the unsorted x; scatter_rows/row_weights write them back
+    in token order times the router weight. Both must equal the explicit index_select / multiply bit for bit
+    (same kernel, same tile, same fp32 arithmetic)."""
+    e, i, h, t = len(COUNTS), 32, 64, 13
+    m = sum(COUNTS)
+    g = _gen(70)
+    src = torch.randint(0, t, (m,), generator=g).to(DEVICE)   # any row map, tokens may repeat
+    x = _bf16(t, h, seed=71)
+    q13 = _packed(e, 2 * i, h, seed=72, std=0.2)
+    offs = _offsets(COUNTS)
+    a_g, pre_g = grouped_mm_mxfp4_gated(x, offs, q13.codes, q13.scales, activation="silu", gather_rows=src,
+                                        save_pre=True, config=cfg)
+    a_e, pre_e = grouped_mm_mxfp4_gated(x.index_select(0, src), offs, q13.codes, q13.scales, activation="silu",
+                                        save_pre=True, config=cfg)
+    assert torch.equal(a_g, a_e) and torch.equal(pre_g, pre_e)
+    q2 = _packed(e, h, i, seed=73, std=0.2)
+    dst = torch.randperm(m, generator=g).to(DEVICE)
+    w = torch.rand(m, generator=g).to(DEVICE)
+    bias = _bf16(e, h, seed=74)
+    y_s = grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, bias=bias, scatter_rows=dst, row_weights=w,
+                           out_dtype=torch.float32, config=cfg)
+    y = grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, bias=bias, out_dtype=torch.float32, config=cfg)
+    want = torch.empty_like(y)
+    want[dst] = y * w[dst][:, None]
+    assert torch.equal(y_s, want)
+    with pytest.raises(ShapeError, match="'gather_rows'.*int32/int64 \\[26\\]"):
+        grouped_mm_mxfp4_gated(x, offs, q13.codes, q13.scales, activation="silu", gather_rows=src.float())
+    with pytest.raises(ValueError, match="scatter_rows and row_weights together"):
+        grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst)
+    with pytest.raises(ShapeError, match="'row_weights'"):
+        grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst, row_weights=w[:3])
+    with pytest.raises(ValueError, match="dot_scaled applies to the forward GEMMs only"):
+        grouped_mm_mxfp4_dx(_bf16(m, h, seed=75), offs, q2.codes, q2.scales, config=FWD_CONFIGS[3])
 
 
 def test_mlp_without_lora_and_zero_rows():
