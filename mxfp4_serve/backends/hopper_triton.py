@@ -1,7 +1,8 @@
 """SM90 backend: the Triton grouped GEMMs of `common.grouped_gemm`, which dequantize the packed MXFP4 weight tiles
 in registers (no bf16 weight buffer). The canonical vLLM parameters are already the kernels' layout, so `prepare`
-has nothing to convert and weight sync writes straight into them. Routing, permutation and un-permutation issue no
-host syncs, so the backend runs under CUDA graphs.
+has nothing to convert and weight sync writes straight into them. `moe_layer_forward` routes with a Triton counting
+sort and fuses the token gather into the first GEMM and the router-weighted scatter into the second; nothing issues
+a host sync, so the backend runs under CUDA graphs.
 """
 
 from __future__ import annotations
