@@ -69,6 +69,24 @@ def _e2m1_f32_select(packed):
     return lo_v.to(tl.float32, bitcast=True), hi_v.to(tl.float32, bitcast=True)
 
 
+def _bf16x2_decode_asm() -> str:
+    """PTX of _e2m1_bf16x2_times for one pack of 4 code bytes ($4) and their 4 bf16 factors ($5: bytes 0-1, $6:
+    bytes 2-3). t and u hold bytes (0, 1) and (2, 3) in the low bytes of their bf16 halves; per output register,
+    the low nibbles (shifts 6 and 12 put magnitude and sign at bf16 bits 8..6 and 15) or the high nibbles (shifts
+    2 and 8)."""
+    lines = ["{", ".reg .b32 z, c, t, u, x, y;", "mov.b32 z, 0;", "mov.b32 c, 0x7E807E80;",  # c = bf16x2 2^126
+             "prmt.b32 t, $4, z, 0x4140;", "prmt.b32 u, $4, z, 0x4342;"]
+    for out, src, mag, sign, factor in (("$0", "t", 6, 12, "$5"), ("$1", "u", 6, 12, "$6"),
+                                        ("$2", "t", 2, 8, "$5"), ("$3", "u", 2, 8, "$6")):
+        lines += [f"shl.b32 x, {src}, {mag};", "and.b32 x, x, 0x01C001C0;", f"shl.b32 y, {src}, {sign};",
+                  "and.b32 y, y, 0x80008000;", "or.b32 x, x, y;", "mul.rn.bf16x2 x, x, c;",
+                  f"mul.rn.bf16x2 {out}, x, {factor};"]
+    return "\n".join(lines + ["}"])
+
+
+_BF16X2_DECODE_ASM = tl.constexpr(_bf16x2_decode_asm())
+
+
 @triton.jit
 def _e2m1_bf16x2_times(packed, factor):
     """(even, odd) bf16 E2M1 values of each code byte (uint8) times factor (bf16, one per byte), two elements per
@@ -77,46 +95,8 @@ def _e2m1_bf16x2_times(packed, factor):
     (ee = 0 gives the subnormal m * 2^-127, as in _e2m1_f32_scaled_down); mul.rn.bf16x2 by 2^126 restores it
     exactly (a normal bf16 of 2 significant bits) and a second one applies the factor, exactly unless the product
     overflows (inf, as the fp32 decode) or is a subnormal (kept: bf16 arithmetic does not flush)."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 z, c, t, u, x, y;
-        mov.b32 z, 0;
-        mov.b32 c, 0x7E807E80;
-        prmt.b32 t, $4, z, 0x4140;
-        prmt.b32 u, $4, z, 0x4342;
-        shl.b32 x, t, 6;
-        and.b32 x, x, 0x01C001C0;
-        shl.b32 y, t, 12;
-        and.b32 y, y, 0x80008000;
-        or.b32 x, x, y;
-        mul.rn.bf16x2 x, x, c;
-        mul.rn.bf16x2 $0, x, $5;
-        shl.b32 x, u, 6;
-        and.b32 x, x, 0x01C001C0;
-        shl.b32 y, u, 12;
-        and.b32 y, y, 0x80008000;
-        or.b32 x, x, y;
-        mul.rn.bf16x2 x, x, c;
-        mul.rn.bf16x2 $1, x, $6;
-        shl.b32 x, t, 2;
-        and.b32 x, x, 0x01C001C0;
-        shl.b32 y, t, 8;
-        and.b32 y, y, 0x80008000;
-        or.b32 x, x, y;
-        mul.rn.bf16x2 x, x, c;
-        mul.rn.bf16x2 $2, x, $5;
-        shl.b32 x, u, 2;
-        and.b32 x, x, 0x01C001C0;
-        shl.b32 y, u, 8;
-        and.b32 y, y, 0x80008000;
-        or.b32 x, x, y;
-        mul.rn.bf16x2 x, x, c;
-        mul.rn.bf16x2 $3, x, $6;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r,r,r",
-        args=[packed, factor], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=_BF16X2_DECODE_ASM, constraints="=r,=r,=r,=r,r,r,r", args=[packed, factor],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @triton.jit

@@ -388,3 +388,49 @@ def test_autotune_candidates_are_valid():
                 w_tile = c.block_n * c.block_k // 2 * (2 if kind == "gated" else 1)
                 assert (rows_tile + w_tile) * c.num_stages < 227 * 1024, (kind, c)
     assert C.rows_bucket(96, 32) == 4 and C.rows_bucket(0, 8) == 1 and C.rows_bucket(10**9, 1) == 4096
+
+
+_COMPILE_SM90 = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from common.grouped_gemm import _kernels as K
+
+fn = K._grouped_fwd_kernel if sys.argv[1] == "gated" else K._grouped_dx_kernel
+params = list(inspect.signature(fn.fn).parameters)
+const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
+             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+const = {k: v for k, v in const.items() if k in params}
+ptr = {"codes_ptr": "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64", "dst_ptr": "*i64",
+       "rw_ptr": "*fp32"}
+sig = {p: "constexpr" if p in const else ptr.get(p, "*bf16" if p.endswith("_ptr") else "i32") for p in params}
+src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
+try:
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+except FileNotFoundError as exc:
+    print("NO-PTXAS", exc)
+    sys.exit(0)
+ptx = compiled.asm["ptx"]
+print("prmt", "prmt.b32" in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
+      "cubin", len(compiled.asm["cubin"]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["gated", "dx"])
+def test_bf16x2_decode_compiles_for_sm90(kind):
+    """The bf16x2 decode is inline PTX that the interpreter never runs: compile the kernels that use it for sm_90
+    ahead of time (Triton's bundled ptxas, no GPU needed; in a child process, since this one imported Triton in
+    interpreter mode), so a PTX error fails CI instead of a GPU session."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90, kind], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("NO-PTXAS"):
+        pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
+    words = out.stdout.split()
+    assert words[:2] == ["prmt", "True"] and int(words[3]) > 0 and words[5] == "True" and int(words[7]) > 0, out.stdout
