@@ -106,14 +106,25 @@ def _tuned(kind: str, kernel):
 DECODES = {"select": 0, "bits": 1, "bf16x2": 2}
 
 
+def _bf16x2_capable() -> bool:
+    """mul.rn.bf16x2 is sm_90 PTX: Hopper and newer."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
 def decode_mode() -> str:
-    """The weight-tile decode of common/grouped_gemm/_tiles.py, MXFP4_GG_DECODE: "bf16x2" (GPU default: bit
-    placement in packed bf16x2 PTX), "bits" (interpreter default: bit placement in fp32) or "select"
-    (compare-and-select in fp32, no subnormal intermediates). Under the interpreter bf16x2 falls back to bits."""
-    mode = os.environ.get("MXFP4_GG_DECODE", "bits" if interpreting() else "bf16x2")
+    """The weight-tile decode of common/grouped_gemm/_tiles.py, MXFP4_GG_DECODE: "bf16x2" (default on sm_90+: bit
+    placement in packed bf16x2 PTX), "bits" (default elsewhere and under the interpreter: bit placement in fp32)
+    or "select" (compare-and-select in fp32, no subnormal intermediates). Under the interpreter bf16x2 falls back
+    to bits; on a GPU older than sm_90 asking for it is an error."""
+    default = "bf16x2" if (not interpreting() and _bf16x2_capable()) else "bits"
+    mode = os.environ.get("MXFP4_GG_DECODE", default)
     if mode not in DECODES:
         raise ValueError(f"MXFP4_GG_DECODE must be one of {tuple(DECODES)}, got {mode!r}")
-    return "bits" if (mode == "bf16x2" and interpreting()) else mode
+    if mode == "bf16x2" and interpreting():
+        return "bits"
+    if mode == "bf16x2" and not _bf16x2_capable():
+        raise ValueError("MXFP4_GG_DECODE=bf16x2 needs a GPU of capability >= sm_90 (mul.rn.bf16x2); use 'bits'")
+    return mode
 
 
 def _decode() -> int:

@@ -434,3 +434,27 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
         pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
     words = out.stdout.split()
     assert words[:2] == ["prmt", "True"] and int(words[3]) > 0 and words[5] == "True" and int(words[7]) > 0, out.stdout
+
+
+def test_decode_mode_defaults_and_errors(monkeypatch):
+    """bf16x2 is the default only where it can run (sm_90+, not the interpreter); asking for it elsewhere fails
+    clearly instead of in ptxas; unknown names are refused."""
+    from common.grouped_gemm import ops
+
+    monkeypatch.delenv("MXFP4_GG_DECODE", raising=False)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    monkeypatch.setattr(ops, "_bf16x2_capable", lambda: True)
+    assert ops.decode_mode() == "bf16x2"
+    monkeypatch.setattr(ops, "_bf16x2_capable", lambda: False)
+    assert ops.decode_mode() == "bits"
+    monkeypatch.setenv("MXFP4_GG_DECODE", "bf16x2")
+    with pytest.raises(ValueError, match="capability >= sm_90"):
+        ops.decode_mode()
+    monkeypatch.setattr(ops, "interpreting", lambda: True)
+    assert ops.decode_mode() == "bits"
+    monkeypatch.setenv("MXFP4_GG_DECODE", "lut")
+    with pytest.raises(ValueError, match="MXFP4_GG_DECODE must be one of"):
+        ops.decode_mode()
+    monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "sometimes")
+    with pytest.raises(ValueError, match="MXFP4_GG_DOT_SCALED must be one of"):
+        ops.dot_scaled_mode()
