@@ -260,8 +260,8 @@ def check_edge_scales():
     """One-hot rows through the forward GEMM with fp32 output return single dequantized weights: compare them with
     common.dequantize for every code byte and the edge scale bytes (0 and 1: subnormal weights; 252: the largest
     byte whose 6 * scale is finite; a larger one puts inf in every row, and 0 * inf poisons the one-hot sums), for
-    both decodes. Reported, not asserted: the in-kernel decode is exact,
-    but the MMA (and dot_scaled's upcast) may flush subnormals."""
+    both decodes. Reported, not asserted: the in-kernel decode is exact, but the MMA (and dot_scaled's upcast) may
+    flush subnormals."""
     from common.grouped_gemm import TileConfig
     e, n, k = 1, 64, 256
     codes = (torch.arange(n * k // 2, device="cuda") % 256).to(torch.uint8).view(e, n, k // 2)

@@ -8,6 +8,7 @@ The weight tiles are dequantized in registers inside the K loop; nothing but the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -106,8 +107,9 @@ def _tuned(kind: str, kernel):
 DECODES = {"select": 0, "bits": 1, "bf16x2": 2}
 
 
+@functools.lru_cache(maxsize=None)
 def _bf16x2_capable() -> bool:
-    """mul.rn.bf16x2 is sm_90 PTX: Hopper and newer."""
+    """mul.rn.bf16x2 is sm_90 PTX: Hopper and newer. Cached: decode_mode() runs on every launch."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
@@ -190,9 +192,10 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     _check_rows(scatter_rows, m, "scatter_rows", x.device)
     if (scatter_rows is None) != (row_weights is None):
         raise ValueError("grouped_mm_mxfp4: give scatter_rows and row_weights together, or neither")
-    if row_weights is not None and (row_weights.shape != (m,) or not row_weights.is_floating_point()):
-        raise ShapeError(f"tensor 'row_weights': expected a float [{m}], got {row_weights.dtype} "
-                         f"{tuple(row_weights.shape)}")
+    if row_weights is not None and (row_weights.shape != (m,) or not row_weights.is_floating_point()
+                                    or row_weights.device != x.device):
+        raise ShapeError(f"tensor 'row_weights': expected a float [{m}] on {x.device}, got {row_weights.dtype} "
+                         f"{tuple(row_weights.shape)} on {row_weights.device}")
     n = n_rows // 2 if act else n_rows
     if act and n_rows % 2:
         raise ShapeError(f"tensor 'w13': a gated weight needs an even row count [gate; up], got {n_rows}")

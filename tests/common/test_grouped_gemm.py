@@ -81,13 +81,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _all_bytes_weight(e: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed weights holding every code byte (all 16 nibbles in both positions) and scale bytes from 2^-125
-    (byte 2: the smallest whose values 0.5 * scale are all fp32 normals) up to 2^123 (byte 250, so 6 * scale stays
-    finite). Bytes 0 and 1 give subnormal weights (|w| < 2^-126), which the MMA may flush to zero (numpy in the
-    interpreter does, as tensor cores may): an absolute deviation below 2^-126, left out of this bitwise test."""
+def _all_bytes_weight(e: int, n: int, k: int, scale_bytes: tuple[int, ...] = (2, 3, 4, 100, 126, 127, 128, 129, 200,
+                                                                             250)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed weights holding every code byte (all 16 nibbles in both positions) and, cycling, the scale bytes.
+    The default runs from 2^-125 (byte 2: the smallest whose values 0.5 * scale are all fp32 normals) up to 2^123
+    (byte 250, so 6 * scale stays finite). Bytes 0 and 1 give subnormal weights (|w| < 2^-126), which the MMA may
+    flush to zero (numpy in the interpreter does, as tensor cores may): their own test below."""
     codes = (torch.arange(e * n * k // 2) % 256).to(torch.uint8).view(e, n, k // 2)
-    sc = torch.tensor([2, 3, 4, 100, 126, 127, 128, 129, 200, 250], dtype=torch.uint8)
+    sc = torch.tensor(scale_bytes, dtype=torch.uint8)
     scales = sc[torch.arange(e * n * k // 32) % sc.numel()].view(e, n, k // 32)
     return codes.to(DEVICE), scales.to(DEVICE)
 
@@ -138,9 +139,7 @@ def test_subnormal_scales_and_triton_dot_scaled_disagreement(decode, monkeypatch
     if decode != "dot_scaled":
         monkeypatch.setenv("MXFP4_GG_DECODE", decode)
     e, n, k = 1, 32, 128
-    codes = (torch.arange(n * k // 2) % 256).to(torch.uint8).view(e, n, k // 2).to(DEVICE)
-    sc = torch.tensor([0, 1, 2, 127], dtype=torch.uint8)
-    scales = sc[torch.arange(n * k // 32) % sc.numel()].view(e, n, k // 32).to(DEVICE)
+    codes, scales = _all_bytes_weight(e, n, k, (0, 1, 2, 127))
     w = common.dequantize((codes, scales), torch.float32)[0].T  # [k, n]
     cfg = TileConfig(16, 32, 64, swap_ab=True, dot_scaled=decode == "dot_scaled")
     y = grouped_mm_mxfp4(torch.eye(k, dtype=torch.bfloat16, device=DEVICE), _offsets([k]), codes, scales,
@@ -295,6 +294,8 @@ def test_gather_and_scatter_equal_explicit_permutation(cfg):
         grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst)
     with pytest.raises(ShapeError, match="'row_weights'"):
         grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst, row_weights=w[:3])
+    with pytest.raises(ShapeError, match="'row_weights'.*on meta"):
+        grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst, row_weights=w.to("meta"))
     with pytest.raises(ValueError, match="dot_scaled applies to the forward GEMMs only"):
         grouped_mm_mxfp4_dx(_bf16(m, h, seed=75), offs, q2.codes, q2.scales, config=FWD_CONFIGS[3])
 
