@@ -118,8 +118,10 @@ def floors(s, m, packed_bytes, rates, learner):
     return total, flops, max(total / rates[0], flops / rates[1]) * 1e3
 
 
-def run_shape(name, s, tokens, rates, gen, results, only=None):
+def run_shape(name, s, tokens, rates, gen, results, only=None, one_mul=False):
     w, lora = make_weights(s, gen)
+    # --one-mul: tell the engine GEMMs the scales' bound (one host read, as an engine would at weight load)
+    msb = max(int(w[k][1].max()) for k in ("w13", "w2")) if one_mul else None
     packed = sum(t.numel() for k in ("w13", "w2") for t in w[k])
     print(f"# {name}: packed expert bytes {packed / 1e9:.3f} GB, bf16 {2 * packed * 32 / 17 / 1e9:.3f} GB",
           flush=True)
@@ -144,7 +146,8 @@ def run_shape(name, s, tokens, rates, gen, results, only=None):
         with torch.no_grad():
             if only != "learner":
                 def layer():
-                    return moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"])
+                    return moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"],
+                                             max_scale_byte=msb)
 
                 y_layer = layer()
                 y_ref = unpermute(bf16_mlp(x, offs, w, None, s["act"], scaling), routing, tw)
@@ -152,10 +155,11 @@ def run_shape(name, s, tokens, rates, gen, results, only=None):
                 r["layer_ours_ms"] = bench(layer)
                 r["layer_ours_peak_mb"] = peak_mb(layer)
                 del y_layer, y_ref
-            y0 = moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"])
+            y0 = moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"], max_scale_byte=msb)
             y1 = bf16_mlp(x, offs, w, None, s["act"], scaling)
             r["engine_rel_err"] = rel(y0, y1)
-            r["engine_ours_ms"] = bench(lambda: moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"]))
+            r["engine_ours_ms"] = bench(lambda: moe_mlp_forward(x, offs, w["w13"], w["w2"], activation=s["act"],
+                                                                max_scale_byte=msb))
             r["engine_bf16_ms"] = bench(lambda: bf16_mlp(x, offs, w, None, s["act"], scaling))
             r["engine_ours_peak_mb"] = peak_mb(lambda: moe_mlp_forward(x, offs, w["w13"], w["w2"],
                                                                        activation=s["act"]))
@@ -289,6 +293,9 @@ def main():
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--only", choices=("engine", "learner"), default=None)
     ap.add_argument("--no-check", action="store_true", help="skip the per-candidate correctness check (A/B reruns)")
+    ap.add_argument("--one-mul", action="store_true", help="pass the weights' scale bound to the engine GEMMs "
+                    "(max_scale_byte: one multiply per decoded pair when <= 128)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (A/B runs into one folder)")
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", __import__("triton").__version__,
@@ -298,7 +305,8 @@ def main():
         print(f"# decode {ops.decode_mode()} failed the check; retrying with MXFP4_GG_DECODE=bits", flush=True)
         os.environ["MXFP4_GG_DECODE"] = "bits"
         worst = check_configs()
-    print(f"# decode: {ops.decode_mode()}", flush=True)
+    print(f"# decode: {ops.decode_mode()}, word decode (MXFP4_GG_WORDS): {ops.words_enabled()}, one multiply: "
+          f"{a.one_mul}", flush=True)
     check_edge_scales()
     if a.check_only:
         return 0 if worst < 1e-4 else 1
@@ -307,7 +315,8 @@ def main():
     results = []
     t0 = time.time()
     for name in a.shapes.split(","):
-        run_shape(name, SHAPES[name], [int(t) for t in a.tokens.split(",")], rates, gen, results, a.only)
+        run_shape(name, SHAPES[name], [int(t) for t in a.tokens.split(",")], rates, gen, results, a.only,
+                  a.one_mul)
     print(f"# total {time.time() - t0:.0f} s", flush=True)
     for kind, tuner in ops._TUNED.items():
         for key, cfg in getattr(tuner, "cache", {}).items():
@@ -316,9 +325,9 @@ def main():
     print(f"# MXFP4_GG_DOT_SCALED={ops.dot_scaled_mode()}")
     print(md)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "moe.json"), "w") as f:
+    with open(os.path.join(a.out, f"moe{a.tag}.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(0), rates=rates, results=results), f, indent=1)
-    with open(os.path.join(a.out, "moe.md"), "w") as f:
+    with open(os.path.join(a.out, f"moe{a.tag}.md"), "w") as f:
         f.write(md + "\n")
 
 

@@ -18,11 +18,15 @@ import triton.language as tl
 
 from ._tiles import (
     ACT_NONE,
+    DECODE_BITS,
     _act_bwd,
     _dot_xwt_scaled,
     _act_fwd,
     _dot_xw,
     _dot_xwt,
+    _dequant_words,
+    _interleaved_col,
+    _load_w_words,
     _load_w_packed,
     _load_w_tile,
     _lora_tile,
@@ -39,7 +43,9 @@ def _grouped_fwd_kernel(
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
+        OUT_INTERLEAVED: tl.constexpr, WORD_PAIRS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -69,6 +75,19 @@ def _grouped_fwd_kernel(
             if ACT != ACT_NONE:
                 wp, ws = _load_w_packed(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
                 acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
+        elif WORDS:
+            # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
+            # The bf16x2 PTX writes a word's nibbles i and i + 4 into one register, the MMA's pair only where the
+            # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode.
+            wd, ws = _load_w_words(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+            w = _dequant_words(wd, ws, BLOCK_N, BLOCK_K, DECODE if WORD_PAIRS else DECODE_BITS,
+                               ONE_MUL and WORD_PAIRS)
+            acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
+            if ACT != ACT_NONE:
+                wd, ws = _load_w_words(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+                w = _dequant_words(wd, ws, BLOCK_N, BLOCK_K, DECODE if WORD_PAIRS else DECODE_BITS,
+                                   ONE_MUL and WORD_PAIRS)
+                acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
         else:
             w = _load_w_tile(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K,
                              DECODE)
@@ -106,7 +125,11 @@ def _grouped_fwd_kernel(
         out = out * tl.load(rw_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
         dst = rows
-    tl.store(y_ptr + dst[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    if OUT_INTERLEAVED:  # y feeds the next GEMM's WORDS path: write its columns in the interleaved order
+        out_cols = _interleaved_col(cols)
+    else:
+        out_cols = cols
+    tl.store(y_ptr + dst[:, None] * stride_ym + out_cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,7 +140,9 @@ def _grouped_dx_kernel(
         stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    # WORD_PAIRS (TileConfig.meta) concerns the forward's word decode only
     # dot_scaled reduces along the packed axis; here the reduction runs over W's rows (ops.py refuses it)
     tl.static_assert(not DOT_SCALED)
     # dx [M, K] = dy [M, N] @ W [N, K]: BLOCK_N is the reduction step over W's rows, BLOCK_K the output tile

@@ -107,6 +107,12 @@ def _e8m0_bf16(s):
 
 
 @triton.jit
+def _e8m0_times_2_126_bf16(s):
+    """bf16 2^(s - 1) = 2^126 * 2^(s - 127) of scale bytes (int32) s <= 128 (the one-multiply word decode)."""
+    return ((s + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _e8m0_f32(s):
     """fp32 2^(s - 127) of scale bytes (int32); byte 0 is the subnormal 2^-127, byte 255 NaN."""
     bits = tl.where(s >= 1, s << 23, 0x00400000)
@@ -169,6 +175,114 @@ def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride
     """bf16 W[rows, col0:col0+C] ([R, C]) of one expert, dequantized in registers."""
     packed, s = _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C)
     return _dequant_tile(packed, s, R, C, DECODE)
+
+
+# The word decode (DECODE_WORDS): the reduction order of a dot product is free, so the forward GEMMs reduce over K in
+# an order chosen to fit the MMA's register operand instead of the storage order. Within every 32-element block
+# (one scale block, 4 code words of 8 nibbles) the kernel's logical column c = 8i + 2t + h holds the stored element
+# p = 8t + i + 4h: word t, nibble i + 4h. A thread of the wgmma A operand owns the column pairs (c, c+1) with
+# c = 2t + 8i, so it needs exactly word t of each block and decodes it into four bf16x2 registers, each pairing
+# nibble i with nibble i + 4 (16 bits apart: one shift serves both halves). The activations are read in the same
+# order (interleave_k), so the product is unchanged. See docs/kernels.md.
+WORD_BLOCK = tl.constexpr(32)
+
+
+def _word_decode_asm(one_mul: bool) -> str:
+    """PTX of _e2m1_words_bf16x2: $4 (and $5, the same word) a code word, $6 a bf16x2 factor (both halves the same);
+    $i (i = 0..3) = bf16x2 (nibble i, nibble i + 4) * 2^126 * factor. Each nibble's magnitude bits land at bf16
+    bits 8..6 / 24..22 and its sign at bit 15 / 31, which reads as the E2M1 value times 2^-126. With one_mul the
+    factor already holds 2^126 * scale = 2^(s - 1) (only finite for scale bytes s <= 128) and one mul.rn.bf16x2
+    applies both; otherwise a first one restores the E2M1 value exactly and a second applies the scale (as
+    _e2m1_bf16x2_times). Either way every product is exact (2 significant bits)."""
+    lines = ["{", ".reg .b32 c, x, y;", "mov.b32 c, 0x7E807E80;"]
+    for i in range(4):
+        mag, sign = 6 - 4 * i, 12 - 4 * i  # nibble i's eem bits (4i..4i+2) -> 6..8, its sign bit (4i+3) -> 15
+        lines.append(f"shl.b32 x, $4, {mag};" if mag >= 0 else f"shr.u32 x, $4, {-mag};")
+        lines.append(f"shl.b32 y, $4, {sign};" if sign > 0 else "mov.b32 y, $4;")
+        lines += ["and.b32 x, x, 0x01C001C0;", "and.b32 y, y, 0x80008000;", "or.b32 x, x, y;"]
+        lines += ([f"mul.rn.bf16x2 ${i}, x, $6;"] if one_mul
+                  else ["mul.rn.bf16x2 x, x, c;", f"mul.rn.bf16x2 ${i}, x, $6;"])
+    return "\n".join(lines + ["}"])
+
+
+_WORD_DECODE_ASM = tl.constexpr(_word_decode_asm(False))
+_WORD_DECODE_ASM_ONE_MUL = tl.constexpr(_word_decode_asm(True))
+
+
+@triton.jit
+def _e2m1_words_bf16x2(words, factor, ONE_MUL: tl.constexpr):
+    """Four bf16 [R, W, 2] tensors o_i[r, w, h] = E2M1 nibble i + 4h of words[r, w] (int32 [R, W, 2], the word
+    repeated along h) times the scale whose bf16 factor is given ([R, W, 2]; 2^(s - 1) with ONE_MUL, else
+    2^(s - 127)); sm_90 PTX (see _word_decode_asm)."""
+    if ONE_MUL:
+        out = tl.inline_asm_elementwise(asm=_WORD_DECODE_ASM_ONE_MUL, constraints="=r,=r,=r,=r,r,r,r",
+                                        args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(asm=_WORD_DECODE_ASM, constraints="=r,=r,=r,=r,r,r,r",
+                                        args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _nibble_f32(words, n: tl.constexpr):
+    """fp32 E2M1 value * 2^-126 of nibble n of each word (bit placement, as _e2m1_f32_scaled_down)."""
+    v = (words >> (4 * n)) & 0xF
+    return (((v & 0x7) << 22) | ((v & 0x8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _interleaved_col(n):
+    """Position of natural column n in the interleaved order of _dequant_words (stored element p = 8t + i + 4h of
+    a 32-block sits at 8i + 2t + h)."""
+    p = n % 32
+    return n - p + 8 * (p % 4) + 2 * (p // 8) + (p // 4) % 2
+
+
+@triton.jit
+def _load_w_words(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
+    """(code words int32 [R, C/8], scale bytes [R, C/32]) of W[rows, col0:col0+C] of one expert; codes_ptr is the
+    packed codes viewed as int32 (stride_cr in words). Masked words read as 0 (+0.0), masked scales as 1.0."""
+    wc = col0 // 8 + tl.arange(0, C // 8)
+    # a row holds K/8 words, a multiple of 4 (K % 32 == 0): every row starts 16-byte aligned, which the JIT's
+    # divisibility-by-16 specialization of stride_cr cannot see for K = 2880 (gpt-oss: 360 words)
+    row_off = tl.multiple_of(rows * stride_cr, 4)
+    words = tl.load(codes_ptr + row_off[:, None] + wc[None, :],
+                    mask=row_ok[:, None] & (wc < K // 8)[None, :], other=0)
+    sc = col0 // 32 + tl.arange(0, C // 32)
+    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
+                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
+    return words, s
+
+
+@triton.jit
+def _dequant_words(words, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
+    """bf16 [R, C] of a tile from _load_w_words in the interleaved column order (c = 8i + 2t + h <- stored
+    element 8t + i + 4h of every 32-element block); exact, as _dequant_tile. ONE_MUL (bf16x2 only) needs every
+    scale byte <= 128 (ops checks the caller's bound)."""
+    s = s.to(tl.int32)
+    wd = tl.broadcast_to(words[:, :, None], (R, C // 8, 2))
+    if DECODE == DECODE_BF16X2:
+        if ONE_MUL:
+            f = _e8m0_times_2_126_bf16(s)
+        else:
+            f = _e8m0_bf16(s)
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
+        o0, o1, o2, o3 = _e2m1_words_bf16x2(wd, f, ONE_MUL)
+    else:
+        f1, f2 = _e8m0_factors(s)
+        f1 = tl.reshape(tl.broadcast_to(f1[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
+        f2 = tl.reshape(tl.broadcast_to(f2[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
+        h = tl.arange(0, 2)[None, None, :]
+        o0 = tl.where(h == 0, _nibble_f32(wd, 0), _nibble_f32(wd, 4))
+        o1 = tl.where(h == 0, _nibble_f32(wd, 1), _nibble_f32(wd, 5))
+        o2 = tl.where(h == 0, _nibble_f32(wd, 2), _nibble_f32(wd, 6))
+        o3 = tl.where(h == 0, _nibble_f32(wd, 3), _nibble_f32(wd, 7))
+        o0, o1, o2, o3 = ((o0 * f1) * f2, (o1 * f1) * f2, (o2 * f1) * f2, (o3 * f1) * f2)
+        o0, o1, o2, o3 = o0.to(tl.bfloat16), o1.to(tl.bfloat16), o2.to(tl.bfloat16), o3.to(tl.bfloat16)
+    # o_i[r, 4b + t, h] -> column 32b + 8i + 2t + h, i = x + 2y
+    j = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, C/8, 2(h), 2(x), 2(y)]
+    j = tl.reshape(j, (R, C // 32, 4, 2, 2, 2))  # [R, b, t, h, x, y]
+    return tl.reshape(tl.permute(j, (0, 1, 5, 4, 2, 3)), (R, C))
 
 
 @triton.jit

@@ -38,9 +38,17 @@ class TileConfig:
             # block_k tiles the packed K axis in both kernels: at least 2 scale blocks per row
             raise ValueError(f"TileConfig.block_k must be >= 64 (it tiles the packed K axis), got {self.block_k}")
 
+    @property
+    def word_pairs(self) -> bool:
+        """Whether the forward's word decode may run its bf16x2 PTX: the PTX writes a word's nibbles i and i + 4
+        into one register, which is the pair the MMA reads only when the weight tile is wgmma's register operand
+        (swap_ab, >= 64 weight rows per warpgroup of 4 warps). Elsewhere (measured on an H100: 32-row swap_ab
+        tiles) Triton lays the pairs out differently and the kernel uses the elementwise fp32 decode instead."""
+        return self.swap_ab and self.num_warps == 4 and self.block_n >= 64
+
     def meta(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SWAP_AB=self.swap_ab,
-                    DOT_SCALED=self.dot_scaled)
+                    DOT_SCALED=self.dot_scaled, WORD_PAIRS=self.word_pairs)
 
 
 # Under the interpreter: few, mid-sized programs (the tests' K = 96 and 160 exercise a partial last K tile).

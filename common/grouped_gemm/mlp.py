@@ -78,24 +78,28 @@ class MXFP4GroupedMLP(torch.autograd.Function):
 
 
 def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Packed, *, activation: str,
-                    bias13: torch.Tensor | None = None, bias2: torch.Tensor | None = None) -> torch.Tensor:
-    """Inference forward of the expert MLP on sorted rows (no LoRA, nothing saved): the engine's grouped path."""
-    act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13)
-    return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2)
+                    bias13: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+                    max_scale_byte: int | None = None) -> torch.Tensor:
+    """Inference forward of the expert MLP on sorted rows (no LoRA, nothing saved): the engine's grouped path.
+    The intermediate activation passes between the GEMMs in the interleaved K order (interleave.py)."""
+    act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13, out_interleaved=True,
+                                    max_scale_byte=max_scale_byte)
+    return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2, x_interleaved=True, max_scale_byte=max_scale_byte)
 
 
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
-                      bias2: torch.Tensor | None = None) -> torch.Tensor:
+                      bias2: torch.Tensor | None = None, max_scale_byte: int | None = None) -> torch.Tensor:
     """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H].
 
     The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
     the second GEMM's epilogue (each (token, slot) row lands in its own row, times its router weight); the k rows
-    of a token are then summed in fp32."""
+    of a token are then summed in fp32. max_scale_byte: see grouped_mm_mxfp4."""
     t, k = topk_ids.shape
     routing = route(topk_ids, w13[0].shape[0])
     act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13,
-                                    gather_rows=routing.token)
+                                    gather_rows=routing.token, out_interleaved=True, max_scale_byte=max_scale_byte)
     y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, scatter_rows=routing.source,
-                         row_weights=topk_weights.reshape(-1).float())
+                         row_weights=topk_weights.reshape(-1).float(), x_interleaved=True,
+                         max_scale_byte=max_scale_byte)
     return y.view(t, k, -1).sum(1, dtype=torch.float32).to(x.dtype)

@@ -37,6 +37,7 @@ from common.grouped_gemm import (  # noqa: E402
 )
 from common.grouped_gemm import configs as C  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
+from common.grouped_gemm.interleave import deinterleave_k, interleave_k  # noqa: E402
 from common.grouped_gemm import reference as R  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
 
@@ -93,15 +94,18 @@ def _all_bytes_weight(e: int, n: int, k: int, scale_bytes: tuple[int, ...] = (2,
     return codes.to(DEVICE), scales.to(DEVICE)
 
 
+@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
 @pytest.mark.parametrize("decode", ["bits", "select", "bf16x2"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
-def test_in_kernel_dequant_is_exact(cfg, decode, monkeypatch):
+def test_in_kernel_dequant_is_exact(cfg, decode, words, monkeypatch):
     """One-hot activation rows pick single weight rows/columns: with fp32 output the kernels must reproduce
-    common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales.
+    common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales, with
+    the forward's word decode (interleaved K order: the one-hot rows are interleaved too) and its byte decode.
     bf16x2 is inline PTX: it runs natively only (under the interpreter it falls back to bits)."""
     if decode == "bf16x2" and interpreting():
         pytest.skip("the bf16x2 decode is inline PTX; the interpreter runs the bits decode instead")
     monkeypatch.setenv("MXFP4_GG_DECODE", decode)
+    monkeypatch.setenv("MXFP4_GG_WORDS", words)
     e, n, k = 2, 32, 128
     codes, scales = _all_bytes_weight(e, n, k)
     w = common.dequantize((codes, scales), torch.float32)
@@ -113,6 +117,56 @@ def test_in_kernel_dequant_is_exact(cfg, decode, monkeypatch):
     eye_n = torch.eye(n, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
     dx = grouped_mm_mxfp4_dx(eye_n, offs_n, codes, scales, out_dtype=torch.float32, config=cfg)
     assert torch.equal(dx.view(e, n, k), w)
+
+
+@pytest.mark.parametrize("bound", [128, 250])
+def test_one_mul_word_decode_is_exact(bound):
+    """max_scale_byte <= 128 lets the bf16x2 word decode fold 2^126 into the scale (one multiply): still exact for
+    every code byte and scale bytes 0..128 (subnormal weights included, as the two-multiply decode); a bound above
+    128 keeps two multiplies, exact up to byte 250. Inline PTX: native GPUs only."""
+    if interpreting() or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the bf16x2 word decode is sm_90 inline PTX")
+    e, n, k = 2, 64, 128
+    scale_bytes = (0, 1, 2, 60, 126, 127, 128) if bound == 128 else (2, 127, 128, 129, 200, 250)
+    codes, scales = _all_bytes_weight(e, n, k, scale_bytes)
+    w = common.dequantize((codes, scales), torch.float32)
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
+    for cfg in (TileConfig(16, 64, 128, swap_ab=True), TileConfig(64, 64, 64)):
+        y = grouped_mm_mxfp4(eye, _offsets([k, k]), codes, scales, out_dtype=torch.float32, config=cfg,
+                             max_scale_byte=bound)
+        assert torch.equal(y.view(e, k, n), w.transpose(1, 2)), cfg
+
+
+def test_interleave_k_order_and_inverse():
+    """Column 32b + 8i + 2t + h of the interleaved order holds stored column 32b + 8t + i + 4h (word t, nibble
+    i + 4h of block b: what the word decode feeds that reduction slot); deinterleave_k undoes it."""
+    x = torch.arange(3 * 96).view(3, 96)
+    y = interleave_k(x)
+    b, i, t, h = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(4), torch.arange(2), indexing="ij")
+    assert torch.equal(y[0], (32 * b + 8 * t + i + 4 * h).flatten())
+    assert torch.equal(deinterleave_k(y), x)
+    with pytest.raises(ShapeError, match="multiple of 32"):
+        interleave_k(torch.zeros(2, 48))
+
+
+@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
+def test_interleaved_inputs_and_outputs(words, monkeypatch):
+    """x_interleaved / out_interleaved are layouts, not approximations: whichever decode runs, an interleaved
+    input gives the natural input's output bit for bit, and the gated GEMM's interleaved output is
+    interleave_k of its natural output."""
+    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+    e, n, k = 2, 64, 96
+    counts = [5, 11]
+    q13, q2 = _packed(e, 2 * n, k, seed=3), _packed(e, k, n, seed=4)
+    offs = _offsets(counts)
+    x = _bf16(sum(counts), k, seed=5)
+    act, _ = grouped_mm_mxfp4_gated(x, offs, q13.codes, q13.scales, activation="silu")
+    act_i, _ = grouped_mm_mxfp4_gated(interleave_k(x), offs, q13.codes, q13.scales, activation="silu",
+                                      out_interleaved=True, x_interleaved=True)
+    assert torch.equal(act_i, interleave_k(act))
+    y = grouped_mm_mxfp4(act, offs, q2.codes, q2.scales, out_dtype=torch.float32)
+    y_i = grouped_mm_mxfp4(act_i, offs, q2.codes, q2.scales, out_dtype=torch.float32, x_interleaved=True)
+    assert torch.equal(y_i, y)
 
 
 @pytest.mark.parametrize("cfg", [FWD_CONFIGS[2], FWD_CONFIGS[3]], ids=FWD_IDS[2:])
@@ -398,13 +452,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from common.grouped_gemm import _kernels as K
 
-fn = K._grouped_fwd_kernel if sys.argv[1] == "gated" else K._grouped_dx_kernel
+kind = sys.argv[1]
+fn = K._grouped_dx_kernel if kind == "dx" else K._grouped_fwd_kernel
 params = list(inspect.signature(fn.fn).parameters)
+words = kind != "dx" and kind != "gated_bytes"
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
-             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
+             ONE_MUL=kind == "gated_one_mul", OUT_INTERLEAVED=words, WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
+             BLOCK_K=128)
 const = {k: v for k, v in const.items() if k in params}
-ptr = {"codes_ptr": "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64", "dst_ptr": "*i64",
-       "rw_ptr": "*fp32"}
+ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
+       "dst_ptr": "*i64", "rw_ptr": "*fp32"}
 sig = {p: "constexpr" if p in const else ptr.get(p, "*bf16" if p.endswith("_ptr") else "i32") for p in params}
 src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
 try:
@@ -413,12 +471,13 @@ except FileNotFoundError as exc:
     print("NO-PTXAS", exc)
     sys.exit(0)
 ptx = compiled.asm["ptx"]
-print("prmt", "prmt.b32" in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
+marker = "shr.u32 x, " if words else "prmt.b32 t, "  # the word decode's nibble shift / the byte decode's spread
+print("decode", marker in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
       "cubin", len(compiled.asm["cubin"]))
 """
 
 
-@pytest.mark.parametrize("kind", ["gated", "dx"])
+@pytest.mark.parametrize("kind", ["gated", "gated_one_mul", "gated_bytes", "dx"])
 def test_bf16x2_decode_compiles_for_sm90(kind):
     """The bf16x2 decode is inline PTX that the interpreter never runs: compile the kernels that use it for sm_90
     ahead of time (Triton's bundled ptxas, no GPU needed; in a child process, since this one imported Triton in
@@ -434,7 +493,8 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
     if out.stdout.startswith("NO-PTXAS"):
         pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
     words = out.stdout.split()
-    assert words[:2] == ["prmt", "True"] and int(words[3]) > 0 and words[5] == "True" and int(words[7]) > 0, out.stdout
+    assert words[:2] == ["decode", "True"] and int(words[3]) > 0, out.stdout
+    assert words[5] == "True" and int(words[7]) > 0, out.stdout
 
 
 def test_decode_mode_defaults_and_errors(monkeypatch):

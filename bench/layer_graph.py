@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""The engine's whole MoE layer (moe_layer_forward) eager and replayed from a CUDA graph, as vLLM runs decode, for
+the forward's word decode (MXFP4_GG_WORDS=1, with and without the one-multiply scale bound) and the byte decode
+(MXFP4_GG_WORDS=0), with each output's relative error against the byte decode's. One GPU.
+usage: python bench/layer_graph.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import moe as B  # noqa: E402
+from learner_profile import graph_ms  # noqa: E402
+
+from common.grouped_gemm import moe_layer_forward  # noqa: E402
+
+
+def main():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in ("dsv4", "gptoss"):
+        s = B.SHAPES[name]
+        w, _ = B.make_weights(s, gen)
+        msb = max(int(w[k][1].max()) for k in ("w13", "w2"))
+        for t in (16, 128, 1024):
+            ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
+            tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1)
+            xt = torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
+            os.environ["MXFP4_GG_WORDS"] = "0"
+            ref = moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"]).float()
+            for words, mb in (("1", None), ("1", msb), ("0", None)):
+                os.environ["MXFP4_GG_WORDS"] = words
+
+                def f(mb=mb):
+                    return moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"], max_scale_byte=mb)
+
+                err = ((f().float() - ref).norm() / ref.norm()).item()
+                print(f"{name} {t} words={words} one_mul={mb is not None}: layer eager {B.bench(f):.3f} ms graph "
+                      f"{graph_ms(f):.3f} ms rel vs bytes {err:.1e}", flush=True)
+        del w
+
+
+if __name__ == "__main__":
+    main()
