@@ -130,6 +130,14 @@ def _e8m0_factors(s):
 
 
 @triton.jit
+def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr):
+    """E8M0 bytes [R, C/32] of W[rows, col0:col0+C]; masked blocks read as 127 (1.0)."""
+    sc = col0 // 32 + tl.arange(0, C // 32)
+    return tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
+                   mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
+
+
+@triton.jit
 def _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
     """(codes uint8 [R, C/2], scale bytes uint8 [R, C/32]) of W[rows, col0:col0+C] of one expert, stored as packed
     codes [N, K/2] and E8M0 scales [N, K/32]. C is a multiple of 32 and col0 of C, and K a multiple of 32, so a
@@ -137,10 +145,7 @@ def _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stri
     pc = col0 // 2 + tl.arange(0, C // 2)
     packed = tl.load(codes_ptr + rows[:, None] * stride_cr + pc[None, :],
                      mask=row_ok[:, None] & (pc < K // 2)[None, :], other=0)
-    sc = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
-                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
-    return packed, s
+    return packed, _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C)
 
 
 @triton.jit
@@ -248,10 +253,7 @@ def _load_w_words(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, strid
     row_off = tl.multiple_of(rows * stride_cr, 4)
     words = tl.load(codes_ptr + row_off[:, None] + wc[None, :],
                     mask=row_ok[:, None] & (wc < K // 8)[None, :], other=0)
-    sc = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
-                mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
-    return words, s
+    return words, _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C)
 
 
 @triton.jit

@@ -147,6 +147,10 @@ def test_interleave_k_order_and_inverse():
     assert torch.equal(deinterleave_k(y), x)
     with pytest.raises(ShapeError, match="multiple of 32"):
         interleave_k(torch.zeros(2, 48))
+    q = _packed(1, 2 * 48, 64, seed=6)  # an intermediate of 48 columns cannot be interleaved
+    with pytest.raises(ShapeError, match="out_interleaved needs an output width that is a multiple of 32, got 48"):
+        grouped_mm_mxfp4_gated(_bf16(3, 64, seed=7), _offsets([3]), q.codes, q.scales, activation="silu",
+                               out_interleaved=True)
 
 
 @pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
@@ -516,6 +520,9 @@ def test_decode_mode_defaults_and_errors(monkeypatch):
     monkeypatch.setenv("MXFP4_GG_DECODE", "lut")
     with pytest.raises(ValueError, match="MXFP4_GG_DECODE must be one of"):
         ops.decode_mode()
+    monkeypatch.setenv("MXFP4_GG_WORDS", "yes")
+    with pytest.raises(ValueError, match="MXFP4_GG_WORDS must be 0 or 1"):
+        ops.words_enabled()
     monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "sometimes")
     with pytest.raises(ValueError, match="MXFP4_GG_DOT_SCALED must be one of"):
         ops.dot_scaled_mode()
