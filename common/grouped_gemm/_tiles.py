@@ -182,14 +182,13 @@ def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride
     return _dequant_tile(packed, s, R, C, DECODE)
 
 
-# The word decode (DECODE_WORDS): the reduction order of a dot product is free, so the forward GEMMs reduce over K in
-# an order chosen to fit the MMA's register operand instead of the storage order. Within every 32-element block
+# The word decode (MXFP4_GG_WORDS, ops.py): a dot product may reduce in any order, so the forward GEMMs reduce over
+# K in an order chosen to fit the MMA's register operand instead of the storage order. Within every 32-element block
 # (one scale block, 4 code words of 8 nibbles) the kernel's logical column c = 8i + 2t + h holds the stored element
 # p = 8t + i + 4h: word t, nibble i + 4h. A thread of the wgmma A operand owns the column pairs (c, c+1) with
 # c = 2t + 8i, so it needs exactly word t of each block and decodes it into four bf16x2 registers, each pairing
 # nibble i with nibble i + 4 (16 bits apart: one shift serves both halves). The activations are read in the same
 # order (interleave_k), so the product is unchanged. See docs/kernels.md.
-WORD_BLOCK = tl.constexpr(32)
 
 
 def _word_decode_asm(one_mul: bool) -> str:

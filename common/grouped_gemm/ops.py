@@ -161,14 +161,22 @@ WORDS_MAX_BUCKET = 64
 
 def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> bool:
     """The word decode needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off) and
-    excludes tl.dot_scaled, which reads the stored order."""
+    excludes tl.dot_scaled, which reads the stored order (with MXFP4_GG_DOT_SCALED=only every candidate, the
+    un-tuned first one included, is a dot_scaled tile)."""
     if not words_enabled() or codes.data_ptr() % 16 or decode_mode() == "select":
-        return False
-    if config is None and not interpreting() and bucket > WORDS_MAX_BUCKET:
         return False
     if config is not None:
         return not config.dot_scaled
-    return interpreting() or not autotune_enabled() or dot_scaled_mode() == "off"
+    if interpreting():
+        return True  # the interpreter's fixed tile
+    return bucket <= WORDS_MAX_BUCKET and dot_scaled_mode() == "off"
+
+
+def uses_word_decode(codes: torch.Tensor, rows: int) -> bool:
+    """Whether an autotuned forward GEMM over `rows` sorted rows of these packed weights reads its x in the
+    interleaved K order: lets a caller chaining two GEMMs (mlp.py) pass the intermediate activation interleaved
+    only when the second GEMM consumes it that way."""
+    return _use_words(codes, None, rows_bucket(rows, codes.shape[0]))
 
 
 def autotune_enabled() -> bool:
@@ -246,7 +254,8 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     elif x_interleaved and not words:
         x = deinterleave_k(x)
     x = x.contiguous()
-    one_mul = bool(words and _decode() == DECODES["bf16x2"] and max_scale_byte is not None and max_scale_byte <= 128)
+    decode = _decode()
+    one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None and max_scale_byte <= 128)
     if words:
         codes = codes.view(torch.int32)  # [E, N, K/8] words: strides below are in words
     dummy = y
@@ -261,7 +270,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
             lw.stride(1) if r else 0, y.stride(0), pre.stride(0) if pre is not None else 0]
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
-              E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=_decode(), WORDS=words, ONE_MUL=one_mul,
+              E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
               OUT_INTERLEAVED=out_interleaved)
     _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
     return y, pre

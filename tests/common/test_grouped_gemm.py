@@ -520,6 +520,16 @@ def test_decode_mode_defaults_and_errors(monkeypatch):
     monkeypatch.setenv("MXFP4_GG_DECODE", "lut")
     with pytest.raises(ValueError, match="MXFP4_GG_DECODE must be one of"):
         ops.decode_mode()
+    # the word decode reads x interleaved, which tl.dot_scaled would not: never both, tuned or not
+    codes = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    monkeypatch.delenv("MXFP4_GG_DECODE", raising=False)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("MXFP4_GG_AUTOTUNE", autotune)
+        monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "only")
+        assert not ops.uses_word_decode(codes, 16)
+        monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "off")
+        assert ops.uses_word_decode(codes, 16) and not ops.uses_word_decode(codes, 2 * 65 * 64)
     monkeypatch.setenv("MXFP4_GG_WORDS", "yes")
     with pytest.raises(ValueError, match="MXFP4_GG_WORDS must be 0 or 1"):
         ops.words_enabled()
