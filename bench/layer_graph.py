@@ -2,11 +2,12 @@
 """The engine's whole MoE layer (moe_layer_forward) eager and replayed from a CUDA graph, as vLLM runs decode, for
 the forward's word decode (MXFP4_GG_WORDS=1, with and without the one-multiply scale bound) and the byte decode
 (MXFP4_GG_WORDS=0), with each output's relative error against the byte decode's. One GPU.
-usage: python bench/layer_graph.py
+usage: python bench/layer_graph.py [--shapes dsv4,gptoss] [--tokens 16,128,1024] [--decodes words,bound,bytes]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -19,19 +20,30 @@ from learner_profile import graph_ms  # noqa: E402
 from common.grouped_gemm import moe_layer_forward  # noqa: E402
 
 
+DECODES = {"words": ("1", False), "bound": ("1", True), "bytes": ("0", False)}
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="dsv4,gptoss")
+    ap.add_argument("--tokens", default="16,128,1024")
+    ap.add_argument("--decodes", default="words,bound,bytes", help="words (MXFP4_GG_WORDS=1), bound (the same "
+                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0)")
+    args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for name in ("dsv4", "gptoss"):
+    for name in args.shapes.split(","):
         s = B.SHAPES[name]
         w, _ = B.make_weights(s, gen)
         msb = max(int(w[k][1].max()) for k in ("w13", "w2"))
-        for t in (16, 128, 1024):
+        for t in map(int, args.tokens.split(",")):
             ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
             tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1)
             xt = torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
             os.environ["MXFP4_GG_WORDS"] = "0"
             ref = moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"]).float()
-            for words, mb in (("1", None), ("1", msb), ("0", None)):
+            for dec in args.decodes.split(","):
+                words, bound = DECODES[dec]
+                mb = msb if bound else None
                 os.environ["MXFP4_GG_WORDS"] = words
 
                 def f(mb=mb):

@@ -26,9 +26,11 @@ from ._tiles import (
     _dot_xwt,
     _dequant_words,
     _interleaved_col,
-    _load_w_words,
+    _dequant_tile,
+    _load_code_words,
+    _load_packed_codes,
+    _load_scales,
     _load_w_packed,
-    _load_w_tile,
     _lora_tile,
     _tile_rows,
 )
@@ -44,7 +46,7 @@ def _grouped_fwd_kernel(
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
-        OUT_INTERLEAVED: tl.constexpr, WORD_PAIRS: tl.constexpr,
+        OUT_INTERLEAVED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
@@ -67,35 +69,50 @@ def _grouped_fwd_kernel(
     else:
         src = rows
     a_ptrs = x_ptr + src[:, None] * stride_xm + kk[None, :]
+    # the decode's bf16x2 PTX pairs a word's nibbles i and i + 4 in one register, the MMA's pair only where the
+    # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode
+    WDEC: tl.constexpr = DECODE if WORD_PAIRS else DECODE_BITS
+    if not DOT_SCALED:
+        # A scale byte covers 32 weights: a row's scales are too narrow for the pipeliner's async copies, so the
+        # kernel prefetches the next step's bytes itself and their global latency overlaps this step's work.
+        s_nxt = _load_scales(s_ptr, cols, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+        if ACT != ACT_NONE:
+            s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+        else:
+            s_up_nxt = s_nxt
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
         if DOT_SCALED:
             wp, ws = _load_w_packed(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
             acc = _dot_xwt_scaled(a, wp, ws, acc, SWAP_AB)
             if ACT != ACT_NONE:
                 wp, ws = _load_w_packed(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
                 acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
-        elif WORDS:
-            # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
-            # The bf16x2 PTX writes a word's nibbles i and i + 4 into one register, the MMA's pair only where the
-            # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode.
-            wd, ws = _load_w_words(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
-            w = _dequant_words(wd, ws, BLOCK_N, BLOCK_K, DECODE if WORD_PAIRS else DECODE_BITS,
-                               ONE_MUL and WORD_PAIRS)
-            acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
-            if ACT != ACT_NONE:
-                wd, ws = _load_w_words(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
-                w = _dequant_words(wd, ws, BLOCK_N, BLOCK_K, DECODE if WORD_PAIRS else DECODE_BITS,
-                                   ONE_MUL and WORD_PAIRS)
-                acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
         else:
-            w = _load_w_tile(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K,
-                             DECODE)
-            acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
+            s_cur = s_nxt
+            s_up_cur = s_up_nxt
+            s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
-                w_up = _load_w_tile(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K,
-                                    DECODE)
-                acc_up = _dot_xwt(a, w_up, acc_up, SWAP_AB, F32_DOT)
+                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            if WORDS:
+                # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
+                wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                w = _dequant_words(wd, s_cur, BLOCK_N, BLOCK_K, WDEC, ONE_MUL and WORD_PAIRS)
+                acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
+                if ACT != ACT_NONE:
+                    wd = _load_code_words(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                    w = _dequant_words(wd, s_up_cur, BLOCK_N, BLOCK_K, WDEC, ONE_MUL and WORD_PAIRS)
+                    acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
+            else:
+                wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                acc = _dot_xwt(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
+                if ACT != ACT_NONE:
+                    wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                    acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
+                                      F32_DOT)
         a_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -140,8 +157,8 @@ def _grouped_dx_kernel(
         stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # WORD_PAIRS (TileConfig.meta) concerns the forward's word decode only
     # dot_scaled reduces along the packed axis; here the reduction runs over W's rows (ops.py refuses it)
     tl.static_assert(not DOT_SCALED)
@@ -164,12 +181,16 @@ def _grouped_dx_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     nn = tl.arange(0, BLOCK_N)
     a_ptrs = dy_ptr + rows[:, None] * stride_dym + nn[None, :]
+    # scales prefetched one step ahead, as in _grouped_fwd_kernel (EVEN_K: K % BLOCK_K == 0, the output tiles)
+    s_nxt = _load_scales(s_ptr, nn, nn < N, k0, K, stride_sn, BLOCK_K, EVEN_K)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + nn
         n_ok = n < N
         a = tl.load(a_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = _load_w_tile(c_ptr, s_ptr, n, n_ok, k0, K, stride_cn, stride_sn, BLOCK_N, BLOCK_K, DECODE)
-        acc = _dot_xw(a, w, acc, SWAP_AB, F32_DOT)
+        s_cur = s_nxt
+        s_nxt = _load_scales(s_ptr, n + BLOCK_N, (n + BLOCK_N) < N, k0, K, stride_sn, BLOCK_K, EVEN_K)
+        wp = _load_packed_codes(c_ptr, n, n_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+        acc = _dot_xw(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
         a_ptrs += BLOCK_N
     if SWAP_AB:
         acc = tl.trans(acc)

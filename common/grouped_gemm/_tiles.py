@@ -130,27 +130,43 @@ def _e8m0_factors(s):
 
 
 @triton.jit
-def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr):
-    """E8M0 bytes [R, C/32] of W[rows, col0:col0+C]; masked blocks read as 127 (1.0)."""
+def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr, EVEN_K: tl.constexpr):
+    """E8M0 bytes [R, C/32] of W[rows, col0:col0+C]; masked blocks read as 127 (1.0). col0 may be K or past it
+    (the kernels prefetch the next tile's scales one step ahead): such a tile reads nothing.
+    EVEN_K (K % C == 0): a tile lies wholly inside K or wholly past it, so one scalar test replaces the per-block
+    mask, which keeps the mask constant along the row and lets the compiler vectorize the load."""
     sc = col0 // 32 + tl.arange(0, C // 32)
-    return tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :],
-                   mask=row_ok[:, None] & (sc < K // 32)[None, :], other=127)
+    if EVEN_K:
+        mask = row_ok[:, None] & (tl.full([1, 1], col0, tl.int32) < K)
+    else:
+        mask = row_ok[:, None] & (sc < K // 32)[None, :]
+    return tl.load(scales_ptr + rows[:, None] * stride_sr + sc[None, :], mask=mask, other=127)
+
+
+@triton.jit
+def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr):
+    """Code bytes uint8 [R, C/2] of W[rows, col0:col0+C] of one expert (packed codes [N, K/2]); masked bytes
+    read as 0 (+0.0). C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
+    wholly inside K or wholly masked. EVEN_K (K % C == 0): no mask along K (as _load_scales)."""
+    pc = col0 // 2 + tl.arange(0, C // 2)
+    if EVEN_K:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (pc < K // 2)[None, :]
+    return tl.load(codes_ptr + rows[:, None] * stride_cr + pc[None, :], mask=mask, other=0)
 
 
 @triton.jit
 def _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
-    """(codes uint8 [R, C/2], scale bytes uint8 [R, C/32]) of W[rows, col0:col0+C] of one expert, stored as packed
-    codes [N, K/2] and E8M0 scales [N, K/32]. C is a multiple of 32 and col0 of C, and K a multiple of 32, so a
-    scale block is either wholly inside K or wholly masked (masked codes read as 0 = +0.0, masked scales as 1.0)."""
-    pc = col0 // 2 + tl.arange(0, C // 2)
-    packed = tl.load(codes_ptr + rows[:, None] * stride_cr + pc[None, :],
-                     mask=row_ok[:, None] & (pc < K // 2)[None, :], other=0)
-    return packed, _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C)
+    """(codes uint8 [R, C/2], scale bytes uint8 [R, C/32]) of W[rows, col0:col0+C] (the tl.dot_scaled path)."""
+    return (_load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C, False),
+            _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C, False))
 
 
 @triton.jit
 def _dequant_tile(packed, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr = DECODE_BITS):
-    """bf16 [R, C] values of a packed tile from _load_w_packed (exact, see the module docstring)."""
+    """bf16 [R, C] values of a packed tile (codes [R, C/2], scale bytes [R, C/32]; exact, see the module
+    docstring)."""
     s = s.to(tl.int32)
     if DECODE == DECODE_BF16X2:
         f = _e8m0_bf16(s)
@@ -172,14 +188,6 @@ def _dequant_tile(packed, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.conste
     else:
         w = v * _e8m0_f32(s)[:, :, None]
     return tl.reshape(w, (R, C)).to(tl.bfloat16)
-
-
-@triton.jit
-def _load_w_tile(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr,
-                 R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr = DECODE_BITS):
-    """bf16 W[rows, col0:col0+C] ([R, C]) of one expert, dequantized in registers."""
-    packed, s = _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C)
-    return _dequant_tile(packed, s, R, C, DECODE)
 
 
 # The word decode (MXFP4_GG_WORDS, ops.py): a dot product may reduce in any order, so the forward GEMMs reduce over
@@ -243,21 +251,23 @@ def _interleaved_col(n):
 
 
 @triton.jit
-def _load_w_words(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
-    """(code words int32 [R, C/8], scale bytes [R, C/32]) of W[rows, col0:col0+C] of one expert; codes_ptr is the
-    packed codes viewed as int32 (stride_cr in words). Masked words read as 0 (+0.0), masked scales as 1.0."""
+def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr):
+    """Code words int32 [R, C/8] of W[rows, col0:col0+C] of one expert; codes_ptr is the packed codes viewed as
+    int32 (stride_cr in words). Masked words read as 0 (+0.0); EVEN_K as _load_packed_codes."""
     wc = col0 // 8 + tl.arange(0, C // 8)
     # a row holds K/8 words, a multiple of 4 (K % 32 == 0): every row starts 16-byte aligned, which the JIT's
     # divisibility-by-16 specialization of stride_cr cannot see for K = 2880 (gpt-oss: 360 words)
     row_off = tl.multiple_of(rows * stride_cr, 4)
-    words = tl.load(codes_ptr + row_off[:, None] + wc[None, :],
-                    mask=row_ok[:, None] & (wc < K // 8)[None, :], other=0)
-    return words, _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C)
+    if EVEN_K:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (wc < K // 8)[None, :]
+    return tl.load(codes_ptr + row_off[:, None] + wc[None, :], mask=mask, other=0)
 
 
 @triton.jit
 def _dequant_words(words, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
-    """bf16 [R, C] of a tile from _load_w_words in the interleaved column order (c = 8i + 2t + h <- stored
+    """bf16 [R, C] of a tile from _load_code_words in the interleaved column order (c = 8i + 2t + h <- stored
     element 8t + i + 4h of every 32-element block); exact, as _dequant_tile. ONE_MUL (bf16x2 only) needs every
     scale byte <= 128 (ops checks the caller's bound)."""
     s = s.to(tl.int32)

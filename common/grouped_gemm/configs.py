@@ -62,22 +62,27 @@ def rows_bucket(rows: int, experts: int) -> int:
 
 
 def _small(kind: str) -> list[TileConfig]:
-    # Few rows per expert: memory-bound on the packed weights. Weight rows on the MMA M side (swap_ab), deep K
-    # steps so each program streams long contiguous code rows; 16 tokens is the MMA's smallest N.
-    # fwd/gated: (BLOCK_N weight rows = MMA M, BLOCK_K reduction); dx: (BLOCK_N reduction, BLOCK_K output = MMA M).
-    sizes = ((64, 256), (128, 128), (64, 128), (128, 256)) if kind != "dx" else ((128, 64), (64, 128), (128, 128),
-                                                                                  (256, 64))
-    # plus deeper pipelines with more, narrower programs: more weight bytes in flight per SM
-    extra = [TileConfig(16, 32, 256, 4, 4, swap_ab=True), TileConfig(16, 64, 128, 4, 5, swap_ab=True)]
-    return [TileConfig(16, bn, bk, 4, 3, swap_ab=True) for bn, bk in sizes] + extra
+    # Few rows per expert: memory-bound on the packed weights. Weight rows on the MMA M side (swap_ab); 16 tokens
+    # is the MMA's smallest N. dx: (BLOCK_N reduction, BLOCK_K output = MMA M).
+    if kind == "dx":
+        return [TileConfig(16, bn, bk, 4, 3, swap_ab=True) for bn, bk in ((128, 64), (64, 128), (128, 128), (256, 64))] \
+            + [TileConfig(16, 32, 256, 4, 4, swap_ab=True), TileConfig(16, 64, 128, 4, 5, swap_ab=True)]
+    # fwd/gated: (BLOCK_N weight rows = MMA M, BLOCK_K reduction, stages), the fastest tiles of bench/sweep_tiles.py
+    # on an H100 (bench/RESULTS.md, fourth round): 64-row tiles keep 3-4 blocks per SM; BLOCK_K = 64 divides
+    # gpt-oss's K = 2880, so its weight loads need no K mask (EVEN_K) and vectorize.
+    tiles = ((64, 256, 3), (64, 128, 4), (128, 128, 3), (128, 128, 4), (64, 64, 6), (128, 64, 4))
+    return [TileConfig(16, bn, bk, 4, ns, swap_ab=True) for bn, bk, ns in tiles]
 
 
 def _medium(kind: str) -> list[TileConfig]:
     if kind == "dx":
         return [TileConfig(32, 128, 128, 4, 3, swap_ab=True), TileConfig(64, 64, 128, 4, 3, swap_ab=True),
                 TileConfig(64, 64, 128, 4, 3)]
+    # 16-row tiles too: an expert's row tiles run side by side (row tiles vary fastest) and share its weight
+    # tiles through L2
     return [TileConfig(32, 128, 128, 4, 3, swap_ab=True), TileConfig(64, 128, 128, 4, 3, swap_ab=True),
-            TileConfig(64, 64, 128, 4, 3)]
+            TileConfig(64, 64, 128, 4, 3), TileConfig(16, 64, 256, 4, 3, swap_ab=True),
+            TileConfig(16, 128, 128, 4, 4, swap_ab=True)]
 
 
 def _large(kind: str) -> list[TileConfig]:

@@ -18,9 +18,16 @@ from ..errors import DTypeError, ShapeError
 from ..kernels import interpreting
 from ..tensor import check_packed
 from . import activations as A
-from ._kernels import _grouped_dx_kernel, _grouped_fwd_kernel
+from ._kernels import _grouped_dx_kernel as _dx_jit
+from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import deinterleave_k, interleave_k
 from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
+
+# Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
+# the tiles divide it, the weight loads drop their per-column mask and vectorize.
+_EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
+_grouped_fwd_kernel = triton.heuristics(_EVEN_K)(_fwd_jit)
+_grouped_dx_kernel = triton.heuristics(_EVEN_K)(_dx_jit)
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (h [M, R] already scaled, per-expert factor); see each op
 

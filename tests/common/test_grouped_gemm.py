@@ -220,7 +220,7 @@ def test_subnormal_scales_and_triton_dot_scaled_disagreement(decode, monkeypatch
 
 
 @pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
-@pytest.mark.parametrize("k", [96, 160])  # not multiples of the 64-wide K tile
+@pytest.mark.parametrize("k", [96, 128, 160])  # 96, 160: a partial last K tile; 128: EVEN_K (no K masks)
 def test_forward_matches_reference(cfg, k):
     e, n = len(COUNTS), 48
     q = _packed(e, n, k, seed=k)
@@ -463,7 +463,7 @@ words = kind != "dx" and kind != "gated_bytes"
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
              E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_INTERLEAVED=words, WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
-             BLOCK_K=128)
+             BLOCK_K=128, EVEN_K=kind != "gated_one_mul")
 const = {k: v for k, v in const.items() if k in params}
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
        "dst_ptr": "*i64", "rw_ptr": "*fp32"}
