@@ -18,23 +18,28 @@ import moe as B  # noqa: E402
 from learner_profile import graph_ms  # noqa: E402
 
 from common.grouped_gemm import moe_layer_forward  # noqa: E402
+from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 
 
-DECODES = {"words": ("1", False), "bound": ("1", True), "bytes": ("0", False)}
+# name: (MXFP4_GG_WORDS, pass max_scale_byte, kb-major codes as the hopper_triton engine serves them)
+DECODES = {"words": ("1", False, False), "bound": ("1", True, False), "bytes": ("0", False, False),
+           "kb": ("1", False, True), "kb_bound": ("1", True, True), "kb_bytes": ("0", False, True)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="dsv4,gptoss")
     ap.add_argument("--tokens", default="16,128,1024")
-    ap.add_argument("--decodes", default="words,bound,bytes", help="words (MXFP4_GG_WORDS=1), bound (the same "
-                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0)")
+    ap.add_argument("--decodes", default="kb,words,bound,bytes", help="words (MXFP4_GG_WORDS=1), bound (the same "
+                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0), each on canonical codes; kb, kb_bound, kb_bytes: "
+                    "the same on kb-major codes (the engine's layout)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
         s = B.SHAPES[name]
         w, _ = B.make_weights(s, gen)
         msb = max(int(w[k][1].max()) for k in ("w13", "w2"))
+        w_kb = {n: (to_kb_major(w[n][0]), w[n][1]) for n in ("w13", "w2")}
         for t in map(int, args.tokens.split(",")):
             ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
             tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1)
@@ -42,15 +47,16 @@ def main():
             os.environ["MXFP4_GG_WORDS"] = "0"
             ref = moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"]).float()
             for dec in args.decodes.split(","):
-                words, bound = DECODES[dec]
+                words, bound, kb = DECODES[dec]
                 mb = msb if bound else None
                 os.environ["MXFP4_GG_WORDS"] = words
+                ww = w_kb if kb else w
 
-                def f(mb=mb):
-                    return moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"], max_scale_byte=mb)
+                def f(mb=mb, ww=ww):
+                    return moe_layer_forward(xt, ids, tw, ww["w13"], ww["w2"], activation=s["act"], max_scale_byte=mb)
 
                 err = ((f().float() - ref).norm() / ref.norm()).item()
-                print(f"{name} {t} words={words} one_mul={mb is not None}: layer eager {B.bench(f):.3f} ms graph "
+                print(f"{name} {t} words={words} one_mul={mb is not None} kb_major={kb}: layer eager {B.bench(f):.3f} ms graph "
                       f"{graph_ms(f):.3f} ms rel vs bytes {err:.1e}", flush=True)
         del w
 

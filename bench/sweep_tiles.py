@@ -7,7 +7,8 @@ of the autotuner, and prints per config: do_bench median (ms), bandwidth reached
 weights (GB/s), registers and spills of the compiled kernel, and the relative L2 error of its fp32 output against
 common.grouped_gemm.reference (bound 1e-4: the products are exact, only the fp32 summation order differs). This is how the autotune
 candidates of configs.py are chosen; the autotuner then picks among them per shape.
-usage: python bench/sweep_tiles.py [--shapes dsv4,gptoss] [--tokens 16,128] [--kinds gated,fwd] [--out DIR]
+usage: python bench/sweep_tiles.py [--shapes dsv4,gptoss] [--tokens 16,128] [--kinds gated,fwd] [--layout kb]
+       [--tiles 64x128x4x4,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import moe as B  # noqa: E402
 from common.grouped_gemm import TileConfig, grouped_mm_mxfp4, grouped_mm_mxfp4_gated, route  # noqa: E402
 from common.grouped_gemm.interleave import interleave_k  # noqa: E402
 from common.grouped_gemm import reference as R  # noqa: E402
+from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 from common.grouped_gemm import ops  # noqa: E402
 
 # (block_n, block_k, num_warps, num_stages): swap_ab decode-size tiles, 16 token rows
@@ -48,13 +50,22 @@ def main():
     ap.add_argument("--shapes", default="dsv4,gptoss")
     ap.add_argument("--tokens", default="16,128")
     ap.add_argument("--kinds", default="gated,fwd")
+    ap.add_argument("--tiles", default="", help="comma-separated BNxBKxWARPSxSTAGES tiles instead of the built-in "
+                    "sweep, e.g. 64x128x4x4,128x128x4x3")
+    ap.add_argument("--layout", default="kb", choices=("kb", "canonical"),
+                    help="code layout: kb-major (the hopper_triton engine's, default) or canonical")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    sweep = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else SWEEP
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
         s = B.SHAPES[name]
         w, _ = B.make_weights(s, gen)
+        if args.layout == "kb":  # the timed and checked calls read the engine's layout, the reference canonical
+            w_run = {n: (to_kb_major(w[n][0]), w[n][1]) for n in ("w13", "w2")}
+        else:
+            w_run = w
         for t in map(int, args.tokens.split(",")):
             ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
             tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1).reshape(-1).float()
@@ -69,21 +80,21 @@ def main():
             active = torch.unique(ids).numel() / s["E"]
             wbytes = {k: active * sum(p.numel() for p in w[n]) for k, n in (("gated", "w13"), ("fwd", "w2"))}
             for kind in args.kinds.split(","):
-                for bn, bk, nw, ns in SWEEP:
+                for bn, bk, nw, ns in sweep:
                     cfg = TileConfig(16, bn, bk, nw, ns, swap_ab=True)
                     try:
                         if kind == "gated":
                             def run(cfg=cfg):
-                                return grouped_mm_mxfp4_gated(xt_i, r.offsets, *w["w13"], activation=s["act"],
+                                return grouped_mm_mxfp4_gated(xt_i, r.offsets, *w_run["w13"], activation=s["act"],
                                                               gather_rows=r.token, x_interleaved=True,
                                                               out_interleaved=True, config=cfg)
-                            out = grouped_mm_mxfp4_gated(xt, r.offsets, *w["w13"], activation=s["act"],
+                            out = grouped_mm_mxfp4_gated(xt, r.offsets, *w_run["w13"], activation=s["act"],
                                                          gather_rows=r.token, out_dtype=torch.float32, config=cfg)[0]
                         else:
                             def run(cfg=cfg):
-                                return grouped_mm_mxfp4(a_i, r.offsets, *w["w2"], scatter_rows=r.source,
+                                return grouped_mm_mxfp4(a_i, r.offsets, *w_run["w2"], scatter_rows=r.source,
                                                         row_weights=tw, x_interleaved=True, config=cfg)
-                            out = grouped_mm_mxfp4(a, r.offsets, *w["w2"], out_dtype=torch.float32, config=cfg)
+                            out = grouped_mm_mxfp4(a, r.offsets, *w_run["w2"], out_dtype=torch.float32, config=cfg)
                         err = B.rel(out, ref[kind])
                         run()
                         regs, spills = last_compiled(ops._fwd_jit)

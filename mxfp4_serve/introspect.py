@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import torch
 
+from .backends.base import MoEBackend
 from .loader import ExpertWeightLoader
 
 
 def packed_expert_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{'<layer_name>.<param>': CPU copy} for every MoE layer served by mxfp4_rl, e.g.
-    'model.layers.0.mlp.experts.w13_weight' (uint8 [E_local, 2I/tp, H/2], rows [w1; w3])."""
+    'model.layers.0.mlp.experts.w13_weight' (uint8 [E_local, 2I/tp, H/2], rows [w1; w3]), always in the
+    canonical layout: a backend that keeps its own layout (hopper_triton's kb-major codes, sm100's shuffled
+    tiles) is read back through its `read_canonical`."""
     out = {}
     for module in model.modules():
         loader = getattr(module, "mxfp4_rl_loader", None)
         if isinstance(loader, ExpertWeightLoader):
+            backend = getattr(getattr(module, "quant_method", None), "backend", None)
+            converts = backend is not None and type(backend).prepare is not MoEBackend.prepare
             for name, p in loader.params.items():
-                out[f"{loader.geometry.layer_name}.{name}"] = p.detach().to("cpu", copy=True)
+                value = backend.read_canonical(module, name) if converts else p.detach()
+                out[f"{loader.geometry.layer_name}.{name}"] = value.to("cpu", copy=True)
     return out

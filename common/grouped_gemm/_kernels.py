@@ -25,6 +25,7 @@ from ._tiles import (
     _dot_xw,
     _dot_xwt,
     _dequant_words,
+    _word_factors,
     _interleaved_col,
     _dequant_tile,
     _load_code_words,
@@ -47,7 +48,10 @@ def _grouped_fwd_kernel(
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
         OUT_INTERLEAVED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        KB_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block; tl.dot_scaled reads the
+    # canonical layout only (ops.py refuses the combination)
+    tl.static_assert(not (KB_MAJOR and DOT_SCALED))
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -72,6 +76,7 @@ def _grouped_fwd_kernel(
     # the decode's bf16x2 PTX pairs a word's nibbles i and i + 4 in one register, the MMA's pair only where the
     # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode
     WDEC: tl.constexpr = DECODE if WORD_PAIRS else DECODE_BITS
+    OM: tl.constexpr = ONE_MUL and WORD_PAIRS
     if not DOT_SCALED:
         # A scale byte covers 32 weights: a row's scales are too narrow for the pipeliner's async copies, so the
         # kernel prefetches the next step's bytes itself and their global latency overlaps this step's work.
@@ -80,6 +85,15 @@ def _grouped_fwd_kernel(
             s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
         else:
             s_up_nxt = s_nxt
+        if WORDS:
+            # The word decode's factors move each scale byte to the threads of its words (a shared-memory
+            # shuffle): they are built a step ahead from bytes loaded two steps ahead, so neither the global load
+            # nor the shuffle stalls the decode.
+            fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+            fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+            s_nxt = _load_scales(s_ptr, cols, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            if ACT != ACT_NONE:
+                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -91,28 +105,32 @@ def _grouped_fwd_kernel(
             if ACT != ACT_NONE:
                 wp, ws = _load_w_packed(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
                 acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
+        elif WORDS:
+            fa, fb, fa_up, fb_up = fa_nxt, fb_nxt, fa_up_nxt, fb_up_nxt
+            fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+            s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            if ACT != ACT_NONE:
+                fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
+            wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+            acc = _dot_xwt(a, _dequant_words(wd, fa, fb, BLOCK_N, BLOCK_K, WDEC, OM), acc, SWAP_AB, F32_DOT)
+            if ACT != ACT_NONE:
+                wd = _load_code_words(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+                acc_up = _dot_xwt(a, _dequant_words(wd, fa_up, fb_up, BLOCK_N, BLOCK_K, WDEC, OM), acc_up,
+                                  SWAP_AB, F32_DOT)
         else:
             s_cur = s_nxt
             s_up_cur = s_up_nxt
             s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
                 s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
-            if WORDS:
-                # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
-                wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
-                w = _dequant_words(wd, s_cur, BLOCK_N, BLOCK_K, WDEC, ONE_MUL and WORD_PAIRS)
-                acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
-                if ACT != ACT_NONE:
-                    wd = _load_code_words(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
-                    w = _dequant_words(wd, s_up_cur, BLOCK_N, BLOCK_K, WDEC, ONE_MUL and WORD_PAIRS)
-                    acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
-            else:
-                wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
-                acc = _dot_xwt(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
-                if ACT != ACT_NONE:
-                    wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
-                    acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
-                                      F32_DOT)
+            wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+            acc = _dot_xwt(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
+            if ACT != ACT_NONE:
+                wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+                acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
+                                  F32_DOT)
         a_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)

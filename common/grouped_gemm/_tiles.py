@@ -144,10 +144,23 @@ def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr, 
 
 
 @triton.jit
-def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr,
+                       KB_MAJOR: tl.constexpr = False):
     """Code bytes uint8 [R, C/2] of W[rows, col0:col0+C] of one expert (packed codes [N, K/2]); masked bytes
     read as 0 (+0.0). C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
-    wholly inside K or wholly masked. EVEN_K (K % C == 0): no mask along K (as _load_scales)."""
+    wholly inside K or wholly masked. EVEN_K (K % C == 0): no mask along K (as _load_scales).
+    KB_MAJOR: the expert's codes are [K/32, N, 16] (common/grouped_gemm/layout.py) and stride_cr is the stride of
+    a scale block; the tile is read as [C/32, R, 16] (contiguous rows of 16 bytes) and permuted in registers."""
+    if KB_MAJOR:
+        kb = col0 // 32 + tl.arange(0, C // 32)
+        j = tl.arange(0, 16)
+        ptrs = codes_ptr + (kb * stride_cr)[:, None, None] + (rows * 16)[None, :, None] + j[None, None, :]
+        if EVEN_K:
+            mask = row_ok[None, :, None]
+        else:
+            mask = row_ok[None, :, None] & (kb < K // 32)[:, None, None]
+        b3 = tl.load(ptrs, mask=mask, other=0)
+        return tl.reshape(tl.permute(b3, (1, 0, 2)), (rows.shape[0], C // 2))
     pc = col0 // 2 + tl.arange(0, C // 2)
     if EVEN_K:
         mask = row_ok[:, None]
@@ -251,9 +264,22 @@ def _interleaved_col(n):
 
 
 @triton.jit
-def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr,
+                     KB_MAJOR: tl.constexpr):
     """Code words int32 [R, C/8] of W[rows, col0:col0+C] of one expert; codes_ptr is the packed codes viewed as
-    int32 (stride_cr in words). Masked words read as 0 (+0.0); EVEN_K as _load_packed_codes."""
+    int32 (stride_cr in words). Masked words read as 0 (+0.0); EVEN_K and KB_MAJOR as _load_packed_codes (a
+    scale block is 4 words). The kb-major read [C/32, R, 4] gives the pipeliner's shared copy 16-byte rows, which
+    the decode's 8-row ldmatrix reads without bank conflicts (common/grouped_gemm/layout.py)."""
+    if KB_MAJOR:
+        kb = col0 // 32 + tl.arange(0, C // 32)
+        t = tl.arange(0, 4)
+        ptrs = codes_ptr + (kb * stride_cr)[:, None, None] + (rows * 4)[None, :, None] + t[None, None, :]
+        if EVEN_K:
+            mask = row_ok[None, :, None]
+        else:
+            mask = row_ok[None, :, None] & (kb < K // 32)[:, None, None]
+        w3 = tl.load(ptrs, mask=mask, other=0)
+        return tl.reshape(tl.permute(w3, (1, 0, 2)), (rows.shape[0], C // 8))
     wc = col0 // 8 + tl.arange(0, C // 8)
     # a row holds K/8 words, a multiple of 4 (K % 32 == 0): every row starts 16-byte aligned, which the JIT's
     # divisibility-by-16 specialization of stride_cr cannot see for K = 2880 (gpt-oss: 360 words)
@@ -266,29 +292,42 @@ def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexp
 
 
 @triton.jit
-def _dequant_words(words, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
-    """bf16 [R, C] of a tile from _load_code_words in the interleaved column order (c = 8i + 2t + h <- stored
-    element 8t + i + 4h of every 32-element block); exact, as _dequant_tile. ONE_MUL (bf16x2 only) needs every
-    scale byte <= 128 (ops checks the caller's bound)."""
+def _word_factors(s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
+    """Per-word scale factors of a tile's scale bytes [R, C/32] for _dequant_words, broadcast to the words' shape
+    [R, C/8, 2]: (f, f) bf16 for the bf16x2 decode (2^(s - 1) with ONE_MUL, else 2^(s - 127)), (f1, f2) fp32 for
+    the elementwise one. Split from the decode so the kernels can compute them a K step early: the broadcast moves
+    each scale byte to the threads that own its words, a shuffle through shared memory whose latency would
+    otherwise stall the decode."""
     s = s.to(tl.int32)
-    wd = tl.broadcast_to(words[:, :, None], (R, C // 8, 2))
     if DECODE == DECODE_BF16X2:
         if ONE_MUL:
             f = _e8m0_times_2_126_bf16(s)
         else:
             f = _e8m0_bf16(s)
-        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
-        o0, o1, o2, o3 = _e2m1_words_bf16x2(wd, f, ONE_MUL)
+        f1 = tl.reshape(tl.broadcast_to(f[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
+        f2 = f1
     else:
         f1, f2 = _e8m0_factors(s)
         f1 = tl.reshape(tl.broadcast_to(f1[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
         f2 = tl.reshape(tl.broadcast_to(f2[:, :, None], (R, C // 32, 8)), (R, C // 8, 2))
+    return f1, f2
+
+
+@triton.jit
+def _dequant_words(words, fa, fb, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
+    """bf16 [R, C] of a tile from _load_code_words in the interleaved column order (c = 8i + 2t + h <- stored
+    element 8t + i + 4h of every 32-element block); exact, as _dequant_tile. (fa, fb): _word_factors of the tile's
+    scale bytes. ONE_MUL (bf16x2 only) needs every scale byte <= 128 (ops checks the caller's bound)."""
+    wd = tl.broadcast_to(words[:, :, None], (R, C // 8, 2))
+    if DECODE == DECODE_BF16X2:
+        o0, o1, o2, o3 = _e2m1_words_bf16x2(wd, fa, ONE_MUL)
+    else:
         h = tl.arange(0, 2)[None, None, :]
         o0 = tl.where(h == 0, _nibble_f32(wd, 0), _nibble_f32(wd, 4))
         o1 = tl.where(h == 0, _nibble_f32(wd, 1), _nibble_f32(wd, 5))
         o2 = tl.where(h == 0, _nibble_f32(wd, 2), _nibble_f32(wd, 6))
         o3 = tl.where(h == 0, _nibble_f32(wd, 3), _nibble_f32(wd, 7))
-        o0, o1, o2, o3 = ((o0 * f1) * f2, (o1 * f1) * f2, (o2 * f1) * f2, (o3 * f1) * f2)
+        o0, o1, o2, o3 = ((o0 * fa) * fb, (o1 * fa) * fb, (o2 * fa) * fb, (o3 * fa) * fb)
         o0, o1, o2, o3 = o0.to(tl.bfloat16), o1.to(tl.bfloat16), o2.to(tl.bfloat16), o3.to(tl.bfloat16)
     # o_i[r, 4b + t, h] -> column 32b + 8i + 2t + h, i = x + 2y
     j = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, C/8, 2(h), 2(x), 2(y)]

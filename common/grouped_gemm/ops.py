@@ -21,6 +21,7 @@ from . import activations as A
 from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import deinterleave_k, interleave_k
+from .layout import BLOCK_BYTES, is_kb_major
 from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
@@ -49,13 +50,37 @@ def check_offsets(offsets: torch.Tensor, experts: int, rows: int, name: str = "e
                          f"{o.tolist()[:8]}{'...' if o.numel() > 8 else ''} (last {int(o[-1])})")
 
 
+def weight_dims(codes: torch.Tensor, scales: torch.Tensor, kb_major_ok: bool = True) -> tuple[int, int, int]:
+    """(E, N, K) of a packed expert weight: canonical codes [E, N, K/2], or kb-major [E, K/32, N, 16] (layout.py,
+    the forward GEMMs only: kb_major_ok), with scales [E, N, K/32] either way."""
+    if is_kb_major(codes):
+        if not kb_major_ok:
+            raise ShapeError(f"tensor 'weight': kb-major codes {tuple(codes.shape)} reach the forward GEMMs only; "
+                             "this op reads the canonical layout [E, N, K/2] (common.grouped_gemm.layout."
+                             "from_kb_major)")
+        if codes.shape[3] != BLOCK_BYTES:
+            raise ShapeError(f"tensor 'weight': kb-major codes must be [E, K/32, N, {BLOCK_BYTES}], got "
+                             f"{tuple(codes.shape)}")
+        e, kb, n, _ = codes.shape
+        for label, t in (("codes", codes), ("scales", scales)):
+            if t.dtype != torch.uint8:
+                raise DTypeError(f"tensor 'weight': {label} must be uint8, got {t.dtype}")
+        if scales.shape != (e, n, kb):
+            raise ShapeError(f"tensor 'weight': kb-major codes {tuple(codes.shape)} need scales [E, N, K/32] = "
+                             f"{[e, n, kb]}, got {tuple(scales.shape)}")
+        return e, n, kb * 32
+    check_packed(codes, scales, "weight")
+    if codes.dim() != 3:
+        raise ShapeError(f"tensor 'weight': codes must be [E, N, K/2] (or kb-major [E, K/32, N, 16]), got "
+                         f"{tuple(codes.shape)}")
+    return codes.shape[0], codes.shape[1], codes.shape[2] * 2
+
+
 def _check(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, x_name: str,
            reduce_dim: int, validate: bool | None, rows: int | None = None) -> None:
     """Shapes/dtypes of one grouped GEMM; reduce_dim is x's column count the weight must match, rows the sorted
     row count (x's rows unless the rows are gathered)."""
-    check_packed(codes, scales, "weight")
-    if codes.dim() != 3:
-        raise ShapeError(f"tensor 'weight': codes must be [E, N, K/2], got {tuple(codes.shape)}")
+    weight_dims(codes, scales)
     if x.dtype != torch.bfloat16:
         raise DTypeError(f"tensor '{x_name}': expected bfloat16 (the MMA runs bf16 x bf16), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != reduce_dim:
@@ -227,8 +252,11 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
          gather_rows=None, scatter_rows=None, row_weights=None, x_interleaved=False, out_interleaved=False,
          max_scale_byte=None):
     kind = "gated" if act else "fwd"
-    e, n_rows, kh = codes.shape
-    k = kh * 2
+    e, n_rows, k = weight_dims(codes, scales)
+    kb_major = is_kb_major(codes)
+    if kb_major and (dot_scaled_mode() != "off" or (config is not None and config.dot_scaled)):
+        raise ValueError("kb-major codes: tl.dot_scaled reads the canonical layout only; unset "
+                         "MXFP4_GG_DOT_SCALED (or set it to off) and use a TileConfig without dot_scaled")
     m = x.shape[0] if gather_rows is None else gather_rows.shape[0]
     _check(x, offsets, codes, scales, "x", k, validate, rows=m)
     _check_rows(gather_rows, m, "gather_rows", x.device)
@@ -264,7 +292,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     decode = _decode()
     one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None and max_scale_byte <= 128)
     if words:
-        codes = codes.view(torch.int32)  # [E, N, K/8] words: strides below are in words
+        codes = codes.view(torch.int32)  # [E, N, K/8] (kb-major [E, K/32, N, 4]) words: strides below in words
     dummy = y
     # unused pointer arguments get any tensor of the call (their loads are compiled out)
     args = [x, codes, scales, offsets, bias if bias is not None else dummy, lh if r else dummy,
@@ -278,7 +306,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
-              OUT_INTERLEAVED=out_interleaved)
+              OUT_INTERLEAVED=out_interleaved, KB_MAJOR=kb_major)
     _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
     return y, pre
 
@@ -338,8 +366,7 @@ def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: t
     pre-activation of the gated GEMM) the result is instead d pre [M, 2K] = the activation's backward applied
     to dx, i.e. the gradient to feed the first GEMM's own dx.
     """
-    e, n, kh = codes.shape
-    k = kh * 2
+    e, n, k = weight_dims(codes, scales, kb_major_ok=False)
     _check(dy, expert_offsets, codes, scales, "dy", n, validate)
     act = A.ACT_NONE if activation is None else A.activation_code(activation)
     m = dy.shape[0]

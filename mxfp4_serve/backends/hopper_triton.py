@@ -1,8 +1,10 @@
 """SM90 backend: the Triton grouped GEMMs of `common.grouped_gemm`, which dequantize the packed MXFP4 weight tiles
-in registers (no bf16 weight buffer). The canonical vLLM parameters are already the kernels' layout, so `prepare`
-has nothing to convert and weight sync writes straight into them. `moe_layer_forward` routes with a Triton counting
-sort and fuses the token gather into the first GEMM and the router-weighted scatter into the second; nothing issues
-a host sync, so the backend runs under CUDA graphs.
+in registers (no bf16 weight buffer). `prepare` rewrites the code bytes of w13/w2 in place into the kb-major order
+of common/grouped_gemm/layout.py (the parameters keep their shapes and storage; the scales stay canonical), which
+the forward GEMMs read without shared-memory bank conflicts. Weight sync goes through `read_canonical` /
+`write_experts`, which translate per expert. `moe_layer_forward` routes with a Triton counting sort and fuses the
+token gather into the first GEMM and the router-weighted scatter into the second; nothing issues a host sync, so
+the backend runs under CUDA graphs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from .base import GPT_OSS_ALPHA, GPT_OSS_LIMIT, ActivationSpec, DeviceInfo, MoEB
 
 # ActivationSpec name -> common.grouped_gemm activation name. The kernels bake gpt-oss's alpha and limit in.
 _KERNEL_ACTIVATION = {"silu": "silu", "swigluoai": "swiglu_oai"}
+CODES = ("w13_weight", "w2_weight")  # converted to kb-major; their "_scale" twins and the biases stay canonical
+# set on a layer once its codes are kb-major: converting twice would scramble them
+_PREPARED = "_mxfp4_rl_kb_major"
 
 
 class HopperTritonBackend(MoEBackend):
@@ -31,9 +36,50 @@ class HopperTritonBackend(MoEBackend):
             return False, f"triton is not importable: {exc}"
         return True, ""
 
+    # ---- weights: canonical bytes in, kb-major codes kept ----
+    def prepare(self, layer: torch.nn.Module) -> None:
+        from common.grouped_gemm.layout import convert_in_place
+
+        if getattr(layer, _PREPARED, False):
+            raise RuntimeError("hopper_triton: prepare() ran twice on one layer (its codes are already kb-major); "
+                               "write new canonical bytes through write_experts")
+        for name in CODES:
+            convert_in_place(getattr(layer, name).data, to_kb=True, name=name)
+        setattr(layer, _PREPARED, True)
+
+    def _check_prepared(self, layer: torch.nn.Module) -> None:
+        if not getattr(layer, _PREPARED, False):
+            raise RuntimeError("hopper_triton: the layer's codes were never converted (prepare() did not run); "
+                               "the MoE method's process_weights_after_loading calls it")
+
+    def read_canonical(self, layer: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """The canonical bytes of one parameter of a prepared layer (a copy; for hashes, deltas, byte checks)."""
+        from common.grouped_gemm.layout import from_kb_major, kb_major_view
+
+        self._check_prepared(layer)
+        param = getattr(layer, param_name).data
+        if param_name in CODES:
+            return from_kb_major(kb_major_view(param, param_name), param_name)
+        return param.clone()
+
+    def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Set the canonical bytes of `param_name` for the given local experts, in place (codes are converted to
+        kb-major on the way in; scales are written as they come)."""
+        from common.grouped_gemm.layout import to_kb_major
+
+        self._check_prepared(layer)
+        param = getattr(layer, param_name).data
+        ids = local_experts.to(device=param.device, dtype=torch.long)
+        values = values.to(param.device).reshape(ids.numel(), *param.shape[1:])
+        if param_name in CODES:
+            values = to_kb_major(values, param_name).view(values.shape)
+        param.index_copy_(0, ids, values)
+
     def apply(self, layer, x, topk_weights, topk_ids, activation: ActivationSpec, expert_map,
               apply_router_weight_on_input=False):
         from common.grouped_gemm import moe_layer_forward
+        from common.grouped_gemm.layout import kb_major_view
 
         if apply_router_weight_on_input:
             raise NotImplementedError("MXFP4 MoE backend 'hopper_triton' does not apply router weights on the input "
@@ -49,9 +95,12 @@ class HopperTritonBackend(MoEBackend):
             local = expert_map.to(ids.device)[ids.long()]
             weights = torch.where(local < 0, torch.zeros_like(weights), weights)
             ids = local.clamp_min(0)
+        self._check_prepared(layer)
+        w13 = kb_major_view(layer.w13_weight.data, "w13_weight")
+        w2 = kb_major_view(layer.w2_weight.data, "w2_weight")
         # The kernels take bf16 activations; other engine dtypes round-trip through bf16.
         out = moe_layer_forward(
-            x.to(torch.bfloat16), ids, weights.float(), (layer.w13_weight, layer.w13_weight_scale),
-            (layer.w2_weight, layer.w2_weight_scale), activation=_KERNEL_ACTIVATION[activation.name],
+            x.to(torch.bfloat16), ids, weights.float(), (w13, layer.w13_weight_scale),
+            (w2, layer.w2_weight_scale), activation=_KERNEL_ACTIVATION[activation.name],
             bias13=getattr(layer, "w13_bias", None), bias2=getattr(layer, "w2_bias", None))
         return out.to(x.dtype)

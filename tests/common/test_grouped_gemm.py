@@ -38,6 +38,7 @@ from common.grouped_gemm import (  # noqa: E402
 from common.grouped_gemm import configs as C  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
 from common.grouped_gemm.interleave import deinterleave_k, interleave_k  # noqa: E402
+from common.grouped_gemm.layout import convert_in_place, from_kb_major, kb_major_view, to_kb_major  # noqa: E402
 from common.grouped_gemm import reference as R  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
 
@@ -411,6 +412,61 @@ def test_lora_grouped_helpers_match_loop():
     assert _rel(wg[2], a[2:7].float().T @ c[2:7].float()) < BF16_BOUND
 
 
+@pytest.mark.parametrize("k", [96, 128])
+@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+def test_kb_major_codes_give_identical_outputs(cfg, words, k, monkeypatch):
+    """The forward GEMMs read kb-major codes (the Hopper engine's layout) to the same result bit for bit: the same
+    bytes reach the same decode, only the tile load differs. K = 96 leaves a partial last K tile (masked scale
+    blocks), 128 divides (EVEN_K); every code byte, scales 2^-27..2^3 (finite outputs, so the equality is not one
+    of infs); gather, scatter and bias fused."""
+    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+    e, n = 3, 64
+    codes, scales = _all_bytes_weight(e, n, k, scale_bytes=(100, 119, 126, 127, 128, 130))
+    kb = to_kb_major(codes)
+    counts = [5, 0, 19]
+    m = sum(counts)
+    offs = _offsets(counts)
+    x = _bf16(m, k, seed=90)
+    rows = torch.randperm(m, generator=_gen(91)).to(DEVICE)
+    rw = torch.rand(m, generator=_gen(92)).to(DEVICE)
+    bias = _bf16(e, n, seed=93)
+    y = [grouped_mm_mxfp4(x, offs, c, scales, out_dtype=torch.float32, config=cfg, bias=bias, scatter_rows=rows,
+                          row_weights=rw) for c in (codes, kb)]
+    assert torch.equal(y[0].view(torch.int32), y[1].view(torch.int32))
+    g = [grouped_mm_mxfp4_gated(x, offs, c, scales, activation="silu", out_dtype=torch.float32, config=cfg,
+                                gather_rows=rows, save_pre=True) for c in (codes, kb)]
+    assert torch.equal(g[0][0].view(torch.int32), g[1][0].view(torch.int32))
+    assert torch.equal(g[0][1].view(torch.int16), g[1][1].view(torch.int16))
+    for out in (y[0], g[0][0]):  # not a vacuous equality of zeros or infs
+        assert torch.isfinite(out).all() and (out != 0).float().mean() > 0.5
+
+
+def test_kb_major_layout_round_trip_and_errors():
+    e, n, k = 3, 8, 96
+    q = _packed(e, n, k, seed=94)
+    kb = to_kb_major(q.codes)
+    assert kb.shape == (e, k // 32, n, 16)
+    # byte (row r, block b, j) of the canonical layout sits at [b, r, j]
+    assert torch.equal(kb[1, 2, 5], q.codes[1, 5, 32:48])
+    assert torch.equal(from_kb_major(kb), q.codes)
+    buf = q.codes.clone()
+    convert_in_place(buf, to_kb=True, experts=torch.tensor([2, 0]))
+    assert torch.equal(kb_major_view(buf)[2], kb[2]) and torch.equal(kb_major_view(buf)[0], kb[0])
+    assert torch.equal(buf[1], q.codes[1])  # an expert not listed keeps its canonical bytes
+    convert_in_place(buf, to_kb=False, experts=torch.tensor([0, 2]))
+    assert torch.equal(buf, q.codes)
+    offs = _offsets([2, 1, 1])
+    with pytest.raises(ShapeError, match="kb-major codes .* forward GEMMs only"):
+        grouped_mm_mxfp4_dx(_bf16(4, n, seed=95), offs, kb, q.scales)
+    with pytest.raises(ValueError, match="kb-major codes: tl.dot_scaled reads the canonical layout"):
+        grouped_mm_mxfp4(_bf16(4, k, seed=96), offs, kb, q.scales, config=TileConfig(16, 32, 64, dot_scaled=True))
+    with pytest.raises(ShapeError, match=r"need scales \[E, N, K/32\] = \[3, 8, 3\], got \(3, 8, 2\)"):
+        grouped_mm_mxfp4(_bf16(4, k, seed=96), offs, kb, q.scales[:, :, :2])
+    with pytest.raises(ShapeError, match="expected canonical codes"):
+        to_kb_major(q.codes[:, :, :8].contiguous().view(e, n * 8)[:, :7])
+
+
 def test_errors_name_tensor_expected_and_actual():
     e, n, k = 2, 32, 64
     q = _packed(e, n, k, seed=60)
@@ -463,7 +519,7 @@ words = kind != "dx" and kind != "gated_bytes"
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
              E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_INTERLEAVED=words, WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
-             BLOCK_K=128, EVEN_K=kind != "gated_one_mul")
+             BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kind in ("gated", "gated_bytes"))
 const = {k: v for k, v in const.items() if k in params}
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
        "dst_ptr": "*i64", "rw_ptr": "*fp32"}

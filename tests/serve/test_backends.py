@@ -205,10 +205,50 @@ def test_hopper_triton_computes_the_reference_function(act, ep):
             if hasattr(layer, name):
                 setattr(layer, name, torch.nn.Parameter(getattr(layer, name)[E // 2:], requires_grad=False))
     ref = CPUReferenceBackend().apply(layer, x.float(), w, ids, spec, expert_map).float()
-    got = HopperTritonBackend().apply(layer, x, w, ids, spec, expert_map)
+    backend = HopperTritonBackend()
+    backend.prepare(layer)  # codes to kb-major, as process_weights_after_loading does
+    got = backend.apply(layer, x, w, ids, spec, expert_map)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     rel = (got.float() - ref).norm() / ref.norm()
     assert rel < 2.5e-2, rel
+
+
+def test_hopper_triton_keeps_kb_major_codes_and_round_trips_canonical_bytes():
+    # prepare rewrites the codes in place (same shape and storage, for CUDA graphs and layerwise reload); every
+    # canonical read and write goes through the layout translation, bit for bit.
+    from common.grouped_gemm.layout import to_kb_major
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    layer, _, _ = _layer(with_bias=False)
+    backend = HopperTritonBackend()
+    canonical = {n: getattr(layer, n).data.clone() for n in ("w13_weight", "w13_weight_scale", "w2_weight")}
+    ptr = layer.w13_weight.data_ptr()
+    backend.prepare(layer)
+    assert layer.w13_weight.data_ptr() == ptr and layer.w13_weight.shape == canonical["w13_weight"].shape
+    assert torch.equal(layer.w13_weight.data.view(-1), to_kb_major(canonical["w13_weight"]).view(-1))
+    for name, want in canonical.items():
+        assert torch.equal(backend.read_canonical(layer, name), want)
+    with pytest.raises(RuntimeError, match="prepare\\(\\) ran twice"):
+        backend.prepare(layer)
+    # a sync writes new canonical bytes of experts 1 and 3; the others keep theirs
+    ids = torch.tensor([3, 1])
+    new = torch.randint(0, 256, (2, *canonical["w2_weight"].shape[1:]), dtype=torch.uint8)
+    backend.write_experts(layer, "w2_weight", ids, new)
+    want = canonical["w2_weight"].clone()
+    want[ids] = new
+    assert torch.equal(backend.read_canonical(layer, "w2_weight"), want)
+    scales = torch.randint(100, 140, (2, *layer.w2_weight_scale.shape[1:]), dtype=torch.uint8)
+    backend.write_experts(layer, "w2_weight_scale", ids, scales)
+    assert torch.equal(layer.w2_weight_scale.data[ids], scales)
+
+
+def test_hopper_triton_refuses_an_unprepared_layer():
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    layer, _, _ = _layer(with_bias=False)
+    x, w, ids = _routing()
+    with pytest.raises(RuntimeError, match="prepare\\(\\) did not run"):
+        HopperTritonBackend().apply(layer, x.to(torch.bfloat16), w, ids, ActivationSpec("silu"), None)
 
 
 def test_hopper_triton_refuses_what_its_kernels_do_not_implement():
