@@ -99,7 +99,8 @@ class SyncedLayer:
         """Write canonical bytes of the given LOCAL experts in place (codes/scales hold those experts only)."""
         if experts.numel() == 0:
             return
-        for pname, values in ((weight, codes), (weight + "_scale", scales)):
+        # scales first: a backend that refuses them (hopper_triton's one-multiply bound) leaves the layer unchanged
+        for pname, values in ((weight + "_scale", scales), (weight, codes)):
             if _keeps_canonical(self.backend):
                 param = self.loader.params[pname]
                 param.index_copy_(0, experts.to(param.device), values.to(param.device))

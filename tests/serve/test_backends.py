@@ -237,9 +237,37 @@ def test_hopper_triton_keeps_kb_major_codes_and_round_trips_canonical_bytes():
     want = canonical["w2_weight"].clone()
     want[ids] = new
     assert torch.equal(backend.read_canonical(layer, "w2_weight"), want)
-    scales = torch.randint(100, 140, (2, *layer.w2_weight_scale.shape[1:]), dtype=torch.uint8)
+    scales = torch.randint(100, 129, (2, *layer.w2_weight_scale.shape[1:]), dtype=torch.uint8)  # <= 128: one-mul bound
     backend.write_experts(layer, "w2_weight_scale", ids, scales)
     assert torch.equal(layer.w2_weight_scale.data[ids], scales)
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_hopper_triton_one_multiply_bound_is_kept_by_sync(env, monkeypatch):
+    # With every scale byte <= 128 at load the layer runs the one-multiply decode (captured into CUDA graphs): a
+    # sync bringing a larger byte must be refused before anything is written, unless the engine opted out.
+    from mxfp4_serve.backends.hopper_triton import ENV_ONE_MUL, HopperTritonBackend
+    from mxfp4_serve.sync.wire import SyncError
+
+    monkeypatch.setenv(ENV_ONE_MUL, env)
+    layer, _, _ = _layer(with_bias=False)
+    assert int(layer.w13_weight_scale.max()) <= 128
+    backend = HopperTritonBackend()
+    backend.prepare(layer)
+    assert layer._mxfp4_rl_one_mul is (env == "1")
+    before = layer.w2_weight_scale.data.clone()
+    big = before[:1].clone()
+    big[0, 0, 0] = 131
+    if env == "1":
+        with pytest.raises(SyncError, match=r"scale byte 131 \(> 128.*Nothing was written.*MXFP4_RL_HOPPER_ONE_MUL=0"):
+            backend.write_experts(layer, "w2_weight_scale", torch.tensor([0]), big)
+        assert torch.equal(layer.w2_weight_scale.data, before)
+    else:
+        backend.write_experts(layer, "w2_weight_scale", torch.tensor([0]), big)
+        assert int(layer.w2_weight_scale.data[0, 0, 0]) == 131
+    monkeypatch.setenv(ENV_ONE_MUL, "yes")
+    with pytest.raises(ValueError, match="MXFP4_RL_HOPPER_ONE_MUL must be 0 or 1, got 'yes'"):
+        HopperTritonBackend().prepare(_layer(with_bias=False)[0])
 
 
 def test_hopper_triton_refuses_an_unprepared_layer():
