@@ -5,7 +5,8 @@ bytes and routing: each timed eagerly and replayed from a CUDA graph (as vLLM ru
 Needs vLLM 0.25 (../shared/vllm_device/ recipe on the lent GPU). Shape: DeepSeek-V4-Flash per GPU at EP=8 (hidden
 4096, moe intermediate 2048, 32 local experts, top-6, silu). Marlin gets the same canonical bytes repacked by
 vLLM's own prepare_moe_mxfp4_layer_for_marlin; ours reads them in the engine's kb-major code layout (what the
-hopper_triton backend serves), and once more canonical (column ours_canonical). Floor = packed expert bytes / copy
+hopper_triton backend serves, with its one-multiply decode when every scale byte is <= 128), and once more
+canonical with two multiplies (column ours_canonical: the fourth round's engine). Floor = packed expert bytes / copy
 bandwidth measured in the run.
 usage: python bench/vs_marlin.py [--tokens 16,64,128,1024] [--out DIR]
 """
@@ -26,6 +27,7 @@ from learner_profile import graph_ms  # noqa: E402
 
 from common.grouped_gemm import moe_layer_forward  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
+from mxfp4_serve.backends.hopper_triton import ONE_MUL_MAX_SCALE_BYTE  # noqa: E402
 
 
 def marlin_layer(w):
@@ -54,6 +56,9 @@ def main():
     copy_bw = B.device_rates()[0]
     marlin = marlin_layer(w)
     w_kb = {n: (to_kb_major(w[n][0]), w[n][1]) for n in ("w13", "w2")}
+    # the engine's one-multiply decision (mxfp4_serve/backends/hopper_triton.py): every scale byte <= 128 at load
+    msb = ONE_MUL_MAX_SCALE_BYTE if max(int(w[n][1].max()) for n in ("w13", "w2")) <= ONE_MUL_MAX_SCALE_BYTE else None
+    print(f"one-multiply decode: {msb is not None}", flush=True)
     rows = []
     for t in map(int, a.tokens.split(",")):
         logits = torch.randn(t, s["E"], device="cuda", generator=gen)
@@ -61,7 +66,8 @@ def main():
         tw = (tw / tw.sum(-1, keepdim=True)).float().contiguous()
         ti = ti.to(torch.int32).contiguous()
         x = (torch.randn(t, s["H"], device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
-        impls = {"ours": lambda: moe_layer_forward(x, ti, tw, w_kb["w13"], w_kb["w2"], activation="silu"),
+        impls = {"ours": lambda: moe_layer_forward(x, ti, tw, w_kb["w13"], w_kb["w2"], activation="silu",
+                                                   max_scale_byte=msb),
                  "ours_canonical": lambda: moe_layer_forward(x, ti, tw, w["w13"], w["w2"], activation="silu"),
                  "marlin": lambda: marlin(x, tw, ti)}
         outs = {k: f().float() for k, f in impls.items()}
