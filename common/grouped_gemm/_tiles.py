@@ -144,23 +144,33 @@ def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr, 
 
 
 @triton.jit
+def _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_kb, C: tl.constexpr, EVEN_K: tl.constexpr,
+                   U: tl.constexpr):
+    """[R, C/32 * U] codes of W[rows, col0:col0+C] from an expert's kb-major codes [K/32, N, U] (U = 16 bytes or 4
+    words per row and scale block; stride_kb the stride of a scale block). Read as [C/32, R, U], contiguous rows of
+    16 bytes, so the pipeliner's shared copy has no bank conflicts, and permuted in registers. Masked blocks read
+    as 0 (+0.0); EVEN_K as _load_scales."""
+    kb = col0 // 32 + tl.arange(0, C // 32)
+    u = tl.arange(0, U)
+    ptrs = codes_ptr + (kb * stride_kb)[:, None, None] + (rows * U)[None, :, None] + u[None, None, :]
+    if EVEN_K:
+        mask = row_ok[None, :, None]
+    else:
+        mask = row_ok[None, :, None] & (kb < K // 32)[:, None, None]
+    t3 = tl.load(ptrs, mask=mask, other=0)
+    return tl.reshape(tl.permute(t3, (1, 0, 2)), (rows.shape[0], C // 32 * U))
+
+
+@triton.jit
 def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr,
                        KB_MAJOR: tl.constexpr = False):
     """Code bytes uint8 [R, C/2] of W[rows, col0:col0+C] of one expert (packed codes [N, K/2]); masked bytes
     read as 0 (+0.0). C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
     wholly inside K or wholly masked. EVEN_K (K % C == 0): no mask along K (as _load_scales).
     KB_MAJOR: the expert's codes are [K/32, N, 16] (common/grouped_gemm/layout.py) and stride_cr is the stride of
-    a scale block; the tile is read as [C/32, R, 16] (contiguous rows of 16 bytes) and permuted in registers."""
+    a scale block (_load_kb_major)."""
     if KB_MAJOR:
-        kb = col0 // 32 + tl.arange(0, C // 32)
-        j = tl.arange(0, 16)
-        ptrs = codes_ptr + (kb * stride_cr)[:, None, None] + (rows * 16)[None, :, None] + j[None, None, :]
-        if EVEN_K:
-            mask = row_ok[None, :, None]
-        else:
-            mask = row_ok[None, :, None] & (kb < K // 32)[:, None, None]
-        b3 = tl.load(ptrs, mask=mask, other=0)
-        return tl.reshape(tl.permute(b3, (1, 0, 2)), (rows.shape[0], C // 2))
+        return _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_cr, C, EVEN_K, 16)
     pc = col0 // 2 + tl.arange(0, C // 2)
     if EVEN_K:
         mask = row_ok[:, None]
@@ -271,15 +281,7 @@ def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexp
     scale block is 4 words). The kb-major read [C/32, R, 4] gives the pipeliner's shared copy 16-byte rows, which
     the decode's 8-row ldmatrix reads without bank conflicts (common/grouped_gemm/layout.py)."""
     if KB_MAJOR:
-        kb = col0 // 32 + tl.arange(0, C // 32)
-        t = tl.arange(0, 4)
-        ptrs = codes_ptr + (kb * stride_cr)[:, None, None] + (rows * 4)[None, :, None] + t[None, None, :]
-        if EVEN_K:
-            mask = row_ok[None, :, None]
-        else:
-            mask = row_ok[None, :, None] & (kb < K // 32)[:, None, None]
-        w3 = tl.load(ptrs, mask=mask, other=0)
-        return tl.reshape(tl.permute(w3, (1, 0, 2)), (rows.shape[0], C // 8))
+        return _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_cr, C, EVEN_K, 4)
     wc = col0 // 8 + tl.arange(0, C // 8)
     # a row holds K/8 words, a multiple of 4 (K % 32 == 0): every row starts 16-byte aligned, which the JIT's
     # divisibility-by-16 specialization of stride_cr cannot see for K = 2880 (gpt-oss: 360 words)
