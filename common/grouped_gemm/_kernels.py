@@ -90,9 +90,10 @@ def _grouped_fwd_kernel(
             # shuffle): they are built a step ahead from bytes loaded two steps ahead, so neither the global load
             # nor the shuffle stalls the decode.
             fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-            fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+            fa_up_nxt, fb_up_nxt = fa_nxt, fb_nxt
             s_nxt = _load_scales(s_ptr, cols, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
+                fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
                 s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
