@@ -27,7 +27,7 @@ from learner_profile import graph_ms  # noqa: E402
 
 from common.grouped_gemm import moe_layer_forward  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
-from mxfp4_serve.backends.hopper_triton import ONE_MUL_MAX_SCALE_BYTE  # noqa: E402
+from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE  # noqa: E402
 
 
 def marlin_layer(w):

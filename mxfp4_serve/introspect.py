@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.base import MoEBackend
+from .backends.base import keeps_canonical
 from .loader import ExpertWeightLoader
 
 
@@ -23,8 +23,8 @@ def packed_expert_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         loader = getattr(module, "mxfp4_rl_loader", None)
         if isinstance(loader, ExpertWeightLoader):
             backend = getattr(getattr(module, "quant_method", None), "backend", None)
-            converts = backend is not None and type(backend).prepare is not MoEBackend.prepare
+            canonical = keeps_canonical(backend)
             for name, p in loader.params.items():
-                value = backend.read_canonical(module, name) if converts else p.detach()
+                value = p.detach() if canonical else backend.read_canonical(module, name)
                 out[f"{loader.geometry.layer_name}.{name}"] = value.to("cpu", copy=True)
     return out

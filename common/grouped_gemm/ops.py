@@ -186,6 +186,10 @@ def words_enabled() -> bool:
     return mode == "1"
 
 
+# The one-multiply word decode folds 2^126 into the scale factor 2^(s - 127): finite in bf16 for scale bytes s <= 128
+# only (byte 128 = 2^1, weight blocks with |w| < 16), the bound a caller's max_scale_byte must meet.
+ONE_MUL_MAX_SCALE_BYTE = 128
+
 # The word decode pays at few rows per expert (measured on an H100: 9-11% faster GEMMs at dsv4 16/128 tokens);
 # at large batches the byte decode was faster (dsv4 4096 tokens: 4.55 vs 5.64 ms), so it stops at this bucket.
 WORDS_MAX_BUCKET = 64
@@ -290,7 +294,8 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
         x = deinterleave_k(x)
     x = x.contiguous()
     decode = _decode()
-    one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None and max_scale_byte <= 128)
+    one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None
+                   and max_scale_byte <= ONE_MUL_MAX_SCALE_BYTE)
     if words:
         codes = codes.view(torch.int32)  # [E, N, K/8] (kb-major [E, K/32, N, 4]) words: strides below in words
     dummy = y

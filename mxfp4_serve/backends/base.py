@@ -50,6 +50,13 @@ class DeviceInfo:
         return f"{self.kind} sm{self.capability[0]}{self.capability[1]}" if self.capability else self.kind
 
 
+def keeps_canonical(backend: "MoEBackend | None") -> bool:
+    """Whether a backend serves the canonical parameters as loaded (no `prepare` of its own): readers and writers
+    of canonical bytes (sync, introspection) may then use the parameters directly; otherwise they go through its
+    `read_canonical` / `write_experts`."""
+    return backend is None or type(backend).prepare is MoEBackend.prepare
+
+
 class MoEBackend(abc.ABC):
     """One way of computing the MXFP4 MoE. Stateless: everything it needs lives on the layer as parameters."""
 

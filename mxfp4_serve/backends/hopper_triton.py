@@ -26,7 +26,6 @@ _PREPARED = "_mxfp4_rl_kb_major"
 # one multiply (common.grouped_gemm max_scale_byte; 9% faster layer at DeepSeek-V4-Flash decode sizes on an H100)
 _ONE_MUL = "_mxfp4_rl_one_mul"
 ENV_ONE_MUL = "MXFP4_RL_HOPPER_ONE_MUL"
-ONE_MUL_MAX_SCALE_BYTE = 128  # E8M0 byte 128 = 2^1: blocks with |w| < 16
 
 
 def one_mul_enabled() -> bool:
@@ -57,6 +56,7 @@ class HopperTritonBackend(MoEBackend):
     # ---- weights: canonical bytes in, kb-major codes kept ----
     def prepare(self, layer: torch.nn.Module) -> None:
         from common.grouped_gemm.layout import convert_in_place
+        from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
         if getattr(layer, _PREPARED, False):
             raise RuntimeError("hopper_triton: prepare() ran twice on one layer (its codes are already kb-major); "
@@ -88,6 +88,7 @@ class HopperTritonBackend(MoEBackend):
         """Set the canonical bytes of `param_name` for the given local experts, in place (codes are converted to
         kb-major on the way in; scales are written as they come)."""
         from common.grouped_gemm.layout import to_kb_major
+        from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
         self._check_prepared(layer)
         param = getattr(layer, param_name).data
@@ -111,6 +112,7 @@ class HopperTritonBackend(MoEBackend):
               apply_router_weight_on_input=False):
         from common.grouped_gemm import moe_layer_forward
         from common.grouped_gemm.layout import kb_major_view
+        from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
         if apply_router_weight_on_input:
             raise NotImplementedError("MXFP4 MoE backend 'hopper_triton' does not apply router weights on the input "

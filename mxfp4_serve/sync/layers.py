@@ -21,15 +21,11 @@ from common.audit import tensor_hash
 from common.constants import BLOCK_SIZE
 from common.tensor import MXFP4Tensor
 
-from ..backends.base import MoEBackend
+from ..backends.base import MoEBackend, keeps_canonical
 from ..loader import ExpertWeightLoader
 from .wire import SyncError, shard_key
 
 WEIGHTS = ("w13_weight", "w2_weight")  # each paired with its "<name>_scale"
-
-
-def _keeps_canonical(backend: MoEBackend | None) -> bool:
-    return backend is None or type(backend).prepare is MoEBackend.prepare
 
 
 @dataclasses.dataclass
@@ -52,7 +48,7 @@ class SyncedLayer:
         if self.loader.has_bias:
             raise SyncError(f"MoE layer '{self.name}' has expert biases (gpt-oss); syncing biases is not supported "
                             f"yet by mxfp4_rl.sync/1")
-        if not _keeps_canonical(self.backend) and not (hasattr(self.backend, "read_canonical")
+        if not keeps_canonical(self.backend) and not (hasattr(self.backend, "read_canonical")
                                                        and hasattr(self.backend, "write_experts")):
             raise SyncError(f"MoE backend {self.backend.name!r} of layer '{self.name}' converts the packed weights "
                             f"in prepare() but implements no read_canonical/write_experts: in-place sync impossible")
@@ -90,7 +86,7 @@ class SyncedLayer:
     # ---- canonical bytes ------------------------------------------------------------------------------------------
     def read(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) in the canonical layout: the live parameters for canonical backends (no copy)."""
-        if _keeps_canonical(self.backend):
+        if keeps_canonical(self.backend):
             return self.loader.params[weight], self.loader.params[weight + "_scale"]
         return (self.backend.read_canonical(self.module, weight),
                 self.backend.read_canonical(self.module, weight + "_scale"))
@@ -101,7 +97,7 @@ class SyncedLayer:
             return
         # scales first: a backend that refuses them (hopper_triton's one-multiply bound) leaves the layer unchanged
         for pname, values in ((weight + "_scale", scales), (weight, codes)):
-            if _keeps_canonical(self.backend):
+            if keeps_canonical(self.backend):
                 param = self.loader.params[pname]
                 param.index_copy_(0, experts.to(param.device), values.to(param.device))
             else:
