@@ -26,7 +26,9 @@ from ._tiles import (
     _dot_xwt,
     _dequant_words,
     _word_factors,
+    _deinterleaved_col,
     _interleaved_col,
+    _reorder_cols,
     _dequant_tile,
     _load_code_words,
     _load_packed_codes,
@@ -47,7 +49,7 @@ def _grouped_fwd_kernel(
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
-        OUT_INTERLEAVED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
+        OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
         KB_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block; tl.dot_scaled reads the
     # canonical layout only (ops.py refuses the combination)
@@ -113,7 +115,7 @@ def _grouped_fwd_kernel(
             if ACT != ACT_NONE:
                 fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
                 s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
-            # x is in the interleaved column order (ops.interleave_k) and so is the decoded tile
+            # x is in the column order the decoded tile reduces in (ops.reduction_order)
             wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
             acc = _dot_xwt(a, _dequant_words(wd, fa, fb, BLOCK_N, BLOCK_K, WDEC, OM), acc, SWAP_AB, F32_DOT)
             if ACT != ACT_NONE:
@@ -161,8 +163,14 @@ def _grouped_fwd_kernel(
         out = out * tl.load(rw_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
         dst = rows
-    if OUT_INTERLEAVED:  # y feeds the next GEMM's WORDS path: write its columns in the interleaved order
+    # y feeds a GEMM that reduces in another K order (ops.reduction_order): write it so
+    if OUT_ORDER != 0 and BLOCK_N % 32 == 0:  # the tile's columns are whole 32-blocks: reorder in registers
+        out = _reorder_cols(out, OUT_ORDER, BLOCK_M, BLOCK_N)
+        out_cols = cols
+    elif OUT_ORDER == 1:
         out_cols = _interleaved_col(cols)
+    elif OUT_ORDER == 2:
+        out_cols = _deinterleaved_col(cols)
     else:
         out_cols = cols
     tl.store(y_ptr + dst[:, None] * stride_ym + out_cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)

@@ -274,6 +274,25 @@ def _interleaved_col(n):
 
 
 @triton.jit
+def _reorder_cols(t, ORDER: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """[R, C] tile (C a multiple of 32) with the columns of every 32-block moved to interleave_k's order (ORDER 1)
+    or deinterleave_k's (ORDER 2), in registers: the store that follows stays contiguous (a per-element column
+    scatter made the gated GEMM's stores 2-byte transactions: dsv4 layer at 1024 tokens 1.16 -> 1.43 ms)."""
+    if ORDER == 1:  # natural column 8t + 4h + i goes to 8i + 2t + h
+        v = tl.permute(tl.reshape(t, (R, C // 32, 4, 2, 4)), (0, 1, 4, 2, 3))
+    else:  # natural column 8i + 2t + h goes to 8t + 4h + i
+        v = tl.permute(tl.reshape(t, (R, C // 32, 4, 4, 2)), (0, 1, 3, 4, 2))
+    return tl.reshape(v, (R, C))
+
+
+@triton.jit
+def _deinterleaved_col(n):
+    """Position of natural column n in deinterleave_k's order (the inverse of _interleaved_col)."""
+    c = n % 32
+    return n - c + 8 * ((c % 8) // 2) + c // 8 + 4 * (c % 2)
+
+
+@triton.jit
 def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr,
                      KB_MAJOR: tl.constexpr):
     """Code words int32 [R, C/8] of W[rows, col0:col0+C] of one expert; codes_ptr is the packed codes viewed as

@@ -19,7 +19,8 @@ class TileConfig:
     """BLOCK_M: rows (tokens) per tile; BLOCK_N: weight rows per tile (fwd) or reduction step (dx); BLOCK_K:
     reduction step (fwd) or output columns (dx). swap_ab puts the weight tile on the MMA's M side (few tokens).
     dot_scaled (fwd/gated only) feeds the packed tile to Triton's `tl.dot_scaled` instead of dequantizing it with
-    the kernels' own bit-placement decode."""
+    the kernels' own bit-placement decode. max_regs caps the registers per thread (ptxas .maxnreg; None: the
+    compiler's choice), which trades spills for one more resident block per SM."""
 
     block_m: int
     block_n: int
@@ -28,12 +29,15 @@ class TileConfig:
     num_stages: int = 3
     swap_ab: bool = False
     dot_scaled: bool = False
+    max_regs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {v}")
+        if self.max_regs is not None and not (24 <= self.max_regs <= 255 and self.max_regs % 8 == 0):
+            raise ValueError(f"TileConfig.max_regs must be a multiple of 8 in [24, 255], got {self.max_regs}")
         if self.block_k < 64:
             # block_k tiles the packed K axis in both kernels: at least 2 scale blocks per row
             raise ValueError(f"TileConfig.block_k must be >= 64 (it tiles the packed K axis), got {self.block_k}")
@@ -70,8 +74,13 @@ def _small(kind: str) -> list[TileConfig]:
     # fwd/gated: (BLOCK_N weight rows = MMA M, BLOCK_K reduction, stages), the fastest tiles of bench/sweep_tiles.py
     # on an H100 (bench/RESULTS.md, fourth round): 64-row tiles keep 3-4 blocks per SM; BLOCK_K = 64 divides
     # gpt-oss's K = 2880, so its weight loads need no K mask (EVEN_K) and vectorize.
+    # Register-capped twins (max_regs 128: four blocks per SM instead of three) end the DeepSeek-V4-Flash gated
+    # GEMM's 1024 busy tiles in two waves instead of three (sixth round).
     tiles = ((64, 256, 3), (64, 128, 4), (128, 128, 3), (128, 128, 4), (64, 64, 6), (128, 64, 4))
-    return [TileConfig(16, bn, bk, 4, ns, swap_ab=True) for bn, bk, ns in tiles]
+    capped = ((64, 128, 3), (64, 128, 4))
+    return ([TileConfig(16, bn, bk, 4, ns, swap_ab=True) for bn, bk, ns in tiles]
+            + [TileConfig(16, bn, bk, 4, ns, swap_ab=True, max_regs=128)
+               for bn, bk, ns in capped])
 
 
 def _medium(kind: str) -> list[TileConfig]:

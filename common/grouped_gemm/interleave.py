@@ -5,7 +5,11 @@ straight into the registers Hopper's wgmma reads as its A operand; that fixes wh
 reduction slot: within every 32-element block (one scale block), slot c = 8i + 2t + h takes stored element
 p = 8t + i + 4h (word t, nibble i + 4h). The activations must follow the same order, so the kernels read them
 interleaved: `interleave_k(x)[:, c] = x[:, p]`. The gated GEMM can write its output in this order directly
-(`out_interleaved`), so inside the MoE layer only the layer input is interleaved on the host.
+(`out_order`), so inside the MoE layer only the layer input is reordered on the host.
+
+Kb-major codes (layout.py) store each block's nibbles already permuted (stored position p holds element c(p)), so
+the word decode reduces them in the natural order and the byte decode in `deinterleave_k`'s. Which order a GEMM
+reads is `ORDERS[...]`, picked by ops.reduction_order from the decode and the code layout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from ..errors import ShapeError
 
 BLOCK = 32
+# the column orders a forward GEMM may read its x in (and the gated GEMM may write its output in)
+ORDERS = ("natural", "interleaved", "deinterleaved")
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -35,3 +41,19 @@ def deinterleave_k(x: torch.Tensor) -> torch.Tensor:
     _check(x, "x")
     m, k = x.shape
     return x.reshape(m, k // BLOCK, 4, 4, 2).permute(0, 1, 3, 4, 2).reshape(m, k)
+
+
+def check_order(order: str, name: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"{name} must be one of {ORDERS}, got {order!r}")
+
+
+def reorder_k(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """x given in column order src -> the same values in order dst (x itself when they agree)."""
+    check_order(src, "src")
+    check_order(dst, "dst")
+    if src == dst:
+        return x
+    to_natural = {"natural": lambda t: t, "interleaved": deinterleave_k, "deinterleaved": interleave_k}
+    from_natural = {"natural": lambda t: t, "interleaved": interleave_k, "deinterleaved": deinterleave_k}
+    return from_natural[dst](to_natural[src](x))

@@ -1,8 +1,9 @@
 """The K-block-major code layout of the forward GEMMs ("kb-major"), the Hopper engine's resident layout.
 
-Canonical codes are [E, N, K/2]: a weight row's bytes are contiguous. Kb-major codes hold the same bytes as
-[E, K/32, N, 16]: for every 32-element scale block, the 16 code bytes of all N rows, row after row. Scales stay
-canonical [E, N, K/32].
+Canonical codes are [E, N, K/2]: a weight row's bytes are contiguous. Kb-major codes hold the same nibbles as
+[E, K/32, N, 16]: for every 32-element scale block, the 16 code bytes of all N rows, row after row; inside a block
+the nibbles are permuted so that stored nibble p holds element 8(p%4) + 2(p//8) + (p//4)%2 (the block's
+`deinterleave_k` order). Scales stay canonical [E, N, K/32].
 
 Why: a forward GEMM step reads a [rows, BLOCK_K] tile. Triton's pipeliner copies it to shared memory in the order
 of the load, and the decode reads it back with 8-row ldmatrix instructions. With canonical rows the shared rows
@@ -12,7 +13,13 @@ the tile as [BLOCK_K/32, rows, 16 bytes] fixes the shared side, but from canonic
 copies then touch 32 different rows (uncoalesced); from kb-major memory the same copies are contiguous. Measured
 at DeepSeek-V4-Flash decode sizes: the gated GEMM 11% faster (bench/RESULTS.md, fifth round).
 
-The conversion is a byte permutation: exact, and undone by from_kb_major (the engine's sync and hashing read the
+Why the nibble permutation: the word decode feeds reduction slot 8i + 2t + h the stored nibble 8t + i + 4h
+(interleave.py). On canonical codes that is a shuffled K order, and the activations had to be copied into it
+(`interleave_k`, a kernel launch per layer: 3.5% of the DeepSeek-V4-Flash decode layer). Stored permuted, the
+shuffle cancels: the word decode (the engine's decode sizes) reduces in the natural order and reads the layer
+input as it comes; the byte decode (large batches) reads the activations in `deinterleave_k`'s order instead.
+
+The conversion is a nibble permutation: exact, and undone by from_kb_major (the engine's sync and hashing read the
 canonical bytes back). Only the forward kernels read kb-major codes; the dx kernel and tl.dot_scaled need the
 canonical layout.
 """
@@ -22,8 +29,17 @@ from __future__ import annotations
 import torch
 
 from ..errors import DTypeError, ShapeError
+from .interleave import deinterleave_k, interleave_k
 
 BLOCK_BYTES = 16  # code bytes of one 32-element scale block
+
+
+def _permute_nibbles(rows: torch.Tensor, forward: bool) -> torch.Tensor:
+    """uint8 [R, K/2] code rows -> the same rows with every block's nibbles in the stored order of the kb-major
+    layout (forward) or back in the natural order."""
+    nib = torch.stack((rows & 0xF, rows >> 4), -1).reshape(rows.shape[0], -1)  # element 2j, 2j + 1 of byte j
+    nib = deinterleave_k(nib) if forward else interleave_k(nib)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
 
 
 def is_kb_major(codes: torch.Tensor) -> bool:
@@ -43,7 +59,8 @@ def to_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
     """Canonical [E, N, K/2] -> kb-major [E, K/32, N, 16] (a new contiguous tensor)."""
     _check_canonical(codes, name)
     e, n, kh = codes.shape
-    return codes.reshape(e, n, kh // BLOCK_BYTES, BLOCK_BYTES).permute(0, 2, 1, 3).contiguous()
+    stored = _permute_nibbles(codes.reshape(e * n, kh), forward=True)
+    return stored.reshape(e, n, kh // BLOCK_BYTES, BLOCK_BYTES).permute(0, 2, 1, 3).contiguous()
 
 
 def from_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
@@ -52,7 +69,8 @@ def from_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
         raise ShapeError(f"tensor '{name}': expected kb-major uint8 codes [E, K/32, N, {BLOCK_BYTES}], got "
                          f"{codes.dtype} {tuple(codes.shape)}")
     e, kb, n, _ = codes.shape
-    return codes.permute(0, 2, 1, 3).reshape(e, n, kb * BLOCK_BYTES)
+    rows = codes.permute(0, 2, 1, 3).reshape(e * n, kb * BLOCK_BYTES)
+    return _permute_nibbles(rows, forward=False).reshape(e, n, kb * BLOCK_BYTES)
 
 
 def kb_major_view(storage: torch.Tensor, name: str = "codes") -> torch.Tensor:
@@ -67,7 +85,7 @@ def kb_major_view(storage: torch.Tensor, name: str = "codes") -> torch.Tensor:
 
 def convert_in_place(storage: torch.Tensor, to_kb: bool, experts: torch.Tensor | None = None,
                      name: str = "codes") -> None:
-    """Rewrite the bytes of a contiguous [E, N, K/2] buffer from canonical to kb-major order (to_kb) or back, one
+    """Rewrite the bytes of a contiguous [E, N, K/2] buffer from canonical to kb-major (to_kb) or back, one
     expert at a time (a temporary of one expert's bytes, not of the whole weight); experts: local expert ids to
     convert (default all). Converting twice in the same direction scrambles the bytes: callers track the state."""
     _check_canonical(storage, name)
@@ -78,7 +96,7 @@ def convert_in_place(storage: torch.Tensor, to_kb: bool, experts: torch.Tensor |
     for i in ids:
         flat = storage[i]
         if to_kb:
-            new = flat.view(n, kh // BLOCK_BYTES, BLOCK_BYTES).transpose(0, 1).contiguous()
+            new = to_kb_major(flat.view(1, n, kh), name)
         else:
-            new = flat.view(kh // BLOCK_BYTES, n, BLOCK_BYTES).transpose(0, 1).contiguous()
+            new = from_kb_major(flat.view(1, kh // BLOCK_BYTES, n, BLOCK_BYTES), name)
         flat.copy_(new.view(n, kh))

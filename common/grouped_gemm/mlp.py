@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import lora as L
-from .ops import grouped_mm_mxfp4, grouped_mm_mxfp4_dx, grouped_mm_mxfp4_gated, uses_word_decode
+from .combine import sum_slots
+from .ops import grouped_mm_mxfp4, grouped_mm_mxfp4_dx, grouped_mm_mxfp4_gated, reduction_order
 from .routing import route
 
 Packed = tuple[torch.Tensor, torch.Tensor]  # (codes uint8 [E, N, K/2], scales uint8 [E, N, K/32])
@@ -81,12 +82,11 @@ def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Pac
                     bias13: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
                     max_scale_byte: int | None = None) -> torch.Tensor:
     """Inference forward of the expert MLP on sorted rows (no LoRA, nothing saved): the engine's grouped path.
-    The intermediate activation passes between the GEMMs in the interleaved K order (interleave.py) when the down
-    GEMM takes the word decode."""
-    inter = uses_word_decode(w2[0], x.shape[0])
-    act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13, out_interleaved=inter,
+    The intermediate activation passes between the GEMMs in the K order the down GEMM reduces in (interleave.py)."""
+    order = reduction_order(w2[0], x.shape[0])
+    act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13, out_order=order,
                                     max_scale_byte=max_scale_byte)
-    return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2, x_interleaved=inter, max_scale_byte=max_scale_byte)
+    return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2, x_order=order, max_scale_byte=max_scale_byte)
 
 
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
@@ -96,13 +96,13 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
 
     The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
     the second GEMM's epilogue (each (token, slot) row lands in its own row, times its router weight); the k rows
-    of a token are then summed in fp32. max_scale_byte: see grouped_mm_mxfp4."""
+    of a token are then summed in fp32, in slot order (combine.sum_slots). max_scale_byte: see grouped_mm_mxfp4."""
     t, k = topk_ids.shape
     routing = route(topk_ids, w13[0].shape[0])
-    inter = uses_word_decode(w2[0], t * k)  # the intermediate activation in the down GEMM's K order
+    order = reduction_order(w2[0], t * k)  # the intermediate activation in the down GEMM's K order
     act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13,
-                                    gather_rows=routing.token, out_interleaved=inter, max_scale_byte=max_scale_byte)
+                                    gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte)
     y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, scatter_rows=routing.source,
-                         row_weights=topk_weights.reshape(-1).float(), x_interleaved=inter,
+                         row_weights=topk_weights.reshape(-1).float(), x_order=order,
                          max_scale_byte=max_scale_byte)
-    return y.view(t, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
+    return sum_slots(y, k, x.dtype)

@@ -20,7 +20,7 @@ from ..tensor import check_packed
 from . import activations as A
 from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
-from .interleave import deinterleave_k, interleave_k
+from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
 from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
 
@@ -121,7 +121,7 @@ _TUNED: dict[str, object] = {}
 
 
 def _to_triton(cfg: TileConfig) -> "triton.Config":
-    return triton.Config(cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return triton.Config(cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_regs)
 
 
 def _tuned(kind: str, kernel):
@@ -178,7 +178,7 @@ def dot_scaled_mode() -> str:
 
 
 def words_enabled() -> bool:
-    """MXFP4_GG_WORDS=1 (default) lets the forward GEMMs use the word decode (interleaved K order, see
+    """MXFP4_GG_WORDS=1 (default) lets the forward GEMMs use the word decode (its own K order, see
     common/grouped_gemm/interleave.py); 0 keeps the byte decode (A/B runs, bisecting)."""
     mode = os.environ.get("MXFP4_GG_WORDS", "1")
     if mode not in ("0", "1"):
@@ -208,11 +208,19 @@ def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> b
     return bucket <= WORDS_MAX_BUCKET and dot_scaled_mode() == "off"
 
 
-def uses_word_decode(codes: torch.Tensor, rows: int) -> bool:
-    """Whether an autotuned forward GEMM over `rows` sorted rows of these packed weights reads its x in the
-    interleaved K order: lets a caller chaining two GEMMs (mlp.py) pass the intermediate activation interleaved
-    only when the second GEMM consumes it that way."""
-    return _use_words(codes, None, rows_bucket(rows, codes.shape[0]))
+def _x_order(words: bool, kb_major: bool) -> str:
+    """The column order a forward GEMM reduces x in: the word decode shuffles each block (interleave.py), and
+    kb-major codes store each block pre-shuffled (layout.py); either alone shuffles, both cancel."""
+    if words == kb_major:
+        return "natural"
+    return "interleaved" if words else "deinterleaved"
+
+
+def reduction_order(codes: torch.Tensor, rows: int) -> str:
+    """The column order (interleave.ORDERS) in which an autotuned forward GEMM over `rows` sorted rows of these
+    packed weights reads its x: lets a caller chaining two GEMMs (mlp.py) have the first write the intermediate
+    activation in the order the second consumes (out_order), so that no copy reorders it."""
+    return _x_order(_use_words(codes, None, rows_bucket(rows, codes.shape[0])), is_kb_major(codes))
 
 
 def autotune_enabled() -> bool:
@@ -233,7 +241,8 @@ def _launch(kind: str, kernel, grid_n: int, m: int, e: int, config: TileConfig |
     if config is not None:
         grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
                                                                 else config.block_k))
-        kernel[grid](*args, **kw, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages)
+        regs = {} if config.max_regs is None or interpreting() else {"maxnreg": config.max_regs}
+        kernel[grid](*args, **kw, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages, **regs)
         return
     tile = "BLOCK_N" if kind != "dx" else "BLOCK_K"
     _tuned(kind, kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(grid_n, meta[tile]))](
@@ -253,7 +262,7 @@ def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.devi
 
 
 def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate,
-         gather_rows=None, scatter_rows=None, row_weights=None, x_interleaved=False, out_interleaved=False,
+         gather_rows=None, scatter_rows=None, row_weights=None, x_order="natural", out_order="natural",
          max_scale_byte=None):
     kind = "gated" if act else "fwd"
     e, n_rows, k = weight_dims(codes, scales)
@@ -283,16 +292,14 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     lh, lw, r = _pad_rank(lora, 2, m, "B")
     if lw is not None and lw.shape[:2] != (e, n_rows):
         raise ShapeError(f"lora 'B': expected [{e}, {n_rows}, R], got {tuple(lw.shape)}")
-    if out_interleaved and n % 32:
-        raise ShapeError(f"out_interleaved needs an output width that is a multiple of 32, got {n}")
+    check_order(x_order, "x_order")
+    check_order(out_order, "out_order")
+    if out_order != "natural" and n % 32:
+        raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
     if m == 0:
         return y, pre
     words = _use_words(codes, config, rows_bucket(m, e))
-    if words and not x_interleaved:
-        x = interleave_k(x)
-    elif x_interleaved and not words:
-        x = deinterleave_k(x)
-    x = x.contiguous()
+    x = reorder_k(x, x_order, _x_order(words, kb_major)).contiguous()
     decode = _decode()
     one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None
                    and max_scale_byte <= ONE_MUL_MAX_SCALE_BYTE)
@@ -311,7 +318,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
-              OUT_INTERLEAVED=out_interleaved, KB_MAJOR=kb_major)
+              OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major)
     _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
     return y, pre
 
@@ -319,7 +326,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
 def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
                      out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
                      lora: LowRank | None = None, scatter_rows: torch.Tensor | None = None,
-                     row_weights: torch.Tensor | None = None, x_interleaved: bool = False,
+                     row_weights: torch.Tensor | None = None, x_order: str = "natural",
                      max_scale_byte: int | None = None, config: TileConfig | None = None,
                      validate: bool | None = None) -> torch.Tensor:
     """y [M, N] = x_e @ W_e^T (+ bias[e]) (+ lora_h @ B_e^T) for each expert's rows.
@@ -328,7 +335,8 @@ def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch
     With scatter_rows [M] (a permutation of 0..M-1) and row_weights [M], sorted row r is written to
     y[scatter_rows[r]] multiplied by row_weights[scatter_rows[r]] (the MoE un-permutation with the router weight;
     rows no sorted row maps to are left uninitialised).
-    x_interleaved: x is given in interleave_k's column order (e.g. the gated GEMM's out_interleaved output).
+    x_order: the column order x is given in (interleave.ORDERS; e.g. the gated GEMM's out_order output): the op
+    reorders it, by a copy, unless it is already the order this call reduces in (reduction_order).
     max_scale_byte: an upper bound of the weight's scale bytes, if the caller knows one; <= 128 lets the bf16x2
     word decode apply scale and bias with one multiply (a wrong bound gives wrong results: only pass one that
     holds for the bytes this call reads).
@@ -336,14 +344,14 @@ def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch
     """
     return _fwd(x, expert_offsets, codes, scales, act=A.ACT_NONE, bias=bias, lora=lora, save_pre=False,
                 out_dtype=out_dtype, config=config, validate=validate, scatter_rows=scatter_rows,
-                row_weights=row_weights, x_interleaved=x_interleaved, max_scale_byte=max_scale_byte)[0]
+                row_weights=row_weights, x_order=x_order, max_scale_byte=max_scale_byte)[0]
 
 
 def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                            *, activation: str, bias: torch.Tensor | None = None, lora: LowRank | None = None,
                            save_pre: bool = False, out_dtype: torch.dtype | None = None,
-                           gather_rows: torch.Tensor | None = None, x_interleaved: bool = False,
-                           out_interleaved: bool = False, max_scale_byte: int | None = None,
+                           gather_rows: torch.Tensor | None = None, x_order: str = "natural",
+                           out_order: str = "natural", max_scale_byte: int | None = None,
                            config: TileConfig | None = None,
                            validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
@@ -353,12 +361,12 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
     needs it); activation is "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss clamp-swiglu).
     With gather_rows [M], x is the unsorted [T, K] and sorted row r reads x[gather_rows[r]] (the MoE permutation
     fused into the loads); the outputs have M rows.
-    out_interleaved writes act(pre) in interleave_k's column order (pre stays in the natural order), ready for
-    grouped_mm_mxfp4(..., x_interleaved=True). x_interleaved, max_scale_byte: as grouped_mm_mxfp4.
+    out_order writes act(pre) in that column order (interleave.ORDERS; pre stays in the natural order), ready for
+    grouped_mm_mxfp4(..., x_order=out_order). x_order, max_scale_byte: as grouped_mm_mxfp4.
     """
     return _fwd(x, expert_offsets, codes, scales, act=A.activation_code(activation), bias=bias, lora=lora,
                 save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows,
-                x_interleaved=x_interleaved, out_interleaved=out_interleaved, max_scale_byte=max_scale_byte)
+                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte)
 
 
 def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,

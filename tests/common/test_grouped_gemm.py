@@ -37,7 +37,7 @@ from common.grouped_gemm import (  # noqa: E402
 )
 from common.grouped_gemm import configs as C  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
-from common.grouped_gemm.interleave import deinterleave_k, interleave_k  # noqa: E402
+from common.grouped_gemm.interleave import deinterleave_k, interleave_k, reorder_k  # noqa: E402
 from common.grouped_gemm.layout import convert_in_place, from_kb_major, kb_major_view, to_kb_major  # noqa: E402
 from common.grouped_gemm import reference as R  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
@@ -149,29 +149,37 @@ def test_interleave_k_order_and_inverse():
     with pytest.raises(ShapeError, match="multiple of 32"):
         interleave_k(torch.zeros(2, 48))
     q = _packed(1, 2 * 48, 64, seed=6)  # an intermediate of 48 columns cannot be interleaved
-    with pytest.raises(ShapeError, match="out_interleaved needs an output width that is a multiple of 32, got 48"):
+    with pytest.raises(ShapeError, match="out_order='interleaved' needs an output width that is a multiple of 32, "
+                                         "got 48"):
         grouped_mm_mxfp4_gated(_bf16(3, 64, seed=7), _offsets([3]), q.codes, q.scales, activation="silu",
-                               out_interleaved=True)
+                               out_order="interleaved")
+    with pytest.raises(ValueError, match=r"x_order must be one of \('natural', 'interleaved', 'deinterleaved'\), "
+                                         "got 'shuffled'"):
+        grouped_mm_mxfp4(_bf16(3, 64, seed=7), _offsets([3]), q.codes[:, :48], q.scales[:, :48], x_order="shuffled")
+    assert torch.equal(reorder_k(interleave_k(x), "interleaved", "deinterleaved"), deinterleave_k(x))
+    assert reorder_k(x, "natural", "natural") is x
 
 
+@pytest.mark.parametrize("cfg", [None, TileConfig(16, 16, 64)], ids=["fixed", "n16"])
+@pytest.mark.parametrize("order", ["interleaved", "deinterleaved"])
 @pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
-def test_interleaved_inputs_and_outputs(words, monkeypatch):
-    """x_interleaved / out_interleaved are layouts, not approximations: whichever decode runs, an interleaved
-    input gives the natural input's output bit for bit, and the gated GEMM's interleaved output is
-    interleave_k of its natural output."""
+def test_ordered_inputs_and_outputs(words, order, cfg, monkeypatch):
+    """x_order / out_order are layouts, not approximations: whichever decode runs, a reordered input gives the
+    natural input's output bit for bit, and the gated GEMM's reordered output is its natural output reordered
+    (32-column tiles reorder it in registers, 16-column tiles store each column to its place)."""
     monkeypatch.setenv("MXFP4_GG_WORDS", words)
     e, n, k = 2, 64, 96
     counts = [5, 11]
     q13, q2 = _packed(e, 2 * n, k, seed=3), _packed(e, k, n, seed=4)
     offs = _offsets(counts)
     x = _bf16(sum(counts), k, seed=5)
-    act, _ = grouped_mm_mxfp4_gated(x, offs, q13.codes, q13.scales, activation="silu")
-    act_i, _ = grouped_mm_mxfp4_gated(interleave_k(x), offs, q13.codes, q13.scales, activation="silu",
-                                      out_interleaved=True, x_interleaved=True)
-    assert torch.equal(act_i, interleave_k(act))
-    y = grouped_mm_mxfp4(act, offs, q2.codes, q2.scales, out_dtype=torch.float32)
-    y_i = grouped_mm_mxfp4(act_i, offs, q2.codes, q2.scales, out_dtype=torch.float32, x_interleaved=True)
-    assert torch.equal(y_i, y)
+    act, _ = grouped_mm_mxfp4_gated(x, offs, q13.codes, q13.scales, activation="silu", config=cfg)
+    act_o, _ = grouped_mm_mxfp4_gated(reorder_k(x, "natural", order), offs, q13.codes, q13.scales,
+                                      activation="silu", out_order=order, x_order=order, config=cfg)
+    assert torch.equal(act_o, reorder_k(act, "natural", order))
+    y = grouped_mm_mxfp4(act, offs, q2.codes, q2.scales, out_dtype=torch.float32, config=cfg)
+    y_o = grouped_mm_mxfp4(act_o, offs, q2.codes, q2.scales, out_dtype=torch.float32, x_order=order, config=cfg)
+    assert torch.equal(y_o, y)
 
 
 @pytest.mark.parametrize("cfg", [FWD_CONFIGS[2], FWD_CONFIGS[3]], ids=FWD_IDS[2:])
@@ -412,18 +420,27 @@ def test_lora_grouped_helpers_match_loop():
     assert _rel(wg[2], a[2:7].float().T @ c[2:7].float()) < BF16_BOUND
 
 
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., B] code bytes -> [..., 2B] nibbles (element 2j low, 2j + 1 high)."""
+    return torch.stack((codes & 0xF, codes >> 4), -1).flatten(-2)
+
+
 @pytest.mark.parametrize("k", [96, 128])
 @pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_kb_major_codes_give_identical_outputs(cfg, words, k, monkeypatch):
-    """The forward GEMMs read kb-major codes (the Hopper engine's layout) to the same result bit for bit: the same
-    bytes reach the same decode, only the tile load differs. K = 96 leaves a partial last K tile (masked scale
-    blocks), 128 divides (EVEN_K); every code byte, scales 2^-27..2^3 (finite outputs, so the equality is not one
-    of infs); gather, scatter and bias fused."""
+    """Kb-major codes (the Hopper engine's layout: K-block-major, each block's nibbles stored pre-shuffled) give
+    the canonical layout's results bit for bit. The kb-major call takes x as it comes; the canonical call gets
+    the same stored nibbles in its own arrangement (rows of W[:, c(p)]) and x[:, c(p)] (deinterleave_k), the same
+    product reduced in the same order through the same decode, so only the tile loads and the op's choice of
+    x order differ. K = 96 leaves a partial last K tile (masked scale blocks), 128 divides (EVEN_K); every code
+    byte, scales 2^-27..2^3 (finite outputs, so the equality is not one of infs); gather, scatter and bias fused.
+    test_layer_on_kb_major_codes checks the products themselves against the reference."""
     monkeypatch.setenv("MXFP4_GG_WORDS", words)
     e, n = 3, 64
     codes, scales = _all_bytes_weight(e, n, k, scale_bytes=(100, 119, 126, 127, 128, 130))
     kb = to_kb_major(codes)
+    shuffled = kb.permute(0, 2, 1, 3).reshape(codes.shape)  # the stored nibbles in the canonical arrangement
     counts = [5, 0, 19]
     m = sum(counts)
     offs = _offsets(counts)
@@ -431,15 +448,41 @@ def test_kb_major_codes_give_identical_outputs(cfg, words, k, monkeypatch):
     rows = torch.randperm(m, generator=_gen(91)).to(DEVICE)
     rw = torch.rand(m, generator=_gen(92)).to(DEVICE)
     bias = _bf16(e, n, seed=93)
-    y = [grouped_mm_mxfp4(x, offs, c, scales, out_dtype=torch.float32, config=cfg, bias=bias, scatter_rows=rows,
-                          row_weights=rw) for c in (codes, kb)]
+    y = [grouped_mm_mxfp4(xx, offs, c, scales, out_dtype=torch.float32, config=cfg, bias=bias, scatter_rows=rows,
+                          row_weights=rw) for c, xx in ((shuffled, deinterleave_k(x)), (kb, x))]
     assert torch.equal(y[0].view(torch.int32), y[1].view(torch.int32))
-    g = [grouped_mm_mxfp4_gated(x, offs, c, scales, activation="silu", out_dtype=torch.float32, config=cfg,
-                                gather_rows=rows, save_pre=True) for c in (codes, kb)]
+    g = [grouped_mm_mxfp4_gated(xx, offs, c, scales, activation="silu", out_dtype=torch.float32, config=cfg,
+                                gather_rows=rows, save_pre=True) for c, xx in ((shuffled, deinterleave_k(x)), (kb, x))]
     assert torch.equal(g[0][0].view(torch.int32), g[1][0].view(torch.int32))
     assert torch.equal(g[0][1].view(torch.int16), g[1][1].view(torch.int16))
     for out in (y[0], g[0][0]):  # not a vacuous equality of zeros or infs
         assert torch.isfinite(out).all() and (out != 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
+def test_layer_on_kb_major_codes(words, monkeypatch):
+    """The MoE layer on kb-major codes (either decode, so either reduction order and the gated GEMM's reordered
+    output) against the fp32 reference of the canonical weights: relative error within the bf16 rounding of the
+    intermediate activation and the output (the bound of test_routing_roundtrip_and_layer_forward)."""
+    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+    t, k, e, h, i = 9, 2, 3, 64, 64
+    g = _gen(97)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(DEVICE)
+    x = _bf16(t, h, seed=98)
+    q13, q2 = _packed(e, 2 * i, h, seed=99, std=0.15), _packed(e, h, i, seed=100, std=0.2)
+    y = moe_layer_forward(x, ids, weights, (to_kb_major(q13.codes), q13.scales), (to_kb_major(q2.codes), q2.scales),
+                          activation="silu")
+    w13, w2 = common.dequantize((q13.codes, q13.scales), torch.float32), common.dequantize((q2.codes, q2.scales),
+                                                                                          torch.float32)
+    ref = torch.zeros(t, h)
+    for tok in range(t):
+        for j in range(k):
+            ex = int(ids[tok, j])
+            pre = x[tok].float().cpu() @ w13[ex].cpu().T
+            act = torch.nn.functional.silu(pre[:i]) * pre[i:]
+            ref[tok] += float(weights[tok, j]) * (act @ w2[ex].cpu().T)
+    assert _rel(y.cpu(), ref) < 2 * BF16_BOUND
 
 
 def test_kb_major_layout_round_trip_and_errors():
@@ -447,8 +490,9 @@ def test_kb_major_layout_round_trip_and_errors():
     q = _packed(e, n, k, seed=94)
     kb = to_kb_major(q.codes)
     assert kb.shape == (e, k // 32, n, 16)
-    # byte (row r, block b, j) of the canonical layout sits at [b, r, j]
-    assert torch.equal(kb[1, 2, 5], q.codes[1, 5, 32:48])
+    # block b of row r sits at [b, r]; its stored nibble p holds element 8(p%4) + 2(p//8) + (p//4)%2
+    p = torch.arange(32)
+    assert torch.equal(_nibbles(kb[1, 2, 5]), _nibbles(q.codes[1, 5, 32:48])[8 * (p % 4) + 2 * (p // 8) + (p // 4) % 2])
     assert torch.equal(from_kb_major(kb), q.codes)
     buf = q.codes.clone()
     convert_in_place(buf, to_kb=True, experts=torch.tensor([2, 0]))
@@ -518,7 +562,7 @@ params = list(inspect.signature(fn.fn).parameters)
 words = kind != "dx" and kind != "gated_bytes"
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
              E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
-             ONE_MUL=kind == "gated_one_mul", OUT_INTERLEAVED=words, WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
+             ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
              BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kind in ("gated", "gated_bytes"))
 const = {k: v for k, v in const.items() if k in params}
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
@@ -583,9 +627,14 @@ def test_decode_mode_defaults_and_errors(monkeypatch):
     for autotune in ("1", "0"):
         monkeypatch.setenv("MXFP4_GG_AUTOTUNE", autotune)
         monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "only")
-        assert not ops.uses_word_decode(codes, 16)
+        assert ops.reduction_order(codes, 16) == "natural"
         monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "off")
-        assert ops.uses_word_decode(codes, 16) and not ops.uses_word_decode(codes, 2 * 65 * 64)
+        assert ops.reduction_order(codes, 16) == "interleaved"
+        assert ops.reduction_order(codes, 2 * 65 * 64) == "natural"
+        # kb-major codes are stored pre-shuffled: the word decode reads x as it comes, the byte decode shuffled
+        kb = codes.view(2, 4, 64, 16)
+        assert ops.reduction_order(kb, 16) == "natural"
+        assert ops.reduction_order(kb, 2 * 65 * 64) == "deinterleaved"
     monkeypatch.setenv("MXFP4_GG_WORDS", "yes")
     with pytest.raises(ValueError, match="MXFP4_GG_WORDS must be 0 or 1"):
         ops.words_enabled()
