@@ -95,7 +95,8 @@ def main():
             xt = torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
             a = torch.randn(t * s["k"], s["I"], device="cuda", dtype=torch.bfloat16, generator=gen)
             # the inputs in the order the timed calls reduce in (the layer passes them so: no reordering copy)
-            xt_i = reorder_k(xt, "natural", ops.reduction_order(w_run["w13"][0], t * s["k"]))
+            x_order = ops.reduction_order(w_run["w13"][0], t * s["k"])
+            xt_i = reorder_k(xt, "natural", x_order)
             a_order = ops.reduction_order(w_run["w2"][0], t * s["k"])
             a_i = reorder_k(a, "natural", a_order)
             ref = {"gated": R.grouped_mm_gated_ref(xt[r.token.long()], r.offsets, *w["w13"],
@@ -111,7 +112,7 @@ def main():
                             def run(cfg=cfg):
                                 return grouped_mm_mxfp4_gated(xt_i, r.offsets, *w_run["w13"], activation=s["act"],
                                                               gather_rows=r.token,
-                                                              x_order=ops.reduction_order(w_run["w13"][0], t * s["k"]),
+                                                              x_order=x_order,
                                                               out_order=a_order, max_scale_byte=msb, config=cfg)
                             out = grouped_mm_mxfp4_gated(xt, r.offsets, *w_run["w13"], activation=s["act"],
                                                          gather_rows=r.token, out_dtype=torch.float32,

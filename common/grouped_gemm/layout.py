@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import e2m1
 from ..errors import DTypeError, ShapeError
 from .interleave import deinterleave_k, interleave_k
 
@@ -37,9 +38,8 @@ BLOCK_BYTES = 16  # code bytes of one 32-element scale block
 def _permute_nibbles(rows: torch.Tensor, forward: bool) -> torch.Tensor:
     """uint8 [R, K/2] code rows -> the same rows with every block's nibbles in the stored order of the kb-major
     layout (forward) or back in the natural order."""
-    nib = torch.stack((rows & 0xF, rows >> 4), -1).reshape(rows.shape[0], -1)  # element 2j, 2j + 1 of byte j
-    nib = deinterleave_k(nib) if forward else interleave_k(nib)
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    nib = e2m1.unpack(rows)
+    return e2m1.pack(deinterleave_k(nib) if forward else interleave_k(nib))
 
 
 def is_kb_major(codes: torch.Tensor) -> bool:

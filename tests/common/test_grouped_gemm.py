@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import common  # noqa: E402
+from common import e2m1  # noqa: E402
 from common.errors import DTypeError, ShapeError  # noqa: E402
 from common.grouped_gemm import (  # noqa: E402
     MXFP4GroupedMLP,
@@ -420,11 +421,6 @@ def test_lora_grouped_helpers_match_loop():
     assert _rel(wg[2], a[2:7].float().T @ c[2:7].float()) < BF16_BOUND
 
 
-def _nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., B] code bytes -> [..., 2B] nibbles (element 2j low, 2j + 1 high)."""
-    return torch.stack((codes & 0xF, codes >> 4), -1).flatten(-2)
-
-
 @pytest.mark.parametrize("k", [96, 128])
 @pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
@@ -492,7 +488,8 @@ def test_kb_major_layout_round_trip_and_errors():
     assert kb.shape == (e, k // 32, n, 16)
     # block b of row r sits at [b, r]; its stored nibble p holds element 8(p%4) + 2(p//8) + (p//4)%2
     p = torch.arange(32)
-    assert torch.equal(_nibbles(kb[1, 2, 5]), _nibbles(q.codes[1, 5, 32:48])[8 * (p % 4) + 2 * (p // 8) + (p // 4) % 2])
+    natural = e2m1.unpack(q.codes[1, 5, 32:48])
+    assert torch.equal(e2m1.unpack(kb[1, 2, 5]), natural[8 * (p % 4) + 2 * (p // 8) + (p // 4) % 2])
     assert torch.equal(from_kb_major(kb), q.codes)
     buf = q.codes.clone()
     convert_in_place(buf, to_kb=True, experts=torch.tensor([2, 0]))
