@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from common.errors import DTypeError, ShapeError  # noqa: E402
+from common.grouped_gemm import combine  # noqa: E402
 from common.grouped_gemm.combine import BLOCK_H, sum_slots  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
 
@@ -68,9 +69,12 @@ def _assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(got.view(ints)[~nan], want.view(ints)[~nan])
 
 
-def test_sum_slots_errors_and_empty():
+def test_sum_slots_errors_and_empty(monkeypatch):
     with pytest.raises(ShapeError, match=r"tensor 'y': expected \[T \* k, H\] with k = 4, got \(6, 8\)"):
         sum_slots(torch.zeros(6, 8, device=DEVICE), 4)
     with pytest.raises(DTypeError, match="tensor 'y': expected a float dtype, got torch.int32"):
         sum_slots(torch.zeros(4, 8, dtype=torch.int32, device=DEVICE), 2)
     assert sum_slots(torch.zeros(0, 8, device=DEVICE), 2).shape == (0, 8)
+    monkeypatch.setattr(combine, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match=r"sum_slots needs a CUDA tensor \(got cpu\)"):
+        combine.sum_slots(torch.zeros(4, 8), 2)

@@ -531,6 +531,9 @@ def test_errors_name_tensor_expected_and_actual():
         route(torch.tensor([[0, 5]]), 4, validate=True)
     with pytest.raises(ValueError, match="block_k must be >= 64"):
         TileConfig(16, 32, 32)
+    for regs in (100, 16, 256):
+        with pytest.raises(ValueError, match=rf"max_regs must be a multiple of 8 in \[24, 255\], got {regs}"):
+            TileConfig(16, 64, 128, max_regs=regs)
 
 
 def test_autotune_candidates_are_valid():
