@@ -21,9 +21,10 @@ from common.grouped_gemm import moe_layer_forward  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 
 
-# name: (MXFP4_GG_WORDS, pass max_scale_byte, kb-major codes as the hopper_triton engine serves them)
+# name: (MXFP4_GG_WORDS, pass max_scale_byte, kb-major codes as the hopper_triton engine serves them; the word
+# decode is the only one that reads kb-major codes)
 DECODES = {"words": ("1", False, False), "bound": ("1", True, False), "bytes": ("0", False, False),
-           "kb": ("1", False, True), "kb_bound": ("1", True, True), "kb_bytes": ("0", False, True)}
+           "kb": ("1", False, True), "kb_bound": ("1", True, True)}
 
 
 def main():
@@ -31,8 +32,8 @@ def main():
     ap.add_argument("--shapes", default="dsv4,gptoss")
     ap.add_argument("--tokens", default="16,128,1024")
     ap.add_argument("--decodes", default="kb,words,bound,bytes", help="words (MXFP4_GG_WORDS=1), bound (the same "
-                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0), each on canonical codes; kb, kb_bound, kb_bytes: "
-                    "the same on kb-major codes (the engine's layout)")
+                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0), each on canonical codes; kb, kb_bound: the word "
+                    "decode on kb-major codes (the engine's layout)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):

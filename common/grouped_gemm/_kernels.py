@@ -54,6 +54,8 @@ def _grouped_fwd_kernel(
     # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block; tl.dot_scaled reads the
     # canonical layout only (ops.py refuses the combination)
     tl.static_assert(not (KB_MAJOR and DOT_SCALED))
+    # kb-major words scatter each element's bits (layout.py): the word decode reads them, the byte decode cannot
+    tl.static_assert(not KB_MAJOR or WORDS)
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -117,21 +119,22 @@ def _grouped_fwd_kernel(
                 s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             # x is in the column order the decoded tile reduces in (ops.reduction_order)
             wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
-            acc = _dot_xwt(a, _dequant_words(wd, fa, fb, BLOCK_N, BLOCK_K, WDEC, OM), acc, SWAP_AB, F32_DOT)
+            w = _dequant_words(wd, fa, fb, BLOCK_N, BLOCK_K, WDEC, OM, KB_MAJOR)
+            acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
             if ACT != ACT_NONE:
                 wd = _load_code_words(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
-                acc_up = _dot_xwt(a, _dequant_words(wd, fa_up, fb_up, BLOCK_N, BLOCK_K, WDEC, OM), acc_up,
-                                  SWAP_AB, F32_DOT)
+                w = _dequant_words(wd, fa_up, fb_up, BLOCK_N, BLOCK_K, WDEC, OM, KB_MAJOR)
+                acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
         else:
             s_cur = s_nxt
             s_up_cur = s_up_nxt
             s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
                 s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
-            wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+            wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
             acc = _dot_xwt(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
             if ACT != ACT_NONE:
-                wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+                wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
                 acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
                                   F32_DOT)
         a_ptrs += BLOCK_K

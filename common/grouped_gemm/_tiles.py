@@ -8,6 +8,8 @@ scale is a power of two, so value * scale (fp32) is a bf16 number and the cast t
 import triton
 import triton.language as tl
 
+from . import layout
+
 ACT_NONE = tl.constexpr(0)
 ACT_SILU = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
@@ -162,15 +164,12 @@ def _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_kb, C: tl.constexpr,
 
 
 @triton.jit
-def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr,
-                       KB_MAJOR: tl.constexpr = False):
+def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexpr, EVEN_K: tl.constexpr):
     """Code bytes uint8 [R, C/2] of W[rows, col0:col0+C] of one expert (packed codes [N, K/2]); masked bytes
     read as 0 (+0.0). C is a multiple of 32 and col0 of C, and K a multiple of 32, so a scale block is either
     wholly inside K or wholly masked. EVEN_K (K % C == 0): no mask along K (as _load_scales).
-    KB_MAJOR: the expert's codes are [K/32, N, 16] (common/grouped_gemm/layout.py) and stride_cr is the stride of
-    a scale block (_load_kb_major)."""
-    if KB_MAJOR:
-        return _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_cr, C, EVEN_K, 16)
+    Canonical codes only: kb-major words scatter each element's bits (layout.py), which only the word decode
+    reads."""
     pc = col0 // 2 + tl.arange(0, C // 2)
     if EVEN_K:
         mask = row_ok[:, None]
@@ -244,12 +243,48 @@ _WORD_DECODE_ASM = tl.constexpr(_word_decode_asm(False))
 _WORD_DECODE_ASM_ONE_MUL = tl.constexpr(_word_decode_asm(True))
 
 
+def _kb_word_decode_asm(one_mul: bool) -> str:
+    """PTX of _e2m1_words_bf16x2 for kb-major words, whose slots' bits are stored where one step moves them onto
+    layout.DECODE_MASK (layout.py): pair 0 in place, pairs 1 and 2 rotated (shf.l.wrap), pair 3 masked and
+    multiplied (three non-overlapping shifted copies). Same outputs and scale multiplies as _word_decode_asm."""
+    mask = f"{layout.DECODE_MASK:#010x}"
+    lines = ["{", ".reg .b32 c, x;", "mov.b32 c, 0x7E807E80;"]
+    for i in range(4):
+        if i == 0:
+            lines.append(f"and.b32 x, $4, {mask};")
+        elif i < 3:
+            lines += [f"shf.l.wrap.b32 x, $4, $4, {layout.PAIR_ROTATE[i]};", f"and.b32 x, x, {mask};"]
+        else:
+            lines += [f"and.b32 x, $4, {layout.PAIR3_MASK:#010x};", f"mul.lo.u32 x, x, {layout.PAIR3_MULTIPLIER};",
+                      f"and.b32 x, x, {mask};"]
+        lines += ([f"mul.rn.bf16x2 ${i}, x, $6;"] if one_mul
+                  else ["mul.rn.bf16x2 x, x, c;", f"mul.rn.bf16x2 ${i}, x, $6;"])
+    return "\n".join(lines + ["}"])
+
+
+_KB_WORD_DECODE_ASM = tl.constexpr(_kb_word_decode_asm(False))
+_KB_WORD_DECODE_ASM_ONE_MUL = tl.constexpr(_kb_word_decode_asm(True))
+_KB_DECODE_MASK = tl.constexpr(layout.DECODE_MASK)
+_KB_ROT1 = tl.constexpr(layout.PAIR_ROTATE[1])
+_KB_ROT2 = tl.constexpr(layout.PAIR_ROTATE[2])
+_KB_PAIR3_MASK = tl.constexpr(layout.PAIR3_MASK)
+_KB_PAIR3_MULTIPLIER = tl.constexpr(layout.PAIR3_MULTIPLIER)
+
+
 @triton.jit
-def _e2m1_words_bf16x2(words, factor, ONE_MUL: tl.constexpr):
-    """Four bf16 [R, W, 2] tensors o_i[r, w, h] = E2M1 nibble i + 4h of words[r, w] (int32 [R, W, 2], the word
-    repeated along h) times the scale whose bf16 factor is given ([R, W, 2]; 2^(s - 1) with ONE_MUL, else
-    2^(s - 127)); sm_90 PTX (see _word_decode_asm)."""
-    if ONE_MUL:
+def _e2m1_words_bf16x2(words, factor, ONE_MUL: tl.constexpr, KB_MAJOR: tl.constexpr):
+    """Four bf16 [R, W, 2] tensors o_i[r, w, h] = E2M1 slot i + 4h of words[r, w] (int32 [R, W, 2], the word
+    repeated along h; a slot is nibble i + 4h of a canonical word, or the bits layout.SLOT_BITS names in a kb-major
+    one) times the scale whose bf16 factor is given ([R, W, 2]; 2^(s - 1) with ONE_MUL, else 2^(s - 127)); sm_90
+    PTX (see _word_decode_asm and _kb_word_decode_asm)."""
+    if KB_MAJOR:
+        if ONE_MUL:
+            out = tl.inline_asm_elementwise(asm=_KB_WORD_DECODE_ASM_ONE_MUL, constraints="=r,=r,=r,=r,r,r,r",
+                                            args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(asm=_KB_WORD_DECODE_ASM, constraints="=r,=r,=r,=r,r,r,r",
+                                            args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    elif ONE_MUL:
         out = tl.inline_asm_elementwise(asm=_WORD_DECODE_ASM_ONE_MUL, constraints="=r,=r,=r,=r,r,r,r",
                                         args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
     else:
@@ -263,6 +298,30 @@ def _nibble_f32(words, n: tl.constexpr):
     """fp32 E2M1 value * 2^-126 of nibble n of each word (bit placement, as _e2m1_f32_scaled_down)."""
     v = (words >> (4 * n)) & 0xF
     return (((v & 0x7) << 22) | ((v & 0x8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kb_pair_bits(words, i: tl.constexpr):
+    """uint32 bf16x2 bit patterns of pair i (slots i, i + 4) of kb-major words: the integer steps of
+    _kb_word_decode_asm, portable (the interpreter, the elementwise decode)."""
+    w = words.to(tl.uint32, bitcast=True)
+    if i == 1:
+        w = (w << _KB_ROT1) | (w >> (32 - _KB_ROT1))
+    elif i == 2:
+        w = (w << _KB_ROT2) | (w >> (32 - _KB_ROT2))
+    elif i == 3:
+        w = (w & _KB_PAIR3_MASK) * _KB_PAIR3_MULTIPLIER
+    return w & _KB_DECODE_MASK
+
+
+@triton.jit
+def _slot_pair_f32(words, i: tl.constexpr, h, KB_MAJOR: tl.constexpr):
+    """fp32 E2M1 value * 2^-126 of slot i + 4h (h: 0/1 tensor broadcast with words) of each word."""
+    if KB_MAJOR:
+        x = _kb_pair_bits(words, i)
+        bits = tl.where(h == 0, x << 16, x & 0xFFFF0000)
+        return bits.to(tl.float32, bitcast=True)
+    return tl.where(h == 0, _nibble_f32(words, i), _nibble_f32(words, i + 4))
 
 
 @triton.jit
@@ -335,19 +394,21 @@ def _word_factors(s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE
 
 
 @triton.jit
-def _dequant_words(words, fa, fb, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr):
-    """bf16 [R, C] of a tile from _load_code_words in the interleaved column order (c = 8i + 2t + h <- stored
-    element 8t + i + 4h of every 32-element block); exact, as _dequant_tile. (fa, fb): _word_factors of the tile's
-    scale bytes. ONE_MUL (bf16x2 only) needs every scale byte <= 128 (ops checks the caller's bound)."""
+def _dequant_words(words, fa, fb, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr, ONE_MUL: tl.constexpr,
+                   KB_MAJOR: tl.constexpr):
+    """bf16 [R, C] of a tile from _load_code_words in the interleaved column order (c = 8i + 2t + h <- slot i + 4h
+    of word t of every 32-element block); exact, as _dequant_tile. (fa, fb): _word_factors of the tile's scale
+    bytes. ONE_MUL (bf16x2 only) needs every scale byte <= 128 (ops checks the caller's bound). KB_MAJOR: the words
+    hold their slots' bits as layout.SLOT_BITS places them."""
     wd = tl.broadcast_to(words[:, :, None], (R, C // 8, 2))
     if DECODE == DECODE_BF16X2:
-        o0, o1, o2, o3 = _e2m1_words_bf16x2(wd, fa, ONE_MUL)
+        o0, o1, o2, o3 = _e2m1_words_bf16x2(wd, fa, ONE_MUL, KB_MAJOR)
     else:
         h = tl.arange(0, 2)[None, None, :]
-        o0 = tl.where(h == 0, _nibble_f32(wd, 0), _nibble_f32(wd, 4))
-        o1 = tl.where(h == 0, _nibble_f32(wd, 1), _nibble_f32(wd, 5))
-        o2 = tl.where(h == 0, _nibble_f32(wd, 2), _nibble_f32(wd, 6))
-        o3 = tl.where(h == 0, _nibble_f32(wd, 3), _nibble_f32(wd, 7))
+        o0 = _slot_pair_f32(wd, 0, h, KB_MAJOR)
+        o1 = _slot_pair_f32(wd, 1, h, KB_MAJOR)
+        o2 = _slot_pair_f32(wd, 2, h, KB_MAJOR)
+        o3 = _slot_pair_f32(wd, 3, h, KB_MAJOR)
         o0, o1, o2, o3 = ((o0 * fa) * fb, (o1 * fa) * fb, (o2 * fa) * fb, (o3 * fa) * fb)
         o0, o1, o2, o3 = o0.to(tl.bfloat16), o1.to(tl.bfloat16), o2.to(tl.bfloat16), o3.to(tl.bfloat16)
     # o_i[r, 4b + t, h] -> column 32b + 8i + 2t + h, i = x + 2y

@@ -97,14 +97,20 @@ def _medium(kind: str) -> list[TileConfig]:
 def _large(kind: str) -> list[TileConfig]:
     # Many rows per expert: compute-bound. swap_ab puts the dequantized weight tile (in registers) on the MMA's A
     # side, which Hopper's wgmma reads from registers, and the activations on the B side (shared memory).
+    # The 8-warp swap_ab tiles added in the seventh round are the fastest at DeepSeek-V4-Flash 4096 tokens on an
+    # H100 (bench/RESULTS.md: byte decode, each GEMM from a CUDA graph); the 4-warp swap_ab tiles run the bf16x2
+    # word decode (TileConfig.word_pairs), the only one that reads the engine's kb-major codes.
     if kind == "gated":  # two accumulators: keep BLOCK_M * BLOCK_N * 2 fp32 within the register file
         return [TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3, True),
-                TileConfig(128, 64, 128, 8, 3, True)]
+                TileConfig(128, 64, 128, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True),
+                TileConfig(128, 128, 64, 8, 4, True), TileConfig(128, 64, 64, 4, 3, True),
+                TileConfig(64, 64, 128, 4, 4, True)]
     if kind == "dx":  # (BLOCK_N reduction, BLOCK_K output)
         return [TileConfig(128, 64, 128, 8, 3), TileConfig(128, 64, 256, 8, 3), TileConfig(128, 64, 128, 8, 3, True),
-                TileConfig(64, 64, 256, 8, 3, True)]
+                TileConfig(64, 64, 256, 8, 3, True), TileConfig(128, 64, 256, 8, 3, True)]
     return [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4), TileConfig(128, 128, 64, 8, 3, True),
-            TileConfig(64, 128, 128, 4, 3, True)]
+            TileConfig(64, 128, 128, 4, 3, True), TileConfig(256, 128, 64, 8, 3, True),
+            TileConfig(128, 128, 64, 4, 3, True)]
 
 
 DOT_SCALED_MODES = ("auto", "off", "only")

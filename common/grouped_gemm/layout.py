@@ -1,9 +1,9 @@
 """The K-block-major code layout of the forward GEMMs ("kb-major"), the Hopper engine's resident layout.
 
 Canonical codes are [E, N, K/2]: a weight row's bytes are contiguous. Kb-major codes hold the same nibbles as
-[E, K/32, N, 16]: for every 32-element scale block, the 16 code bytes of all N rows, row after row; inside a block
-the nibbles are permuted so that stored nibble p holds element 8(p%4) + 2(p//8) + (p//4)%2 (the block's
-`deinterleave_k` order). Scales stay canonical [E, N, K/32].
+[E, K/32, N, 16]: for every 32-element scale block, the 16 code bytes (4 little-endian 32-bit words) of all N rows,
+row after row; inside a block the elements are permuted (below) and inside each word their bits are scattered so
+that the word decode needs few instructions (below). Scales stay canonical [E, N, K/32].
 
 Why: a forward GEMM step reads a [rows, BLOCK_K] tile. Triton's pipeliner copies it to shared memory in the order
 of the load, and the decode reads it back with 8-row ldmatrix instructions. With canonical rows the shared rows
@@ -13,15 +13,27 @@ the tile as [BLOCK_K/32, rows, 16 bytes] fixes the shared side, but from canonic
 copies then touch 32 different rows (uncoalesced); from kb-major memory the same copies are contiguous. Measured
 at DeepSeek-V4-Flash decode sizes: the gated GEMM 11% faster (bench/RESULTS.md, fifth round).
 
-Why the nibble permutation: the word decode feeds reduction slot 8i + 2t + h the stored nibble 8t + i + 4h
+Why the nibble permutation: the word decode feeds reduction slot 8i + 2t + h the element in word t, slot i + 4h
 (interleave.py). On canonical codes that is a shuffled K order, and the activations had to be copied into it
-(`interleave_k`, a kernel launch per layer: 3.5% of the DeepSeek-V4-Flash decode layer). Stored permuted, the
-shuffle cancels: the word decode (the engine's decode sizes) reduces in the natural order and reads the layer
-input as it comes; the byte decode (large batches) reads the activations in `deinterleave_k`'s order instead.
+(`interleave_k`, a kernel launch per layer: 3.5% of the DeepSeek-V4-Flash decode layer). Stored permuted (slot
+i + 4h of word t holds element 8i + 2t + h), the shuffle cancels: the word decode reduces in the natural order and
+reads the layer input as it comes.
 
-The conversion is a nibble permutation: exact, and undone by from_kb_major (the engine's sync and hashing read the
-canonical bytes back). Only the forward kernels read kb-major codes; the dx kernel and tl.dot_scaled need the
-canonical layout.
+Why the bits of a word are scattered (SLOT_BITS): the decode turns slots (i, i + 4) of a word into one bf16x2
+register whose halves carry an E2M1 value's sign at bf16 bit 15 and its three magnitude bits at bits 8..6
+(DECODE_MASK; the scale multiply fixes the exponent). From a nibble that costs two shifts and two masks per pair,
+because sign and magnitude sit 3 bits apart in a nibble and 7 bits apart in the bf16. Kb-major words therefore
+store every slot's four bits where one cheap step moves them into place: pair 0 already sits there (one mask),
+pairs 1 and 2 need a rotation by 10 and 13 bits (rotate, mask), and pair 3 a multiply by 2^3 + 2^8 + 2^14 whose
+three shifted copies never overlap (mask, multiply, mask). 8 integer instructions per word instead of 16: the
+word decode GEMMs are issue-bound at decode sizes (Nsight Compute on an H100: 73% issue slots busy, ALU the
+busiest pipe; bench/RESULTS.md, seventh round). No four rotations of the mask tile a 32-bit word (checked
+exhaustively), hence the multiply for the last pair.
+
+The byte decode cannot read these words, so the forward kernels read kb-major codes with the word decode at every
+batch size (ops._use_words). The conversion is a bit permutation: exact, and undone by from_kb_major (the engine's
+sync and hashing read the canonical bytes back). Only the forward kernels read kb-major codes; the dx kernel and
+tl.dot_scaled need the canonical layout.
 """
 
 from __future__ import annotations
@@ -34,12 +46,78 @@ from .interleave import deinterleave_k, interleave_k
 
 BLOCK_BYTES = 16  # code bytes of one 32-element scale block
 
+# The bf16x2 bits one decoded pair of slots lands in: sign 15 / 31, magnitude (mantissa, exponent bits) 6..8 / 22..24.
+DECODE_MASK = 0x81C081C0
+# How the decode of pair i (slots i and i + 4 of a word) moves its bits onto DECODE_MASK: pair 0 is stored in place,
+# pairs 1 and 2 rotated right by PAIR_ROTATE[i] (the decode rotates them back), pair 3 is multiplied by PAIR3_MULTIPLIER
+# after masking it out with PAIR3_MASK.
+PAIR_ROTATE = (0, 10, 13)
+PAIR3_MASK = 0x001B001B
+PAIR3_MULTIPLIER = (1 << 3) + (1 << 8) + (1 << 14)
+_TARGET = ((6, 7, 8, 15), (22, 23, 24, 31))  # bf16x2 half h: E2M1 bits 0..3 (mantissa, exponent lo, hi, sign)
+
+
+def _slot_bits() -> tuple[tuple[int, ...], ...]:
+    """SLOT_BITS[n][b]: the word bit holding bit b of slot n (n = i + 4h: pair i, bf16x2 half h)."""
+    table = [[0] * 4 for _ in range(8)]
+    for i in range(4):
+        for h in range(2):
+            for b in range(4):
+                t = _TARGET[h][b]
+                if i < 3:
+                    src = (t - PAIR_ROTATE[i]) % 32
+                else:  # the copy shifted by 3 carries bits 0..1, by 8 bit 2, by 14 the sign
+                    src = t - (3, 3, 8, 14)[b]
+                table[i + 4 * h][b] = src
+    return tuple(tuple(r) for r in table)
+
+
+SLOT_BITS = _slot_bits()
+
+
+def _check_slot_bits() -> None:
+    bits = [b for slot in SLOT_BITS for b in slot]
+    if sorted(bits) != list(range(32)):
+        raise AssertionError(f"kb-major slot bits do not partition the word: {SLOT_BITS}")
+    pair3 = sum(1 << b for n in (3, 7) for b in SLOT_BITS[n])
+    if pair3 != PAIR3_MASK:
+        raise AssertionError(f"PAIR3_MASK {PAIR3_MASK:#x} != the pair-3 bits {pair3:#x}")
+
+
+_check_slot_bits()
+
+
+def _words_from_slots(nib: torch.Tensor) -> torch.Tensor:
+    """E2M1 nibbles [R, K] in slot order (slot n of word w at column 8w + n) -> uint8 [R, K/2], each word's bits
+    placed per SLOT_BITS and stored little-endian."""
+    r, k = nib.shape
+    v = nib.reshape(r, k // 8, 8).to(torch.int64)
+    word = torch.zeros(r, k // 8, dtype=torch.int64, device=nib.device)
+    for n in range(8):
+        for b in range(4):
+            word |= ((v[..., n] >> b) & 1) << SLOT_BITS[n][b]
+    shifts = torch.arange(0, 32, 8, device=nib.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(r, k // 2)
+
+
+def _slots_from_words(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of _words_from_slots: uint8 [R, K/2] kb-major bytes -> nibbles [R, K] in slot order."""
+    r, kh = codes.shape
+    b = codes.reshape(r, kh // 4, 4).to(torch.int64)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    nib = torch.zeros(r, kh // 4, 8, dtype=torch.int64, device=codes.device)
+    for n in range(8):
+        for bit in range(4):
+            nib[..., n] |= ((word >> SLOT_BITS[n][bit]) & 1) << bit
+    return nib.reshape(r, kh * 2).to(torch.uint8)
+
 
 def _permute_nibbles(rows: torch.Tensor, forward: bool) -> torch.Tensor:
-    """uint8 [R, K/2] code rows -> the same rows with every block's nibbles in the stored order of the kb-major
-    layout (forward) or back in the natural order."""
-    nib = e2m1.unpack(rows)
-    return e2m1.pack(deinterleave_k(nib) if forward else interleave_k(nib))
+    """uint8 [R, K/2] canonical code rows -> the kb-major words of every block (forward: slot i + 4h of word t
+    holds element 8i + 2t + h, its bits placed per SLOT_BITS), or back to canonical rows."""
+    if forward:
+        return _words_from_slots(deinterleave_k(e2m1.unpack(rows)))
+    return e2m1.pack(interleave_k(_slots_from_words(rows)))
 
 
 def is_kb_major(codes: torch.Tensor) -> bool:

@@ -198,8 +198,18 @@ WORDS_MAX_BUCKET = 64
 def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> bool:
     """The word decode needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off) and
     excludes tl.dot_scaled, which reads the stored order (with MXFP4_GG_DOT_SCALED=only every candidate, the
-    un-tuned first one included, is a dot_scaled tile)."""
-    if not words_enabled() or codes.data_ptr() % 16 or decode_mode() == "select":
+    un-tuned first one included, is a dot_scaled tile). Kb-major codes are read by the word decode only (their
+    words scatter each element's bits, layout.py): at every batch size, and a setting that rules it out is an
+    error rather than a silent byte decode of the wrong bits."""
+    blocked = ("MXFP4_GG_WORDS=0" if not words_enabled() else
+               "MXFP4_GG_DECODE=select" if decode_mode() == "select" else
+               f"a code base address {codes.data_ptr()} not 16-byte aligned" if codes.data_ptr() % 16 else None)
+    if is_kb_major(codes):
+        if blocked:
+            raise ValueError(f"kb-major codes are read by the word decode only, which {blocked} rules out; "
+                             "convert them back with common.grouped_gemm.layout.from_kb_major or lift the setting")
+        return True
+    if blocked:
         return False
     if config is not None:
         return not config.dot_scaled

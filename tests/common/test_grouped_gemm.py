@@ -39,7 +39,10 @@ from common.grouped_gemm import (  # noqa: E402
 from common.grouped_gemm import configs as C  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
 from common.grouped_gemm.interleave import deinterleave_k, interleave_k, reorder_k  # noqa: E402
-from common.grouped_gemm.layout import convert_in_place, from_kb_major, kb_major_view, to_kb_major  # noqa: E402
+from common.grouped_gemm.layout import (  # noqa: E402
+    DECODE_MASK, PAIR3_MASK, PAIR3_MULTIPLIER, PAIR_ROTATE, SLOT_BITS, convert_in_place, from_kb_major,
+    kb_major_view, to_kb_major,
+)
 from common.grouped_gemm import reference as R  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
 
@@ -422,21 +425,21 @@ def test_lora_grouped_helpers_match_loop():
 
 
 @pytest.mark.parametrize("k", [96, 128])
-@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
-def test_kb_major_codes_give_identical_outputs(cfg, words, k, monkeypatch):
-    """Kb-major codes (the Hopper engine's layout: K-block-major, each block's nibbles stored pre-shuffled) give
-    the canonical layout's results bit for bit. The kb-major call takes x as it comes; the canonical call gets
-    the same stored nibbles in its own arrangement (rows of W[:, c(p)]) and x[:, c(p)] (deinterleave_k), the same
-    product reduced in the same order through the same decode, so only the tile loads and the op's choice of
-    x order differ. K = 96 leaves a partial last K tile (masked scale blocks), 128 divides (EVEN_K); every code
-    byte, scales 2^-27..2^3 (finite outputs, so the equality is not one of infs); gather, scatter and bias fused.
-    test_layer_on_kb_major_codes checks the products themselves against the reference."""
-    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+def test_kb_major_codes_give_identical_outputs(cfg, k):
+    """Kb-major codes (the Hopper engine's layout: K-block-major, each block's elements stored pre-shuffled and
+    each word's bits scattered for the decode) give the canonical layout's results bit for bit. The kb-major call
+    takes x as it comes; the canonical call gets the same elements in the same slots as plain nibbles (rows of
+    W[:, c(p)]) and x[:, c(p)] (deinterleave_k), the same product reduced in the same order through the word
+    decode, so only the tile loads, the bit extraction and the op's choice of x order differ. K = 96 leaves a
+    partial last K tile (masked scale blocks), 128 divides (EVEN_K); every code byte, scales 2^-27..2^3 (finite
+    outputs, so the equality is not one of infs); gather, scatter and bias fused. test_layer_on_kb_major_codes
+    checks the products themselves against the reference."""
     e, n = 3, 64
     codes, scales = _all_bytes_weight(e, n, k, scale_bytes=(100, 119, 126, 127, 128, 130))
     kb = to_kb_major(codes)
-    shuffled = kb.permute(0, 2, 1, 3).reshape(codes.shape)  # the stored nibbles in the canonical arrangement
+    # the kb-major slot order as canonical nibbles: block nibble 8t + n holds the element of word t, slot n
+    shuffled = e2m1.pack(deinterleave_k(e2m1.unpack(codes.reshape(e * n, -1)))).reshape(codes.shape)
     counts = [5, 0, 19]
     m = sum(counts)
     offs = _offsets(counts)
@@ -455,12 +458,10 @@ def test_kb_major_codes_give_identical_outputs(cfg, words, k, monkeypatch):
         assert torch.isfinite(out).all() and (out != 0).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
-def test_layer_on_kb_major_codes(words, monkeypatch):
-    """The MoE layer on kb-major codes (either decode, so either reduction order and the gated GEMM's reordered
-    output) against the fp32 reference of the canonical weights: relative error within the bf16 rounding of the
-    intermediate activation and the output (the bound of test_routing_roundtrip_and_layer_forward)."""
-    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+def test_layer_on_kb_major_codes():
+    """The MoE layer on kb-major codes against the fp32 reference of the canonical weights: relative error within
+    the bf16 rounding of the intermediate activation and the output (the bound of
+    test_routing_roundtrip_and_layer_forward)."""
     t, k, e, h, i = 9, 2, 3, 64, 64
     g = _gen(97)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
@@ -486,10 +487,15 @@ def test_kb_major_layout_round_trip_and_errors():
     q = _packed(e, n, k, seed=94)
     kb = to_kb_major(q.codes)
     assert kb.shape == (e, k // 32, n, 16)
-    # block b of row r sits at [b, r]; its stored nibble p holds element 8(p%4) + 2(p//8) + (p//4)%2
-    p = torch.arange(32)
-    natural = e2m1.unpack(q.codes[1, 5, 32:48])
-    assert torch.equal(e2m1.unpack(kb[1, 2, 5]), natural[8 * (p % 4) + 2 * (p // 8) + (p // 4) % 2])
+    # block b of row r sits at [b, r] as 4 little-endian words; slot i + 4h of word t holds element 8i + 2t + h,
+    # its bit j at word bit SLOT_BITS[i + 4h][j]
+    natural = e2m1.unpack(q.codes[1, 5, 32:48]).long()
+    words = kb[1, 2, 5].view(torch.int32).long() & 0xFFFFFFFF
+    for t in range(4):
+        for i in range(4):
+            for h in range(2):
+                nib = sum(((int(words[t]) >> SLOT_BITS[i + 4 * h][j]) & 1) << j for j in range(4))
+                assert nib == int(natural[8 * i + 2 * t + h]), (t, i, h)
     assert torch.equal(from_kb_major(kb), q.codes)
     buf = q.codes.clone()
     convert_in_place(buf, to_kb=True, experts=torch.tensor([2, 0]))
@@ -506,6 +512,47 @@ def test_kb_major_layout_round_trip_and_errors():
         grouped_mm_mxfp4(_bf16(4, k, seed=96), offs, kb, q.scales[:, :, :2])
     with pytest.raises(ShapeError, match="expected canonical codes"):
         to_kb_major(q.codes[:, :, :8].contiguous().view(e, n * 8)[:, :7])
+
+
+@pytest.mark.parametrize("setting", [("MXFP4_GG_WORDS", "0", "MXFP4_GG_WORDS=0"),
+                                     ("MXFP4_GG_DECODE", "select", "MXFP4_GG_DECODE=select")])
+def test_kb_major_codes_refuse_a_setting_without_the_word_decode(setting, monkeypatch):
+    """Only the word decode reads kb-major words: a setting that rules it out is an error naming the setting,
+    not a byte decode of scattered bits."""
+    env, value, named = setting
+    monkeypatch.setenv(env, value)
+    e, n, k = 2, 32, 64
+    q = _packed(e, n, k, seed=101)
+    kb = to_kb_major(q.codes)
+    with pytest.raises(ValueError, match=f"kb-major codes are read by the word decode only, which {named} rules out"):
+        grouped_mm_mxfp4(_bf16(3, k, seed=102), _offsets([2, 1]), kb, q.scales)
+
+
+def test_kb_major_decode_steps_recover_every_code():
+    """The integer steps the kb-major word decode runs (layout.py; _kb_word_decode_asm in PTX, _kb_pair_bits in
+    Triton) on words holding every code in every slot: pair i's bits after the step, masked to DECODE_MASK, are
+    each slot's E2M1 value in bf16 bit placement (value * 2^-126), for both halves. A pure-torch twin of the
+    kernels' arithmetic, so the bit table is checked on every machine; the kernels are checked against it by the
+    GEMM tests above."""
+    m32 = 0xFFFFFFFF
+    codes = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 64)
+    codes = torch.cat([codes, codes.flip(-1)], 1)  # every byte value, each in two positions: E 4, N 2, K 128
+    kb = to_kb_major(codes)  # [4, 4, 2, 16]
+    words = kb.view(torch.int32).long() & m32  # [E, K/32, N, word]
+    slots = deinterleave_k(e2m1.unpack(codes.reshape(8, -1))).reshape(4, 2, 4, 4, 8).permute(0, 2, 1, 3, 4)
+    for i in range(4):
+        if i == 0:
+            x = words
+        elif i < 3:
+            r = PAIR_ROTATE[i]
+            x = ((words << r) | (words >> (32 - r))) & m32
+        else:
+            x = ((words & PAIR3_MASK) * PAIR3_MULTIPLIER) & m32
+        x = x & DECODE_MASK
+        for h in range(2):
+            half = (x >> (16 * h)) & 0xFFFF
+            got = (half << 16).to(torch.int32).view(torch.float32) * 2.0 ** 126
+            assert torch.equal(got, e2m1.decode(slots[..., i + 4 * h])), (i, h)
 
 
 def test_errors_name_tensor_expected_and_actual():
@@ -559,11 +606,12 @@ from common.grouped_gemm import _kernels as K
 kind = sys.argv[1]
 fn = K._grouped_dx_kernel if kind == "dx" else K._grouped_fwd_kernel
 params = list(inspect.signature(fn.fn).parameters)
-words = kind != "dx" and kind != "gated_bytes"
+words = kind not in ("dx", "gated_bytes")
+kb = kind in ("gated", "gated_one_mul")
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=True, SCATTER=False,
              E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
-             BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kind in ("gated", "gated_bytes"))
+             BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb)
 const = {k: v for k, v in const.items() if k in params}
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
        "dst_ptr": "*i64", "rw_ptr": "*fp32"}
@@ -575,13 +623,14 @@ except FileNotFoundError as exc:
     print("NO-PTXAS", exc)
     sys.exit(0)
 ptx = compiled.asm["ptx"]
-marker = "shr.u32 x, " if words else "prmt.b32 t, "  # the word decode's nibble shift / the byte decode's spread
+# the kb-major word decode's rotation / the canonical one's nibble shift / the byte decode's spread
+marker = "shf.l.wrap.b32 x, " if kb else "shr.u32 x, " if words else "prmt.b32 t, "
 print("decode", marker in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
       "cubin", len(compiled.asm["cubin"]))
 """
 
 
-@pytest.mark.parametrize("kind", ["gated", "gated_one_mul", "gated_bytes", "dx"])
+@pytest.mark.parametrize("kind", ["gated", "gated_one_mul", "gated_canonical", "gated_bytes", "dx"])
 def test_bf16x2_decode_compiles_for_sm90(kind):
     """The bf16x2 decode is inline PTX that the interpreter never runs: compile the kernels that use it for sm_90
     ahead of time (Triton's bundled ptxas, no GPU needed; in a child process, since this one imported Triton in
@@ -631,10 +680,10 @@ def test_decode_mode_defaults_and_errors(monkeypatch):
         monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "off")
         assert ops.reduction_order(codes, 16) == "interleaved"
         assert ops.reduction_order(codes, 2 * 65 * 64) == "natural"
-        # kb-major codes are stored pre-shuffled: the word decode reads x as it comes, the byte decode shuffled
+        # kb-major codes are stored pre-shuffled and read by the word decode at every size: x as it comes
         kb = codes.view(2, 4, 64, 16)
         assert ops.reduction_order(kb, 16) == "natural"
-        assert ops.reduction_order(kb, 2 * 65 * 64) == "deinterleaved"
+        assert ops.reduction_order(kb, 2 * 65 * 64) == "natural"
     monkeypatch.setenv("MXFP4_GG_WORDS", "yes")
     with pytest.raises(ValueError, match="MXFP4_GG_WORDS must be 0 or 1"):
         ops.words_enabled()
