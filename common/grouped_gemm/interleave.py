@@ -7,9 +7,10 @@ p = 8t + i + 4h (word t, nibble i + 4h). The activations must follow the same or
 interleaved: `interleave_k(x)[:, c] = x[:, p]`. The gated GEMM can write its output in this order directly
 (`out_order`), so inside the MoE layer only the layer input is reordered on the host.
 
-Kb-major codes (layout.py) store each block's nibbles already permuted (stored position p holds element c(p)), so
-the word decode reduces them in the natural order and the byte decode in `deinterleave_k`'s. Which order a GEMM
-reads is `ORDERS[...]`, picked by ops.reduction_order from the decode and the code layout.
+Kb-major codes (layout.py) store each block's elements already permuted (word t, slot i + 4h holds element
+8i + 2t + h), so the word decode, the only one that reads them, reduces them in the natural order. Which order a
+GEMM reads is `ORDERS[...]`, picked by ops.reduction_order from the decode and the code layout; "deinterleaved"
+(the inverse permutation) remains for callers that hold data in it.
 """
 
 from __future__ import annotations

@@ -219,11 +219,9 @@ def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> b
 
 
 def _x_order(words: bool, kb_major: bool) -> str:
-    """The column order a forward GEMM reduces x in: the word decode shuffles each block (interleave.py), and
-    kb-major codes store each block pre-shuffled (layout.py); either alone shuffles, both cancel."""
-    if words == kb_major:
-        return "natural"
-    return "interleaved" if words else "deinterleaved"
+    """The column order a forward GEMM reduces x in: the word decode shuffles each block (interleave.py); kb-major
+    codes (always read by the word decode) store each block pre-shuffled (layout.py), and the two cancel."""
+    return "interleaved" if words and not kb_major else "natural"
 
 
 def reduction_order(codes: torch.Tensor, rows: int) -> str:
