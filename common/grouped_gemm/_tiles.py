@@ -272,24 +272,25 @@ _KB_PAIR3_MULTIPLIER = tl.constexpr(layout.PAIR3_MULTIPLIER)
 
 
 @triton.jit
+def _words_asm(words, factor, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,=r,=r,r,r,r", args=[words, factor],
+                                     dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+
+
+@triton.jit
 def _e2m1_words_bf16x2(words, factor, ONE_MUL: tl.constexpr, KB_MAJOR: tl.constexpr):
     """Four bf16 [R, W, 2] tensors o_i[r, w, h] = E2M1 slot i + 4h of words[r, w] (int32 [R, W, 2], the word
     repeated along h; a slot is nibble i + 4h of a canonical word, or the bits layout.SLOT_BITS names in a kb-major
     one) times the scale whose bf16 factor is given ([R, W, 2]; 2^(s - 1) with ONE_MUL, else 2^(s - 127)); sm_90
     PTX (see _word_decode_asm and _kb_word_decode_asm)."""
-    if KB_MAJOR:
-        if ONE_MUL:
-            out = tl.inline_asm_elementwise(asm=_KB_WORD_DECODE_ASM_ONE_MUL, constraints="=r,=r,=r,=r,r,r,r",
-                                            args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(asm=_KB_WORD_DECODE_ASM, constraints="=r,=r,=r,=r,r,r,r",
-                                            args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    if KB_MAJOR and ONE_MUL:
+        out = _words_asm(words, factor, _KB_WORD_DECODE_ASM_ONE_MUL)
+    elif KB_MAJOR:
+        out = _words_asm(words, factor, _KB_WORD_DECODE_ASM)
     elif ONE_MUL:
-        out = tl.inline_asm_elementwise(asm=_WORD_DECODE_ASM_ONE_MUL, constraints="=r,=r,=r,=r,r,r,r",
-                                        args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+        out = _words_asm(words, factor, _WORD_DECODE_ASM_ONE_MUL)
     else:
-        out = tl.inline_asm_elementwise(asm=_WORD_DECODE_ASM, constraints="=r,=r,=r,=r,r,r,r",
-                                        args=[words, factor], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+        out = _words_asm(words, factor, _WORD_DECODE_ASM)
     return out
 
 
