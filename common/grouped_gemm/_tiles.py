@@ -146,12 +146,12 @@ def _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C: tl.constexpr, 
 
 
 @triton.jit
-def _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_kb, C: tl.constexpr, EVEN_K: tl.constexpr,
-                   U: tl.constexpr):
-    """[R, C/32 * U] codes of W[rows, col0:col0+C] from an expert's kb-major codes [K/32, N, U] (U = 16 bytes or 4
-    words per row and scale block; stride_kb the stride of a scale block). Read as [C/32, R, U], contiguous rows of
-    16 bytes, so the pipeliner's shared copy has no bank conflicts, and permuted in registers. Masked blocks read
-    as 0 (+0.0); EVEN_K as _load_scales."""
+def _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_kb, C: tl.constexpr, EVEN_K: tl.constexpr):
+    """int32 [R, C/8] code words of W[rows, col0:col0+C] from an expert's kb-major codes [K/32, N, 4] (4 words per
+    row and scale block; stride_kb the stride of a scale block). Read as [C/32, R, 4], contiguous rows of 16 bytes,
+    so the pipeliner's shared copy has no bank conflicts, and permuted in registers. Masked blocks read as 0 (+0.0);
+    EVEN_K as _load_scales."""
+    U: tl.constexpr = 4
     kb = col0 // 32 + tl.arange(0, C // 32)
     u = tl.arange(0, U)
     ptrs = codes_ptr + (kb * stride_kb)[:, None, None] + (rows * U)[None, :, None] + u[None, None, :]
@@ -360,7 +360,7 @@ def _load_code_words(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.constexp
     scale block is 4 words). The kb-major read [C/32, R, 4] gives the pipeliner's shared copy 16-byte rows, which
     the decode's 8-row ldmatrix reads without bank conflicts (common/grouped_gemm/layout.py)."""
     if KB_MAJOR:
-        return _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_cr, C, EVEN_K, 4)
+        return _load_kb_major(codes_ptr, rows, row_ok, col0, K, stride_cr, C, EVEN_K)
     wc = col0 // 8 + tl.arange(0, C // 8)
     # a row holds K/8 words, a multiple of 4 (K % 32 == 0): every row starts 16-byte aligned, which the JIT's
     # divisibility-by-16 specialization of stride_cr cannot see for K = 2880 (gpt-oss: 360 words)

@@ -49,11 +49,12 @@ BLOCK_BYTES = 16  # code bytes of one 32-element scale block
 # The bf16x2 bits one decoded pair of slots lands in: sign 15 / 31, magnitude (mantissa, exponent bits) 6..8 / 22..24.
 DECODE_MASK = 0x81C081C0
 # How the decode of pair i (slots i and i + 4 of a word) moves its bits onto DECODE_MASK: pair 0 is stored in place,
-# pairs 1 and 2 rotated right by PAIR_ROTATE[i] (the decode rotates them back), pair 3 is multiplied by PAIR3_MULTIPLIER
-# after masking it out with PAIR3_MASK.
+# pairs 1 and 2 rotated right by PAIR_ROTATE[i] (the decode rotates them back); pair 3's E2M1 bits 0..3 sit
+# PAIR3_SHIFTS[b] below their targets, and one multiply by the sum of those powers of two (three copies that never
+# overlap) moves them all after a mask keeps pair 3 alone.
 PAIR_ROTATE = (0, 10, 13)
-PAIR3_MASK = 0x001B001B
-PAIR3_MULTIPLIER = (1 << 3) + (1 << 8) + (1 << 14)
+PAIR3_SHIFTS = (3, 3, 8, 14)
+PAIR3_MULTIPLIER = sum(1 << s for s in set(PAIR3_SHIFTS))
 _TARGET = ((6, 7, 8, 15), (22, 23, 24, 31))  # bf16x2 half h: E2M1 bits 0..3 (mantissa, exponent lo, hi, sign)
 
 
@@ -64,27 +65,14 @@ def _slot_bits() -> tuple[tuple[int, ...], ...]:
         for h in range(2):
             for b in range(4):
                 t = _TARGET[h][b]
-                if i < 3:
-                    src = (t - PAIR_ROTATE[i]) % 32
-                else:  # the copy shifted by 3 carries bits 0..1, by 8 bit 2, by 14 the sign
-                    src = t - (3, 3, 8, 14)[b]
-                table[i + 4 * h][b] = src
+                table[i + 4 * h][b] = (t - PAIR_ROTATE[i]) % 32 if i < 3 else t - PAIR3_SHIFTS[b]
+    if sorted(bit for slot in table for bit in slot) != list(range(32)):
+        raise AssertionError(f"kb-major slot bits do not partition the word: {table}")
     return tuple(tuple(r) for r in table)
 
 
 SLOT_BITS = _slot_bits()
-
-
-def _check_slot_bits() -> None:
-    bits = [b for slot in SLOT_BITS for b in slot]
-    if sorted(bits) != list(range(32)):
-        raise AssertionError(f"kb-major slot bits do not partition the word: {SLOT_BITS}")
-    pair3 = sum(1 << b for n in (3, 7) for b in SLOT_BITS[n])
-    if pair3 != PAIR3_MASK:
-        raise AssertionError(f"PAIR3_MASK {PAIR3_MASK:#x} != the pair-3 bits {pair3:#x}")
-
-
-_check_slot_bits()
+PAIR3_MASK = sum(1 << b for n in (3, 7) for b in SLOT_BITS[n])
 
 
 def _words_from_slots(nib: torch.Tensor) -> torch.Tensor:
@@ -112,11 +100,14 @@ def _slots_from_words(codes: torch.Tensor) -> torch.Tensor:
     return nib.reshape(r, kh * 2).to(torch.uint8)
 
 
-def _permute_nibbles(rows: torch.Tensor, forward: bool) -> torch.Tensor:
-    """uint8 [R, K/2] canonical code rows -> the kb-major words of every block (forward: slot i + 4h of word t
-    holds element 8i + 2t + h, its bits placed per SLOT_BITS), or back to canonical rows."""
-    if forward:
-        return _words_from_slots(deinterleave_k(e2m1.unpack(rows)))
+def _kb_rows(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, K/2] canonical code rows -> the same rows as kb-major words (slot i + 4h of word t holds element
+    8i + 2t + h of its block, its bits placed per SLOT_BITS)."""
+    return _words_from_slots(deinterleave_k(e2m1.unpack(rows)))
+
+
+def _canonical_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The inverse of _kb_rows."""
     return e2m1.pack(interleave_k(_slots_from_words(rows)))
 
 
@@ -137,7 +128,7 @@ def to_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
     """Canonical [E, N, K/2] -> kb-major [E, K/32, N, 16] (a new contiguous tensor)."""
     _check_canonical(codes, name)
     e, n, kh = codes.shape
-    stored = _permute_nibbles(codes.reshape(e * n, kh), forward=True)
+    stored = _kb_rows(codes.reshape(e * n, kh))
     return stored.reshape(e, n, kh // BLOCK_BYTES, BLOCK_BYTES).permute(0, 2, 1, 3).contiguous()
 
 
@@ -148,7 +139,7 @@ def from_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
                          f"{codes.dtype} {tuple(codes.shape)}")
     e, kb, n, _ = codes.shape
     rows = codes.permute(0, 2, 1, 3).reshape(e * n, kb * BLOCK_BYTES)
-    return _permute_nibbles(rows, forward=False).reshape(e, n, kb * BLOCK_BYTES)
+    return _canonical_rows(rows).reshape(e, n, kb * BLOCK_BYTES)
 
 
 def kb_major_view(storage: torch.Tensor, name: str = "codes") -> torch.Tensor:
