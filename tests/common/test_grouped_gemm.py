@@ -515,15 +515,19 @@ def test_kb_major_layout_round_trip_and_errors():
 
 
 @pytest.mark.parametrize("setting", [("MXFP4_GG_WORDS", "0", "MXFP4_GG_WORDS=0"),
-                                     ("MXFP4_GG_DECODE", "select", "MXFP4_GG_DECODE=select")])
+                                     ("MXFP4_GG_DECODE", "select", "MXFP4_GG_DECODE=select"),
+                                     (None, None, "a code base address .* not 16-byte aligned")])
 def test_kb_major_codes_refuse_a_setting_without_the_word_decode(setting, monkeypatch):
-    """Only the word decode reads kb-major words: a setting that rules it out is an error naming the setting,
-    not a byte decode of scattered bits."""
+    """Only the word decode reads kb-major words: a setting (or a code buffer) that rules it out is an error naming
+    it, not a byte decode of scattered bits."""
     env, value, named = setting
-    monkeypatch.setenv(env, value)
+    if env:
+        monkeypatch.setenv(env, value)
     e, n, k = 2, 32, 64
     q = _packed(e, n, k, seed=101)
     kb = to_kb_major(q.codes)
+    if env is None:  # the same bytes one byte past a 16-byte boundary
+        kb = torch.cat([kb.new_zeros(1), kb.reshape(-1)])[1:].view(kb.shape)
     with pytest.raises(ValueError, match=f"kb-major codes are read by the word decode only, which {named} rules out"):
         grouped_mm_mxfp4(_bf16(3, k, seed=102), _offsets([2, 1]), kb, q.scales)
 
