@@ -26,7 +26,7 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _down(x: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
     """scaling * x_e @ A_e^T [M, R] (bf16): the LoRA down-projection, or None without LoRA."""
-    return None if a is None else L.grouped_mm(x, offsets, a.transpose(1, 2)) * scaling
+    return None if a is None else L.project(x, offsets, a, scaling)
 
 
 class MXFP4GroupedMLP(torch.autograd.Function):
@@ -57,24 +57,23 @@ class MXFP4GroupedMLP(torch.autograd.Function):
         x, offsets, c13, s13, c2, s2, pre, act, hs13, hs2, a13, b13, a2, b2 = ctx.saved_tensors
         scaling, activation, dtypes = ctx.meta
         dy = dy.to(torch.bfloat16).contiguous()
-        grads = [None, None, None, None]
+        grads = [None, None, None, None]  # each written once, in its master's dtype
         lora2 = None
         if a2 is not None:
-            grads[3] = L.grouped_wgrad(dy, hs2, offsets)                 # dB2_e = dy_e^T (s a_e A2_e^T)
-            dh2 = L.grouped_mm(dy, offsets, b2) * scaling                # s dy_e B2_e
-            grads[2] = L.grouped_wgrad(dh2, act, offsets)                # dA2_e = dh2_e^T a_e
+            grads[3] = L.grouped_wgrad(dy, hs2, offsets, dtypes[3])                # dB2_e = dy_e^T (s a_e A2_e^T)
+            dh2 = L.project(dy, offsets, b2.transpose(1, 2), scaling)              # s dy_e B2_e
+            grads[2] = L.grouped_wgrad(dh2, act, offsets, dtypes[2])               # dA2_e = dh2_e^T a_e
             lora2 = (dh2, a2)
         dpre = grouped_mm_mxfp4_dx(dy, offsets, c2, s2, lora=lora2, pre=pre, activation=activation)
         lora13 = None
         if a13 is not None:
-            grads[1] = L.grouped_wgrad(dpre, hs13, offsets)
-            dh13 = L.grouped_mm(dpre, offsets, b13) * scaling
-            grads[0] = L.grouped_wgrad(dh13, x, offsets)
+            grads[1] = L.grouped_wgrad(dpre, hs13, offsets, dtypes[1])
+            dh13 = L.project(dpre, offsets, b13.transpose(1, 2), scaling)
+            grads[0] = L.grouped_wgrad(dh13, x, offsets, dtypes[0])
             lora13 = (dh13, a13)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grouped_mm_mxfp4_dx(dpre, offsets, c13, s13, lora=lora13)
-        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]
         return (dx, None, None, None, None, None, *grads, None, None, None, None)
 
 

@@ -37,7 +37,6 @@ from common.grouped_gemm import (  # noqa: E402
     unpermute,
 )
 from common.grouped_gemm import configs as C  # noqa: E402
-from common.grouped_gemm import lora as L  # noqa: E402
 from common.grouped_gemm.interleave import deinterleave_k, interleave_k, reorder_k  # noqa: E402
 from common.grouped_gemm.layout import (  # noqa: E402
     DECODE_MASK, PAIR3_MASK, PAIR3_MULTIPLIER, PAIR_ROTATE, SLOT_BITS, convert_in_place, from_kb_major,
@@ -413,17 +412,6 @@ def test_routing_roundtrip_and_layer_forward():
     assert _rel(y.cpu(), ref) < 2 * BF16_BOUND  # bf16 act between the GEMMs and a bf16 output
 
 
-def test_lora_grouped_helpers_match_loop():
-    offs = _offsets([2, 0, 5])
-    a, b = _bf16(7, 32, seed=50), _bf16(3, 32, 16, seed=51)
-    want = torch.cat([a[0:2].float() @ b[0].float(), a[2:7].float() @ b[2].float()])
-    assert _rel(L.grouped_mm(a, offs, b), want) < BF16_BOUND
-    c = _bf16(7, 16, seed=52)
-    wg = L.grouped_wgrad(a, c, offs)
-    assert wg.shape == (3, 32, 16) and torch.equal(wg[1], torch.zeros_like(wg[1]))
-    assert _rel(wg[2], a[2:7].float().T @ c[2:7].float()) < BF16_BOUND
-
-
 @pytest.mark.parametrize("k", [96, 128])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_kb_major_codes_give_identical_outputs(cfg, k):
@@ -598,6 +586,31 @@ def test_autotune_candidates_are_valid():
                 w_tile = c.block_n * c.block_k // 2 * (2 if kind == "gated" else 1)
                 assert (rows_tile + w_tile) * c.num_stages < 227 * 1024, (kind, c)
     assert C.rows_bucket(96, 32) == 4 and C.rows_bucket(0, 8) == 1 and C.rows_bucket(10**9, 1) == 4096
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner runs on a GPU only (the interpreter has a fixed tile)")
+def test_autotuned_tile_is_picked_once_then_launched_directly():
+    """After the autotuner's first call, a call of the same signature launches the picked tile without it: the
+    same bits as the tuned call and as that tile given explicitly; a new row count reuses the pick, a new flag
+    (the bias) tunes anew."""
+    from common.grouped_gemm import ops
+
+    e, n, k = 4, 128, 256
+    q = _packed(e, n, k, seed=90, std=0.2)
+    offs = _offsets([40, 0, 17, 7])
+    x = _bf16(64, k, seed=91)
+    before = dict(ops._PICKED)
+    first = grouped_mm_mxfp4(x, offs, q.codes, q.scales)
+    new = [key for key in ops._PICKED if key not in before]
+    assert len(new) == 1, new
+    tile = ops._PICKED[new[0]]
+    again = grouped_mm_mxfp4(x, offs, q.codes, q.scales)
+    explicit = grouped_mm_mxfp4(x, offs, q.codes, q.scales, config=tile)
+    assert torch.equal(first, again) and torch.equal(first, explicit)
+    grouped_mm_mxfp4(x[:63], _offsets([40, 0, 16, 7]), q.codes, q.scales)  # same bucket: no new pick
+    assert len(ops._PICKED) == len(before) + 1
+    grouped_mm_mxfp4(x, offs, q.codes, q.scales, bias=_bf16(e, n, seed=92))
+    assert len(ops._PICKED) == len(before) + 2
 
 
 _COMPILE_SM90 = """
