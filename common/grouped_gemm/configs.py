@@ -84,14 +84,18 @@ def _small(kind: str) -> list[TileConfig]:
 
 
 def _medium(kind: str) -> list[TileConfig]:
+    # The first of each list won a CUDA-graph sweep of the learner's GEMMs at DeepSeek-V4-Flash 128 / 256 tokens
+    # (24 / 48 rows per expert) on an H100 (bench/RESULTS.md, eighth round), 5-12% ahead of the earlier picks.
     if kind == "dx":
-        return [TileConfig(32, 128, 128, 4, 3, swap_ab=True), TileConfig(64, 64, 128, 4, 3, swap_ab=True),
-                TileConfig(64, 64, 128, 4, 3)]
+        return [TileConfig(32, 64, 128, 4, 3, swap_ab=True), TileConfig(64, 128, 128, 4, 3),
+                TileConfig(64, 64, 256, 4, 3, swap_ab=True), TileConfig(32, 128, 128, 4, 3, swap_ab=True),
+                TileConfig(64, 64, 128, 4, 3, swap_ab=True), TileConfig(64, 64, 128, 4, 3)]
     # 16-row tiles too: an expert's row tiles run side by side (row tiles vary fastest) and share its weight
     # tiles through L2
-    return [TileConfig(32, 128, 128, 4, 3, swap_ab=True), TileConfig(64, 128, 128, 4, 3, swap_ab=True),
-            TileConfig(64, 64, 128, 4, 3), TileConfig(16, 64, 256, 4, 3, swap_ab=True),
-            TileConfig(16, 128, 128, 4, 4, swap_ab=True)]
+    return [TileConfig(64, 128, 64, 4, 3, swap_ab=True), TileConfig(64, 256, 64, 4, 3, swap_ab=True),
+            TileConfig(32, 64, 128, 4, 3, swap_ab=True), TileConfig(32, 128, 128, 4, 3, swap_ab=True),
+            TileConfig(64, 128, 128, 4, 3, swap_ab=True), TileConfig(64, 64, 128, 4, 3),
+            TileConfig(16, 64, 256, 4, 3, swap_ab=True), TileConfig(16, 128, 128, 4, 4, swap_ab=True)]
 
 
 def _large(kind: str) -> list[TileConfig]:
@@ -100,13 +104,16 @@ def _large(kind: str) -> list[TileConfig]:
     # The 8-warp swap_ab tiles added in the seventh round are the fastest at DeepSeek-V4-Flash 4096 tokens on an
     # H100 (bench/RESULTS.md: byte decode, each GEMM from a CUDA graph); the 4-warp swap_ab tiles run the bf16x2
     # word decode (TileConfig.word_pairs), the only one that reads the engine's kb-major codes.
+    # The 4-warp 64 x 128 x 64 word tiles won a graph sweep at 1024 tokens (192 rows per expert; eighth round).
     if kind == "gated":  # two accumulators: keep BLOCK_M * BLOCK_N * 2 fp32 within the register file
         return [TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3, True),
+                TileConfig(64, 128, 64, 4, 3, True),
                 TileConfig(128, 64, 128, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True),
                 TileConfig(128, 128, 64, 8, 4, True), TileConfig(128, 64, 64, 4, 3, True),
                 TileConfig(64, 64, 128, 4, 4, True)]
     if kind == "dx":  # (BLOCK_N reduction, BLOCK_K output)
         return [TileConfig(128, 64, 128, 8, 3), TileConfig(128, 64, 256, 8, 3), TileConfig(128, 64, 128, 8, 3, True),
+                TileConfig(64, 128, 128, 4, 3),
                 TileConfig(64, 64, 256, 8, 3, True), TileConfig(128, 64, 256, 8, 3, True)]
     return [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4), TileConfig(128, 128, 64, 8, 3, True),
             TileConfig(64, 128, 128, 4, 3, True), TileConfig(256, 128, 64, 8, 3, True),

@@ -25,10 +25,9 @@ from .layout import BLOCK_BYTES, is_kb_major
 from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
-# the tiles divide it, the weight loads drop their per-column mask and vectorize.
+# the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
+# autotuner this heuristic does).
 _EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
-_grouped_fwd_kernel = triton.heuristics(_EVEN_K)(_fwd_jit)
-_grouped_dx_kernel = triton.heuristics(_EVEN_K)(_dx_jit)
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (h [M, R] already scaled, per-expert factor); see each op
 
@@ -118,22 +117,30 @@ def _pad_rank(lora: LowRank | None, factor_rank_dim: int, rows: int, name: str) 
 
 
 _TUNED: dict[str, object] = {}
+_FROM: dict[tuple, TileConfig] = {}  # _fields(triton.Config) -> the TileConfig it was built from
 
 
 def _to_triton(cfg: TileConfig) -> "triton.Config":
     return triton.Config(cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_regs)
 
 
+def _fields(cfg: "triton.Config") -> tuple:
+    return (*sorted(cfg.kwargs.items()), cfg.num_warps, cfg.num_stages, getattr(cfg, "maxnreg", None))
+
+
 def _tuned(kind: str, kernel):
-    """The autotuned wrapper of a kernel: candidates pruned to the call's rows-per-expert bucket."""
+    """The autotuned wrapper of a raw kernel: candidates pruned to the call's rows-per-expert bucket."""
     if kind not in _TUNED:
         def prune(configs, named_args, **kwargs):
             keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"], dot_scaled_mode())}
             return [c for c in configs if c.__str__() in keep]
 
-        _TUNED[kind] = triton.autotune(configs=[_to_triton(c) for c in all_candidates(kind)],
+        built = [(_to_triton(c), c) for c in all_candidates(kind)]
+        _FROM.update((_fields(t), c) for t, c in built)
+        _TUNED[kind] = triton.autotune(configs=[t for t, _ in built],
                                        key=["N", "K", "ROWS_BUCKET", "ACT", "LORA_R"],
-                                       prune_configs_by={"early_config_prune": prune})(kernel)
+                                       prune_configs_by={"early_config_prune": prune})(
+                                           triton.heuristics(_EVEN_K)(kernel))
     return _TUNED[kind]
 
 
@@ -191,11 +198,13 @@ def words_enabled() -> bool:
 ONE_MUL_MAX_SCALE_BYTE = 128
 
 # The word decode pays at few rows per expert (measured on an H100: 9-11% faster GEMMs at dsv4 16/128 tokens);
-# at large batches the byte decode was faster (dsv4 4096 tokens: 4.55 vs 5.64 ms), so it stops at this bucket.
-WORDS_MAX_BUCKET = 64
+# at large batches the byte decode was faster (dsv4 4096 tokens: 4.55 vs 5.64 ms), so it stops at this bucket,
+# per kind: at dsv4 1024 tokens (192 rows per expert) the gated GEMM's best word tile beat its best byte tile by
+# 11% (0.647 vs 0.726 ms) and the down GEMM's lost by 13% (bench/RESULTS.md, eighth round).
+WORDS_MAX_BUCKET = {"fwd": 64, "gated": 256}
 
 
-def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> bool:
+def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd") -> bool:
     """The word decode needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off) and
     excludes tl.dot_scaled, which reads the stored order (with MXFP4_GG_DOT_SCALED=only every candidate, the
     un-tuned first one included, is a dot_scaled tile). Kb-major codes are read by the word decode only (their
@@ -215,7 +224,7 @@ def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int) -> b
         return not config.dot_scaled
     if interpreting():
         return True  # the interpreter's fixed tile
-    return bucket <= WORDS_MAX_BUCKET and dot_scaled_mode() == "off"
+    return bucket <= WORDS_MAX_BUCKET[kind] and dot_scaled_mode() == "off"
 
 
 def _x_order(words: bool, kb_major: bool) -> str:
@@ -236,25 +245,45 @@ def autotune_enabled() -> bool:
     return os.environ.get("MXFP4_GG_AUTOTUNE", "1") not in ("0", "false", "no", "off")
 
 
-def _launch(kind: str, kernel, grid_n: int, m: int, e: int, config: TileConfig | None, args: list, kw: dict):
-    """Launch with an explicit config, the interpreter's fixed config, or the autotuner (GPU default)."""
+# The tile the autotuner picked for a call signature: later calls with that signature launch it directly. The
+# autotuner's and the heuristics' per-call Python cost about 30 us of host time per launch, on top of the JIT
+# launcher's (bench/RESULTS.md, eighth round), and a decode-size learner step is bound by host time when eager.
+_PICKED: dict[tuple, TileConfig] = {}
+
+
+def _signature(kind: str, grid_n: int, k: int, e: int, bucket: int, args: list, kw: dict) -> tuple:
+    """What the best tile depends on: the autotuner's key (sizes but the row count, which it buckets, and the
+    tensors' dtypes) and the flags, so that a call the autotuner would tune anew is not served a stale pick."""
+    return (kind, grid_n, k, e, bucket, *sorted(kw.items()), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+
+
+def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: TileConfig | None, args: list,
+            kw: dict):
+    """Launch with an explicit config, the interpreter's fixed config, a config picked before, or the autotuner
+    (GPU default). kernel is the raw @triton.jit function; k its K argument (the EVEN_K heuristic's)."""
     bucket = rows_bucket(m, e)
     if config is not None and config.dot_scaled and kind == "dx":
         raise ValueError("TileConfig.dot_scaled applies to the forward GEMMs only: tl.dot_scaled reduces along the "
                          "packed K axis, the dx GEMM reduces over the weight's rows")
+    signature = None
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
         config = candidates(kind, bucket, dot_scaled_mode())[0]
-    if config is not None:
-        grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
-                                                                else config.block_k))
-        regs = {} if config.max_regs is None or interpreting() else {"maxnreg": config.max_regs}
-        kernel[grid](*args, **kw, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages, **regs)
-        return
+    elif config is None:
+        signature = _signature(kind, grid_n, k, e, bucket, args, kw)
+        config = _PICKED.get(signature)
     tile = "BLOCK_N" if kind != "dx" else "BLOCK_K"
-    _tuned(kind, kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(grid_n, meta[tile]))](
-        *args, **kw)
+    if config is None:
+        tuned = _tuned(kind, kernel)
+        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(grid_n, meta[tile]))](*args, **kw)
+        _PICKED[signature] = _FROM[_fields(tuned.best_config)]
+        return
+    grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
+                                                            else config.block_k))
+    regs = {} if config.max_regs is None or interpreting() else {"maxnreg": config.max_regs}
+    kernel[grid](*args, **kw, **config.meta(), EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
+                 num_stages=config.num_stages, **regs)
 
 
 def _e_pow2(e: int) -> int:
@@ -306,7 +335,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
         raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
     if m == 0:
         return y, pre
-    words = _use_words(codes, config, rows_bucket(m, e))
+    words = _use_words(codes, config, rows_bucket(m, e), kind)
     x = reorder_k(x, x_order, _x_order(words, kb_major)).contiguous()
     decode = _decode()
     one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None
@@ -327,7 +356,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
               OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major)
-    _launch(kind, _grouped_fwd_kernel, n, m, e, config, args, kw)
+    _launch(kind, _fwd_jit, n, m, e, k, config, args, kw)
     return y, pre
 
 
@@ -409,5 +438,5 @@ def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: t
             pre.stride(0) if act else 0, dx.stride(0)]
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e),
               F32_DOT=interpreting(), DECODE=_decode())
-    _launch("dx", _grouped_dx_kernel, k, m, e, config, args, kw)
+    _launch("dx", _dx_jit, k, m, e, k, config, args, kw)
     return dx
