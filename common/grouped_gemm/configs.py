@@ -98,16 +98,23 @@ def _medium(kind: str) -> list[TileConfig]:
             TileConfig(16, 64, 256, 4, 3, swap_ab=True), TileConfig(16, 128, 128, 4, 4, swap_ab=True)]
 
 
-def _large(kind: str) -> list[TileConfig]:
+# The gated GEMM's word decode runs up to this bucket (ops.WORDS_MAX_BUCKET); its 4-warp word tile won there.
+_GATED_WORD_TILE = TileConfig(64, 128, 64, 4, 3, swap_ab=True)
+GATED_WORDS_MAX_BUCKET = 256
+
+
+def _large(kind: str, bucket: int) -> list[TileConfig]:
     # Many rows per expert: compute-bound. swap_ab puts the dequantized weight tile (in registers) on the MMA's A
     # side, which Hopper's wgmma reads from registers, and the activations on the B side (shared memory).
     # The 8-warp swap_ab tiles added in the seventh round are the fastest at DeepSeek-V4-Flash 4096 tokens on an
     # H100 (bench/RESULTS.md: byte decode, each GEMM from a CUDA graph); the 4-warp swap_ab tiles run the bf16x2
     # word decode (TileConfig.word_pairs), the only one that reads the engine's kb-major codes.
-    # The 4-warp 64 x 128 x 64 word tiles won a graph sweep at 1024 tokens (192 rows per expert; eighth round).
+    # The 4-warp 64 x 128 x 64 word tile won a graph sweep at 1024 tokens (192 rows per expert; eighth round); it
+    # joins only the buckets where the gated GEMM decodes words, so the larger ones keep their measured set.
     if kind == "gated":  # two accumulators: keep BLOCK_M * BLOCK_N * 2 fp32 within the register file
-        return [TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3, True),
-                TileConfig(64, 128, 64, 4, 3, True),
+        words = [_GATED_WORD_TILE] if bucket <= GATED_WORDS_MAX_BUCKET else []
+        return words + [
+                TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3, True),
                 TileConfig(128, 64, 128, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True),
                 TileConfig(128, 128, 64, 8, 4, True), TileConfig(128, 64, 64, 4, 3, True),
                 TileConfig(64, 64, 128, 4, 4, True)]
@@ -135,7 +142,7 @@ def candidates(kind: str, bucket: int, dot_scaled: str = "off") -> list[TileConf
     elif bucket <= 64:
         base = _medium(kind)
     else:
-        base = _large(kind)
+        base = _large(kind, bucket)
     if kind == "dx" or dot_scaled == "off":
         return base
     twins = [dataclasses.replace(c, dot_scaled=True) for c in base]
@@ -144,7 +151,7 @@ def candidates(kind: str, bucket: int, dot_scaled: str = "off") -> list[TileConf
 
 def all_candidates(kind: str) -> list[TileConfig]:
     seen: dict[TileConfig, None] = {}
-    for b in (1, 64, 4096):
+    for b in (1, 64, GATED_WORDS_MAX_BUCKET, 4096):
         for c in candidates(kind, b, "auto"):
             seen[c] = None
     return list(seen)

@@ -22,7 +22,7 @@ from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
-from .configs import DOT_SCALED_MODES, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
+from .configs import DOT_SCALED_MODES, GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -201,7 +201,7 @@ ONE_MUL_MAX_SCALE_BYTE = 128
 # at large batches the byte decode was faster (dsv4 4096 tokens: 4.55 vs 5.64 ms), so it stops at this bucket,
 # per kind: at dsv4 1024 tokens (192 rows per expert) the gated GEMM's best word tile beat its best byte tile by
 # 11% (0.647 vs 0.726 ms) and the down GEMM's lost by 13% (bench/RESULTS.md, eighth round).
-WORDS_MAX_BUCKET = {"fwd": 64, "gated": 256}
+WORDS_MAX_BUCKET = {"fwd": 64, "gated": GATED_WORDS_MAX_BUCKET}
 
 
 def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd") -> bool:

@@ -1,6 +1,6 @@
 """The learner's fused GPU backend (common.grouped_gemm kernels) computes the reference grouped MLP's function and
 gradients. On CPU the kernels run under the Triton interpreter (tests/conftest.py), called directly because the
-backend's `supports` keeps `auto` on the bitwise reference there."""
+backend's `supports` keeps `auto` on the bitwise reference there; with a GPU, natively on CUDA tensors."""
 
 import pytest
 import torch
@@ -11,8 +11,24 @@ from mxfp4_train.grouped import Activation, ExpertOperands, reference_grouped_ml
 from mxfp4_train.grouped_triton import supports, triton_grouped_mlp
 from mxfp4_train.lora import ExpertLoRA, LoRASpec
 from mxfp4_train.weights import FakeQuantExpertWeights, PackedExpertWeights
+from common.kernels import interpreting
 
 E, H, I, T, K = 4, 64, 32, 12, 2
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def _on_device(ops, *tensors):
+    """ops and tensors moved to DEVICE (built on CPU from a CPU generator)."""
+    for name in ("w13", "w2"):
+        w = getattr(ops, name)
+        setattr(ops, name, PackedExpertWeights(w.codes.to(DEVICE), w.scales.to(DEVICE)))
+    for name in ("b13", "b2"):
+        if getattr(ops, name) is not None:
+            setattr(ops, name, getattr(ops, name).to(DEVICE))
+    for lo in (ops.lora13, ops.lora2):
+        if lo is not None:
+            lo.to(DEVICE)
+    return (ops, *(t.to(DEVICE) for t in tensors))
 
 
 def _ops(gen, lora=True, bias=False):
@@ -48,8 +64,7 @@ def test_forward_and_gradients_match_the_reference(bias):
     # interpreter truncates, 2^-7): a few such roundings bound the relative error near 3e-2 for outputs and
     # gradients; a wrong expert, scale, row order or missing LoRA term gives O(1).
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    ops = _ops(gen, bias=bias)
-    x, ids, w = _routing(gen)
+    ops, x, ids, w = _on_device(_ops(gen, bias=bias), *_routing(gen))
     x_ref = x.float().requires_grad_(True)
     ref = reference_grouped_mlp(x_ref, ids, w.float(), ops)
     ref.square().sum().backward()
