@@ -11,18 +11,25 @@ from torch import nn
 from .grouped import ExpertOperands, register_backend
 from .weights import PackedExpertWeights
 
-_GPT_OSS = (1.702, 7.0)
+# gpt-oss's clamp-swiglu (alpha, limit), compiled into the kernels: common.grouped_gemm.activations' SWIGLU_ALPHA and
+# SWIGLU_LIMIT (not imported here: that package imports triton; tests/train/test_grouped_triton.py ties them)
+GPT_OSS_SWIGLU = (1.702, 7.0)
 
 
-def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str]:
+def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
+    """(kernel activation, w13 row layout, "") or (None, "", why the kernels cannot run it)."""
     act = ops.activation
     if act.kind == "glu":
         probe = torch.linspace(-8, 8, 33)  # transformers' ACT2FN["silu"] is its own class: compare behaviour
         if torch.equal(act.act_fn(probe), nn.functional.silu(probe)):
-            return "silu", ""
-        return None, f"glu with {getattr(act.act_fn, '__name__', act.act_fn)!r}: the kernels fuse silu only"
-    # gpt-oss keeps gate/up rows interleaved in the learner (its checkpoint layout); the kernels expect [gate; up].
-    return None, "clamp_swiglu with interleaved gate/up rows (gpt-oss): the kernels expect [gate; up] rows"
+            return "silu", "halves", ""
+        return None, "", f"glu with {getattr(act.act_fn, '__name__', act.act_fn)!r}: the kernels fuse silu only"
+    # clamp_swiglu is gpt-oss's: its w13 rows stay interleaved in the learner (the checkpoint's order) and the
+    # kernels read them so; alpha and limit are compiled into the kernels
+    if (act.alpha, act.limit) != GPT_OSS_SWIGLU:
+        return None, "", (f"clamp_swiglu with alpha {act.alpha}, limit {act.limit}: the kernels fuse gpt-oss's "
+                          f"(alpha, limit) = {GPT_OSS_SWIGLU} only")
+    return "swiglu_oai", "interleaved", ""
 
 
 def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
@@ -34,7 +41,7 @@ def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
         return False, "QAT masters need a weight gradient; the fused kernels serve frozen packed experts"
     if ops.act_quant_profile is not None:
         return False, "W4A8 activation fake quant is not fused"
-    name, reason = _kernel_activation(ops)
+    name, _, reason = _kernel_activation(ops)
     if name is None:
         return False, reason
     loras = [lo for lo in (ops.lora13, ops.lora2) if lo is not None]
@@ -50,7 +57,7 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     """Same contract as grouped.reference_grouped_mlp; callers go through grouped_mlp (which checks `supports`)."""
     from common.grouped_gemm import MXFP4GroupedMLP, permute, route, unpermute
 
-    activation, reason = _kernel_activation(ops)
+    activation, gate_up, reason = _kernel_activation(ops)
     if activation is None:
         raise ValueError(f"triton grouped MLP: {reason}")
     routing = route(topk_ids, ops.num_experts)
@@ -59,7 +66,8 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     y = MXFP4GroupedMLP.apply(
         permute(x.to(torch.bfloat16), routing), routing.offsets, ops.w13.codes, ops.w13.scales, ops.w2.codes,
         ops.w2.scales, None if lo13 is None else lo13.A, None if lo13 is None else lo13.B,
-        None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2)
+        None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2,
+        gate_up)
     return unpermute(y, routing, topk_weights).to(x.dtype)
 
 

@@ -2,8 +2,8 @@
 
 Both kernels read the canonical packed layout directly (codes [E, N, K/2], scales [E, N, K/32]); no bf16 copy of a
 weight ever reaches global memory, and the backward reads the same bytes as the forward (no transpose copy):
-- `_grouped_fwd_kernel`: y = x_e @ W_e^T (+ bias_e) (+ lh @ B_e^T); with ACT the weight has 2N rows [gate; up]
-  and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward). GATHER reads
+- `_grouped_fwd_kernel`: y = x_e @ W_e^T (+ bias_e) (+ lh @ B_e^T); with ACT the weight has 2N rows, [gate; up]
+  or (GATE_UP_PAIRS, gpt-oss) gate/up interleaved, and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward). GATHER reads
   row r of the sorted batch from x[src[r]] (the token permutation fused into the loads) and SCATTER writes it to
   y[dst[r]] times rw[dst[r]] (the un-permutation and router weight fused into the epilogue), so the engine's MoE
   layer never copies the activations into expert order and back.
@@ -49,7 +49,7 @@ def _grouped_fwd_kernel(
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
-        OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
+        OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
         KB_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block; tl.dot_scaled reads the
     # canonical layout only (ops.py refuses the combination)
@@ -64,6 +64,14 @@ def _grouped_fwd_kernel(
     row_ok = rows < row_end
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # the weight rows of output column c: c alone, or with ACT gate c and up N + c ([gate; up] halves) or gate 2c
+    # and up 2c + 1 (gpt-oss's interleaved pairs, which the learner keeps); pre is written in the same order
+    if ACT != ACT_NONE and GATE_UP_PAIRS:
+        g_rows = 2 * cols
+        u_rows = g_rows + 1
+    else:
+        g_rows = cols
+        u_rows = cols + N
     c_ptr = codes_ptr + e64 * stride_ce
     s_ptr = scales_ptr + e64 * stride_se
     if SWAP_AB:
@@ -84,9 +92,9 @@ def _grouped_fwd_kernel(
     if not DOT_SCALED:
         # A scale byte covers 32 weights: a row's scales are too narrow for the pipeliner's async copies, so the
         # kernel prefetches the next step's bytes itself and their global latency overlaps this step's work.
-        s_nxt = _load_scales(s_ptr, cols, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+        s_nxt = _load_scales(s_ptr, g_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
         if ACT != ACT_NONE:
-            s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+            s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
         else:
             s_up_nxt = s_nxt
         if WORDS:
@@ -95,46 +103,46 @@ def _grouped_fwd_kernel(
             # nor the shuffle stalls the decode.
             fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
             fa_up_nxt, fb_up_nxt = fa_nxt, fb_nxt
-            s_nxt = _load_scales(s_ptr, cols, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            s_nxt = _load_scales(s_ptr, g_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
                 fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+                s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
         if DOT_SCALED:
-            wp, ws = _load_w_packed(c_ptr, s_ptr, cols, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+            wp, ws = _load_w_packed(c_ptr, s_ptr, g_rows, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
             acc = _dot_xwt_scaled(a, wp, ws, acc, SWAP_AB)
             if ACT != ACT_NONE:
-                wp, ws = _load_w_packed(c_ptr, s_ptr, cols + N, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
+                wp, ws = _load_w_packed(c_ptr, s_ptr, u_rows, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
                 acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
         elif WORDS:
             fa, fb, fa_up, fb_up = fa_nxt, fb_nxt, fa_up_nxt, fb_up_nxt
             fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-            s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            s_nxt = _load_scales(s_ptr, g_rows, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
                 fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+                s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             # x is in the column order the decoded tile reduces in (ops.reduction_order)
-            wd = _load_code_words(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+            wd = _load_code_words(c_ptr, g_rows, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
             w = _dequant_words(wd, fa, fb, BLOCK_N, BLOCK_K, WDEC, OM, KB_MAJOR)
             acc = _dot_xwt(a, w, acc, SWAP_AB, F32_DOT)
             if ACT != ACT_NONE:
-                wd = _load_code_words(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
+                wd = _load_code_words(c_ptr, u_rows, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K, KB_MAJOR)
                 w = _dequant_words(wd, fa_up, fb_up, BLOCK_N, BLOCK_K, WDEC, OM, KB_MAJOR)
                 acc_up = _dot_xwt(a, w, acc_up, SWAP_AB, F32_DOT)
         else:
             s_cur = s_nxt
             s_up_cur = s_up_nxt
-            s_nxt = _load_scales(s_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            s_nxt = _load_scales(s_ptr, g_rows, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
             if ACT != ACT_NONE:
-                s_up_nxt = _load_scales(s_ptr, cols + N, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
-            wp = _load_packed_codes(c_ptr, cols, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            wp = _load_packed_codes(c_ptr, g_rows, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
             acc = _dot_xwt(a, _dequant_tile(wp, s_cur, BLOCK_N, BLOCK_K, DECODE), acc, SWAP_AB, F32_DOT)
             if ACT != ACT_NONE:
-                wp = _load_packed_codes(c_ptr, cols + N, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
+                wp = _load_packed_codes(c_ptr, u_rows, col_ok, k0, K, stride_cn, BLOCK_K, EVEN_K)
                 acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
                                   F32_DOT)
         a_ptrs += BLOCK_K
@@ -142,22 +150,22 @@ def _grouped_fwd_kernel(
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + e64 * stride_be + g_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if ACT != ACT_NONE:
-            acc_up += tl.load(bias_ptr + e64 * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_ptr + e64 * stride_be + u_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if LORA_R > 0:
         # lw = B [E, Nw, R]: element (r, n) sits at n * stride_lwn + r
         lw_e = lw_ptr + e64 * stride_lwe
-        acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols, col_ok, LORA_R, F32_DOT)
+        acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, g_rows, col_ok, LORA_R, F32_DOT)
         if ACT != ACT_NONE:
-            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, cols + N, col_ok, LORA_R,
+            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, u_rows, col_ok, LORA_R,
                                  F32_DOT)
     mask = row_ok[:, None] & col_ok[None, :]
     if ACT != ACT_NONE:
         if SAVE_PRE:
-            pre_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
-            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-            tl.store(pre_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
+            pre_row = pre_ptr + rows[:, None] * stride_pm
+            tl.store(pre_row + g_rows[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_row + u_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
         out = _act_fwd(acc, acc_up, ACT, ALPHA, LIMIT)
     else:
         out = acc
@@ -187,7 +195,8 @@ def _grouped_dx_kernel(
         stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # WORD_PAIRS (TileConfig.meta) concerns the forward's word decode only
     # dot_scaled reduces along the packed axis; here the reduction runs over W's rows (ops.py refuses it)
@@ -229,13 +238,20 @@ def _grouped_dx_kernel(
         acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_ptr + e64 * stride_lwe, stride_lwr, 1, cols, col_ok,
                           LORA_R, F32_DOT)
     mask = row_ok[:, None] & col_ok[None, :]
-    out_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :]
     if ACT != ACT_NONE:
-        pre_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
-        gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(pre_ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        # pre and d pre columns in w13's row order: [gate; up] halves or gpt-oss's (gate, up) pairs
+        if GATE_UP_PAIRS:
+            g_cols = 2 * cols
+            u_cols = g_cols + 1
+        else:
+            g_cols = cols
+            u_cols = cols + K
+        pre_row = pre_ptr + rows[:, None] * stride_pm
+        gate = tl.load(pre_row + g_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(pre_row + u_cols[None, :], mask=mask, other=0.0).to(tl.float32)
         d_gate, d_up = _act_bwd(gate, up, acc, ACT, ALPHA, LIMIT)
-        tl.store(out_ptrs, d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptrs + K, d_up.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx_row = dx_ptr + rows[:, None] * stride_dxm
+        tl.store(dx_row + g_cols[None, :], d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_row + u_cols[None, :], d_up.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)

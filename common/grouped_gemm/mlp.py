@@ -32,30 +32,32 @@ def _down(x: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor | None, scalin
 class MXFP4GroupedMLP(torch.autograd.Function):
     """apply(x [M, H] bf16 sorted, offsets int32 [E+1], w13_codes, w13_scales, w2_codes, w2_scales,
     lora13_a [E, R, H] | None, lora13_b [E, 2I, R] | None, lora2_a [E, R, I] | None, lora2_b [E, H, R] | None,
-    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None) -> y [M, H] bf16."""
+    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None, gate_up = "halves") -> y [M, H] bf16.
+    gate_up "interleaved": w13's rows, bias13 and lora13_b's rows are gpt-oss's (gate, up) pairs (ops.py)."""
 
     @staticmethod
     def forward(ctx, x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, lora13_a, lora13_b, lora2_a,
-                lora2_b, scaling, activation, bias13, bias2):
+                lora2_b, scaling, activation, bias13, bias2, gate_up="halves"):
         a13, b13, a2, b2 = (_bf16(t) for t in (lora13_a, lora13_b, lora2_a, lora2_b))
         if (a13 is None) != (b13 is None) or (a2 is None) != (b2 is None):
             raise ValueError("MXFP4GroupedMLP: give both LoRA factors (A and B) of a projection, or neither")
         hs13 = _down(x, offsets, a13, scaling)
         act, pre = grouped_mm_mxfp4_gated(x, offsets, w13_codes, w13_scales, activation=activation, bias=bias13,
-                                          lora=None if a13 is None else (hs13, b13), save_pre=True)
+                                          lora=None if a13 is None else (hs13, b13), save_pre=True,
+                                          gate_up=gate_up)
         hs2 = _down(act, offsets, a2, scaling)
         y = grouped_mm_mxfp4(act, offsets, w2_codes, w2_scales, bias=bias2,
                              lora=None if a2 is None else (hs2, b2))
         ctx.save_for_backward(x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, pre, act, hs13, hs2,
                               a13, b13, a2, b2)
-        ctx.meta = (scaling, activation, [t.dtype if t is not None else None
-                                          for t in (lora13_a, lora13_b, lora2_a, lora2_b)])
+        ctx.meta = (scaling, activation, gate_up, [t.dtype if t is not None else None
+                                                   for t in (lora13_a, lora13_b, lora2_a, lora2_b)])
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, c13, s13, c2, s2, pre, act, hs13, hs2, a13, b13, a2, b2 = ctx.saved_tensors
-        scaling, activation, dtypes = ctx.meta
+        scaling, activation, gate_up, dtypes = ctx.meta
         dy = dy.to(torch.bfloat16).contiguous()
         grads = [None, None, None, None]  # each written once, in its master's dtype
         lora2 = None
@@ -64,7 +66,8 @@ class MXFP4GroupedMLP(torch.autograd.Function):
             dh2 = L.project(dy, offsets, b2.transpose(1, 2), scaling)              # s dy_e B2_e
             grads[2] = L.grouped_wgrad(dh2, act, offsets, dtypes[2])               # dA2_e = dh2_e^T a_e
             lora2 = (dh2, a2)
-        dpre = grouped_mm_mxfp4_dx(dy, offsets, c2, s2, lora=lora2, pre=pre, activation=activation)
+        dpre = grouped_mm_mxfp4_dx(dy, offsets, c2, s2, lora=lora2, pre=pre, activation=activation,
+                                   gate_up=gate_up)
         lora13 = None
         if a13 is not None:
             grads[1] = L.grouped_wgrad(dpre, hs13, offsets, dtypes[1])
@@ -74,7 +77,7 @@ class MXFP4GroupedMLP(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grouped_mm_mxfp4_dx(dpre, offsets, c13, s13, lora=lora13)
-        return (dx, None, None, None, None, None, *grads, None, None, None, None)
+        return (dx, None, None, None, None, None, *grads, None, None, None, None, None)
 
 
 def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Packed, *, activation: str,

@@ -300,7 +300,7 @@ def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.devi
 
 def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate,
          gather_rows=None, scatter_rows=None, row_weights=None, x_order="natural", out_order="natural",
-         max_scale_byte=None):
+         max_scale_byte=None, gate_up="halves"):
     kind = "gated" if act else "fwd"
     e, n_rows, k = weight_dims(codes, scales)
     kb_major = is_kb_major(codes)
@@ -317,9 +317,10 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
                                     or row_weights.device != x.device):
         raise ShapeError(f"tensor 'row_weights': expected a float [{m}] on {x.device}, got {row_weights.dtype} "
                          f"{tuple(row_weights.shape)} on {row_weights.device}")
+    pairs = A.check_gate_up(gate_up)
     n = n_rows // 2 if act else n_rows
     if act and n_rows % 2:
-        raise ShapeError(f"tensor 'w13': a gated weight needs an even row count [gate; up], got {n_rows}")
+        raise ShapeError(f"tensor 'w13': a gated weight needs an even row count (gate and up rows), got {n_rows}")
     if bias is not None and bias.shape != (e, n_rows):
         raise ShapeError(f"tensor 'bias': expected [{e}, {n_rows}], got {tuple(bias.shape)}")
     codes, scales = codes.contiguous(), scales.contiguous()
@@ -355,7 +356,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
-              OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major)
+              OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major, GATE_UP_PAIRS=bool(act) and pairs)
     _launch(kind, _fwd_jit, n, m, e, k, config, args, kw)
     return y, pre
 
@@ -389,7 +390,7 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
                            save_pre: bool = False, out_dtype: torch.dtype | None = None,
                            gather_rows: torch.Tensor | None = None, x_order: str = "natural",
                            out_order: str = "natural", max_scale_byte: int | None = None,
-                           config: TileConfig | None = None,
+                           gate_up: str = "halves", config: TileConfig | None = None,
                            validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
 
@@ -400,22 +401,27 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
     fused into the loads); the outputs have M rows.
     out_order writes act(pre) in that column order (interleave.ORDERS; pre stays in the natural order), ready for
     grouped_mm_mxfp4(..., x_order=out_order). x_order, max_scale_byte: as grouped_mm_mxfp4.
+    gate_up "interleaved": w13's rows are gpt-oss's (gate, up) pairs (row 2i gate i, row 2i + 1 up i), and bias,
+    the LoRA B rows and pre's columns follow that order (activations.GATE_UP_LAYOUTS).
     """
     return _fwd(x, expert_offsets, codes, scales, act=A.activation_code(activation), bias=bias, lora=lora,
                 save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows,
-                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte)
+                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte, gate_up=gate_up)
 
 
 def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                         *, lora: LowRank | None = None, pre: torch.Tensor | None = None,
                         activation: str | None = None, out_dtype: torch.dtype | None = None,
-                        config: TileConfig | None = None, validate: bool | None = None) -> torch.Tensor:
+                        gate_up: str = "halves", config: TileConfig | None = None,
+                        validate: bool | None = None) -> torch.Tensor:
     """dx [M, K] = dy_e @ W_e (+ lora_h @ A_e) from the same packed W [E, N, K/2] the forward used.
 
     lora = (h [M, R] = scaling * dy_e @ B_e, A [E, R, K]). With activation and pre [M, 2K] (the saved
     pre-activation of the gated GEMM) the result is instead d pre [M, 2K] = the activation's backward applied
-    to dx, i.e. the gradient to feed the first GEMM's own dx.
+    to dx, i.e. the gradient to feed the first GEMM's own dx. gate_up: the column layout of pre and d pre
+    (that of the gated GEMM's w13, see grouped_mm_mxfp4_gated).
     """
+    pairs = A.check_gate_up(gate_up)
     e, n, k = weight_dims(codes, scales, kb_major_ok=False)
     _check(dy, expert_offsets, codes, scales, "dy", n, validate)
     act = A.ACT_NONE if activation is None else A.activation_code(activation)
@@ -437,6 +443,6 @@ def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: t
             lh.stride(0) if r else 0, lw.stride(0) if r else 0, lw.stride(1) if r else 0,
             pre.stride(0) if act else 0, dx.stride(0)]
     kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e),
-              F32_DOT=interpreting(), DECODE=_decode())
+              F32_DOT=interpreting(), DECODE=_decode(), GATE_UP_PAIRS=bool(act) and pairs)
     _launch("dx", _dx_jit, k, m, e, k, config, args, kw)
     return dx

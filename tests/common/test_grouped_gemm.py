@@ -301,15 +301,60 @@ def test_dx_with_activation_backward(cfg, activation):
     assert _rel(got, ref) < FP32_BOUND
 
 
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """[gate; up] halves along dim -2 -> gpt-oss's interleaved (gate, up) pairs."""
+    gate, up = t.chunk(2, dim=-2)
+    return torch.stack((gate, up), dim=-2).flatten(-3, -2)
+
+
+def _pair_cols(t: torch.Tensor) -> torch.Tensor:
+    return _pairs(t.transpose(-1, -2)).transpose(-1, -2).contiguous()
+
+
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
+def test_interleaved_gate_up_rows_give_the_halves_bits(cfg, activation):
+    """gate_up="interleaved" (gpt-oss's w13 row order, which the learner keeps) only changes which rows a tile
+    loads: act, pre (its columns in the same pair order) and the activation backward's d pre are the halves'
+    results bit for bit, bias and LoRA B rows following the weight's order."""
+    e, i, k, r = len(COUNTS), 32, 96, 8
+    m = sum(COUNTS)
+    q = _packed(e, 2 * i, k, seed=70)
+    offs = _offsets(COUNTS)
+    x = _bf16(m, k, seed=71, std=0.3)
+    bias = _bf16(e, 2 * i, seed=72)
+    h = _bf16(m, r, seed=73)
+    b = _bf16(e, 2 * i, r, seed=74, std=0.5)
+    kw = dict(activation=activation, save_pre=True, config=cfg)
+    a_h, pre_h = grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, bias=bias, lora=(h, b), **kw)
+    codes, scales = _pairs(q.codes).contiguous(), _pairs(q.scales).contiguous()
+    a_p, pre_p = grouped_mm_mxfp4_gated(x, offs, codes, scales, bias=_pair_cols(bias), lora=(h, _pairs(b)),
+                                        gate_up="interleaved", **kw)
+    assert torch.equal(a_p, a_h) and torch.equal(pre_p, _pair_cols(pre_h))
+    a_ref, _ = R.grouped_mm_gated_ref(x, offs, codes, scales, activation=activation, bias=_pair_cols(bias),
+                                      lora=(h, _pairs(b)), gate_up="interleaved")
+    assert _rel(a_p, a_ref) < BF16_BOUND
+    if cfg.dot_scaled:
+        return  # the dx GEMM has no tl.dot_scaled twin
+    w2 = _packed(e, 48, i, seed=75)
+    dy = _bf16(m, 48, seed=76)
+    d_h = grouped_mm_mxfp4_dx(dy, offs, w2.codes, w2.scales, pre=pre_h, activation=activation, config=cfg)
+    d_p = grouped_mm_mxfp4_dx(dy, offs, w2.codes, w2.scales, pre=pre_p, activation=activation,
+                              gate_up="interleaved", config=cfg)
+    assert torch.equal(d_p, _pair_cols(d_h))
+
+
 def _lora_params(e: int, h: int, i: int, r: int, seed: int) -> list[torch.Tensor]:
     shapes = [(e, r, h), (e, 2 * i, r), (e, r, i), (e, h, r)]
     g = _gen(seed)
     return [(torch.randn(s, generator=g) * 0.3).to(DEVICE).requires_grad_(True) for s in shapes]
 
 
-@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
-def test_mlp_autograd_matches_reference(activation):
-    """MXFP4GroupedMLP (fp32 LoRA masters, bf16 compute) vs torch autograd through the fp32 reference MLP."""
+@pytest.mark.parametrize("activation,gate_up", [("silu", "halves"), ("swiglu_oai", "halves"),
+                                               ("swiglu_oai", "interleaved")])
+def test_mlp_autograd_matches_reference(activation, gate_up):
+    """MXFP4GroupedMLP (fp32 LoRA masters, bf16 compute) vs torch autograd through the fp32 reference MLP; gpt-oss's
+    interleaved w13 rows (the learner's layout) with bias and LoRA B in the same row order."""
     e, h, i, r = len(COUNTS), 64, 32, 8
     q13, q2 = _packed(e, 2 * i, h, seed=20, std=0.15), _packed(e, h, i, seed=21, std=0.2)
     offs = _offsets(COUNTS)
@@ -318,11 +363,12 @@ def test_mlp_autograd_matches_reference(activation):
     lo = _lora_params(e, h, i, r, seed=25)
     dy = _bf16(sum(COUNTS), h, seed=26)
     xk = x.clone().requires_grad_(True)
-    y = MXFP4GroupedMLP.apply(xk, offs, q13.codes, q13.scales, q2.codes, q2.scales, *lo, 0.5, activation, b13, b2)
+    y = MXFP4GroupedMLP.apply(xk, offs, q13.codes, q13.scales, q2.codes, q2.scales, *lo, 0.5, activation, b13, b2,
+                              gate_up)
     got = torch.autograd.grad(y, [xk, *lo], dy)
     xr = x.float().requires_grad_(True)
     yr = R.moe_mlp_ref(xr, offs, (q13.codes, q13.scales), (q2.codes, q2.scales), activation=activation,
-                       lora13=lo[:2], lora2=lo[2:], scaling=0.5, bias13=b13, bias2=b2)
+                       lora13=lo[:2], lora2=lo[2:], scaling=0.5, bias13=b13, bias2=b2, gate_up=gate_up)
     ref = torch.autograd.grad(yr, [xr, *lo], dy.float())
     assert _rel(y, yr) < MLP_BOUND
     for name, g, gr, leaf in zip(["x", "A13", "B13", "A2", "B2"], got, ref, [xk, *lo]):
@@ -564,6 +610,10 @@ def test_errors_name_tensor_expected_and_actual():
         grouped_mm_mxfp4_dx(_bf16(4, n, seed=63), offs, q.codes, q.scales, activation="silu")
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation="gelu")
+    with pytest.raises(ValueError, match=r"unknown gate_up layout 'pairs'.*\('halves', 'interleaved'\)"):
+        grouped_mm_mxfp4_gated(x, offs, q.codes, q.scales, activation="silu", gate_up="pairs")
+    with pytest.raises(ValueError, match="unknown gate_up layout 'pairs'"):
+        grouped_mm_mxfp4_dx(_bf16(4, n, seed=63), offs, q.codes, q.scales, gate_up="pairs")
     with pytest.raises(ShapeError, match="'bias'"):
         grouped_mm_mxfp4(x, offs, q.codes, q.scales, bias=_bf16(e, n + 1, seed=64))
     with pytest.raises(ShapeError, match="'topk_ids'.*\\[0, 4\\).*\\[0, 5\\]"):

@@ -31,12 +31,16 @@ def _on_device(ops, *tensors):
     return (ops, *(t.to(DEVICE) for t in tensors))
 
 
-def _ops(gen, lora=True, bias=False):
-    w13 = common.quantize(torch.randn(E, 2 * I, H, generator=gen) * 0.2, profile="flashinfer")
+ACTIVATIONS = {"glu": Activation("glu", act_fn=nn.SiLU()), "clamp_swiglu": Activation("clamp_swiglu")}
+
+
+def _ops(gen, lora=True, bias=False, act="glu", std13=0.2):
+    # with act "clamp_swiglu" (gpt-oss) the w13 rows are (gate, up) pairs
+    w13 = common.quantize(torch.randn(E, 2 * I, H, generator=gen) * std13, profile="flashinfer")
     w2 = common.quantize(torch.randn(E, H, I, generator=gen) * 0.2, profile="flashinfer")
     spec = LoRASpec(r=4, alpha=8.0)
     ops = ExpertOperands(PackedExpertWeights(w13.codes, w13.scales), PackedExpertWeights(w2.codes, w2.scales),
-                         Activation("glu", act_fn=nn.SiLU()), E)
+                         ACTIVATIONS[act], E)
     if lora:
         ops.lora13, ops.lora2 = ExpertLoRA(E, H, 2 * I, spec), ExpertLoRA(E, I, H, spec)
         with torch.no_grad():  # B starts at zero (PEFT init); make the adapters matter
@@ -58,13 +62,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_forward_and_gradients_match_the_reference(bias):
+@pytest.mark.parametrize("act,bias", [("glu", False), ("glu", True), ("clamp_swiglu", True)])
+def test_forward_and_gradients_match_the_reference(act, bias):
     # bf16 activations through two GEMMs, the activation and the LoRA products, each rounded to bf16 (2^-8; the
     # interpreter truncates, 2^-7): a few such roundings bound the relative error near 3e-2 for outputs and
     # gradients; a wrong expert, scale, row order or missing LoRA term gives O(1).
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    ops, x, ids, w = _on_device(_ops(gen, bias=bias), *_routing(gen))
+    ops, x, ids, w = _on_device(_ops(gen, bias=bias, act=act), *_routing(gen))
     x_ref = x.float().requires_grad_(True)
     ref = reference_grouped_mlp(x_ref, ids, w.float(), ops)
     ref.square().sum().backward()
@@ -81,6 +85,22 @@ def test_forward_and_gradients_match_the_reference(bias):
         assert _rel(g, r) < 5e-2
 
 
+def test_gpt_oss_forward_across_the_clamp():
+    # Larger gpt-oss weights put pre-activations beyond the clamp limit 7, where the forward stays continuous (the
+    # same 3e-2 bound as above). Gradients are compared at the smaller weights above: an fp32 reference and a bf16
+    # pre-activation may fall on two sides of +-7, where the clamp's gradient jumps by O(1) (measured up to 0.3
+    # relative at these weights); the kernel's clamp gradient at the limits is tested exactly in
+    # tests/common/test_grouped_gemm.py::test_dx_with_activation_backward.
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ops, x, ids, w = _on_device(_ops(gen, bias=True, act="clamp_swiglu", std13=1.0), *_routing(gen))
+    w0 = common.dequantize((ops.w13.codes[0], ops.w13.scales[0]), torch.float32)
+    assert ((x.float() @ w0.T).abs() > 7).any()
+    with torch.no_grad():
+        ref = reference_grouped_mlp(x.float(), ids, w.float(), ops)
+        got = triton_grouped_mlp(x, ids, w, ops)
+    assert _rel(got, ref) < 3e-2
+
+
 def test_supports_explains_every_rejection():
     gen = torch.Generator().manual_seed(0)
     ops = _ops(gen)
@@ -92,3 +112,19 @@ def test_supports_explains_every_rejection():
         assert "bf16" in supports(x.cuda().float(), ops)[1]
         qat = ExpertOperands(FakeQuantExpertWeights(torch.randn(E, 2 * I, H), "flashinfer"), ops.w2, ops.activation, E)
         assert "weight gradient" in supports(x.cuda(), qat)[1]
+
+
+def test_kernel_activation_admits_silu_and_gpt_oss_clamp_swiglu_only():
+    from common.grouped_gemm import activations as A
+    from mxfp4_train.grouped_triton import GPT_OSS_SWIGLU, _kernel_activation
+
+    assert GPT_OSS_SWIGLU == (A.SWIGLU_ALPHA, A.SWIGLU_LIMIT)  # the kernels' compiled constants
+    gen = torch.Generator().manual_seed(0)
+    ops = _ops(gen, act="clamp_swiglu")
+    assert _kernel_activation(ops) == ("swiglu_oai", "interleaved", "")
+    ops.activation = Activation("clamp_swiglu", limit=10.0)
+    assert _kernel_activation(ops) == (None, "", "clamp_swiglu with alpha 1.702, limit 10.0: the kernels fuse "
+                                                 "gpt-oss's (alpha, limit) = (1.702, 7.0) only")
+    ops.activation = Activation("glu", act_fn=nn.GELU())
+    name, _, reason = _kernel_activation(ops)
+    assert name is None and "fuse silu only" in reason
