@@ -164,8 +164,16 @@ def _grouped_fwd_kernel(
     if ACT != ACT_NONE:
         if SAVE_PRE:
             pre_row = pre_ptr + rows[:, None] * stride_pm
-            tl.store(pre_row + g_rows[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask)
-            tl.store(pre_row + u_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
+            if GATE_UP_PAIRS:
+                # gate c and up c side by side at columns 2c, 2c + 1: one contiguous tile (vector stores, where two
+                # stride-2 stores would write element by element)
+                pc = 2 * tl.program_id(1) * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+                both = tl.reshape(tl.join(acc, acc_up), (BLOCK_M, 2 * BLOCK_N))
+                tl.store(pre_row + pc[None, :], both.to(pre_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (pc < 2 * N)[None, :])
+            else:
+                tl.store(pre_row + cols[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask)
+                tl.store(pre_row + N + cols[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
         out = _act_fwd(acc, acc_up, ACT, ALPHA, LIMIT)
     else:
         out = acc
@@ -239,19 +247,23 @@ def _grouped_dx_kernel(
                           LORA_R, F32_DOT)
     mask = row_ok[:, None] & col_ok[None, :]
     if ACT != ACT_NONE:
-        # pre and d pre columns in w13's row order: [gate; up] halves or gpt-oss's (gate, up) pairs
-        if GATE_UP_PAIRS:
-            g_cols = 2 * cols
-            u_cols = g_cols + 1
-        else:
-            g_cols = cols
-            u_cols = cols + K
+        # pre and d pre columns in w13's row order: [gate; up] halves, or gpt-oss's (gate, up) pairs, read and
+        # written as one contiguous tile of both (vector loads and stores)
         pre_row = pre_ptr + rows[:, None] * stride_pm
-        gate = tl.load(pre_row + g_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(pre_row + u_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        d_gate, d_up = _act_bwd(gate, up, acc, ACT, ALPHA, LIMIT)
         dx_row = dx_ptr + rows[:, None] * stride_dxm
-        tl.store(dx_row + g_cols[None, :], d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dx_row + u_cols[None, :], d_up.to(dx_ptr.dtype.element_ty), mask=mask)
+        if GATE_UP_PAIRS:
+            pc = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+            pmask = row_ok[:, None] & (pc < 2 * K)[None, :]
+            both = tl.load(pre_row + pc[None, :], mask=pmask, other=0.0).to(tl.float32)
+            gate, up = tl.split(tl.reshape(both, (BLOCK_M, BLOCK_K, 2)))
+            d_gate, d_up = _act_bwd(gate, up, acc, ACT, ALPHA, LIMIT)
+            d_both = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_K))
+            tl.store(dx_row + pc[None, :], d_both.to(dx_ptr.dtype.element_ty), mask=pmask)
+        else:
+            gate = tl.load(pre_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(pre_row + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            d_gate, d_up = _act_bwd(gate, up, acc, ACT, ALPHA, LIMIT)
+            tl.store(dx_row + cols[None, :], d_gate.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_row + K + cols[None, :], d_up.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
