@@ -17,42 +17,16 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from common.grouped_gemm._tiles import DECODE_BF16X2, DECODE_BITS, _dequant_tile, _load_scales, _tile_rows
+from common.grouped_gemm._tiles import DECODE_BF16X2, DECODE_BITS, _dequant_tile, _dot_xwt, _load_scales, _tile_rows
 from common.grouped_gemm import TileConfig, grouped_mm_mxfp4
 
 
 @triton.jit
-def k_bf16(x_desc, w_desc, offsets_ptr, y_ptr, N, K, E, stride_ym,
-           E_POW2: tl.constexpr, SWAP_AB: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
-    if expert >= E:
-        return
-    n0 = tl.program_id(1) * BLOCK_N
-    wrow = expert * N + n0
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-        a = x_desc.load([row0, k0])
-        w = w_desc.load([wrow, k0])
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    mask = (rows < row_end)[:, None] & (cols < N)[None, :]
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(tl.bfloat16), mask=mask)
-
-
-@triton.jit
-def k_mx(x_desc, c_desc, scales_ptr, offsets_ptr, y_ptr, N, K, E, stride_se, stride_sn, stride_ym,
-         E_POW2: tl.constexpr, SWAP_AB: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr, DECODE: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def k_tma(x_desc, w_desc, scales_ptr, offsets_ptr, y_ptr, N, K, E, stride_se, stride_sn, stride_ym,
+          E_POW2: tl.constexpr, MX: tl.constexpr, SWAP_AB: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr,
+          DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y tile = x_e @ W_e^T with the x and weight tiles loaded through descriptors: w_desc over bf16 weights
+    [E * N, K], or with MX over MXFP4 codes [E * N, K / 2] (scales by pointer, byte decode in registers)."""
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -67,13 +41,12 @@ def k_mx(x_desc, c_desc, scales_ptr, offsets_ptr, y_ptr, N, K, E, stride_se, str
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
         a = x_desc.load([row0, k0])
-        wp = c_desc.load([wrow, k0 // 2])
-        s = _load_scales(s_ptr, cols, col_ok, k0, K, stride_sn, BLOCK_K, True)
-        w = _dequant_tile(wp, s, BLOCK_N, BLOCK_K, DECODE)
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(a), acc)
+        if MX:
+            s = _load_scales(s_ptr, cols, col_ok, k0, K, stride_sn, BLOCK_K, True)
+            w = _dequant_tile(w_desc.load([wrow, k0 // 2]), s, BLOCK_N, BLOCK_K, DECODE)
         else:
-            acc = tl.dot(a, tl.trans(w), acc)
+            w = w_desc.load([wrow, k0])
+        acc = _dot_xwt(a, w, acc, SWAP_AB, False)
     if SWAP_AB:
         acc = tl.trans(acc)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -85,28 +58,25 @@ def _alloc(size, align, stream):  # scratch for device-side descriptors (none he
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def run_bf16(x, offs, w, cfg, ws, y):
-    e, n, k = w.shape
+def _launch(x, offs, w_desc, scales, mx, y, n, k, e, cfg, ws, decode):
     bm, bn, bk, nw, ns, swap = cfg
-    xd = TensorDescriptor.from_tensor(x, [bm, bk])
-    wd = TensorDescriptor.from_tensor(w.view(e * n, k), [bn, bk])
     grid = (triton.cdiv(x.shape[0], bm) + e, triton.cdiv(n, bn))
-    k_bf16[grid](xd, wd, offs, y, n, k, e, y.stride(0), E_POW2=triton.next_power_of_2(e), SWAP_AB=swap, WS=ws,
-                 STAGES=ns, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    k_tma[grid](TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, scales, offs, y, n, k, e, scales.stride(0),
+                scales.stride(1), y.stride(0), E_POW2=triton.next_power_of_2(e), MX=mx, SWAP_AB=swap, WS=ws,
+                STAGES=ns, DECODE=decode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
     return y
+
+
+def run_bf16(x, offs, w, scales, cfg, ws, y):
+    e, n, k = w.shape
+    wd = TensorDescriptor.from_tensor(w.view(e * n, k), [cfg[1], cfg[2]])
+    return _launch(x, offs, wd, scales, False, y, n, k, e, cfg, ws, DECODE_BITS)
 
 
 def run_mx(x, offs, codes, scales, cfg, ws, y, decode):
     e, n, kh = codes.shape
-    k = 2 * kh
-    bm, bn, bk, nw, ns, swap = cfg
-    xd = TensorDescriptor.from_tensor(x, [bm, bk])
-    cd = TensorDescriptor.from_tensor(codes.view(e * n, kh), [bn, bk // 2])
-    grid = (triton.cdiv(x.shape[0], bm) + e, triton.cdiv(n, bn))
-    k_mx[grid](xd, cd, scales, offs, y, n, k, e, scales.stride(0), scales.stride(1), y.stride(0),
-               E_POW2=triton.next_power_of_2(e), SWAP_AB=swap, WS=ws, STAGES=ns, DECODE=decode,
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-    return y
+    cd = TensorDescriptor.from_tensor(codes.view(e * n, kh), [cfg[1], cfg[2] // 2])
+    return _launch(x, offs, cd, scales, True, y, n, 2 * kh, e, cfg, ws, decode)
 
 
 def dequant(codes, scales):
@@ -147,7 +117,7 @@ def main():
         for ws in (False, True):
             for c in ((128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 4, False),
                       (128, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, True)):
-                report(f"bf16 TMA ws={ws} {c}", lambda c=c, ws=ws: run_bf16(x, offs, wb, c, ws, y))
+                report(f"bf16 TMA ws={ws} {c}", lambda c=c, ws=ws: run_bf16(x, offs, wb, scales, c, ws, y))
         for ws in (False, True):
             for d, dname in ((DECODE_BITS, "bits"), (DECODE_BF16X2, "bf16x2")):
                 for c in ((256, 128, 64, 8, 3, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 3, False),
