@@ -82,7 +82,8 @@ def run_mx(x, offs, codes, scales, cfg, ws, y, decode):
 def dequant(codes, scales):
     from common.reference import dequantize_mxfp4
     e, n, kh = codes.shape
-    return dequantize_mxfp4(codes.reshape(e * n, kh), scales.reshape(e * n, -1)).view(e, n, 2 * kh).to(torch.bfloat16)
+    w = dequantize_mxfp4(codes.reshape(e * n, kh), scales.reshape(e * n, -1))
+    return w.view(e, n, 2 * kh).to(torch.bfloat16)
 
 
 def main():

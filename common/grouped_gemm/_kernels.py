@@ -3,10 +3,10 @@
 Both kernels read the canonical packed layout directly (codes [E, N, K/2], scales [E, N, K/32]); no bf16 copy of a
 weight ever reaches global memory, and the backward reads the same bytes as the forward (no transpose copy):
 - `_grouped_fwd_kernel`: y = x_e @ W_e^T (+ bias_e) (+ lh @ B_e^T); with ACT the weight has 2N rows, [gate; up]
-  or (GATE_UP_PAIRS, gpt-oss) gate/up interleaved, and the epilogue writes act(gate, up) (and, with SAVE_PRE, the pre-activation for the backward). GATHER reads
-  row r of the sorted batch from x[src[r]] (the token permutation fused into the loads) and SCATTER writes it to
-  y[dst[r]] times rw[dst[r]] (the un-permutation and router weight fused into the epilogue), so the engine's MoE
-  layer never copies the activations into expert order and back.
+  or (GATE_UP_PAIRS, gpt-oss) gate/up interleaved, and the epilogue writes act(gate, up) (and, with SAVE_PRE, the
+  pre-activation for the backward). GATHER reads row r of the sorted batch from x[src[r]] (the token permutation
+  fused into the loads) and SCATTER writes it to y[dst[r]] times rw[dst[r]] (the un-permutation and router weight
+  fused into the epilogue), so the engine's MoE layer never copies the activations into expert order and back.
 - `_grouped_dx_kernel`: dx = dy_e @ W_e (+ lh @ A_e); with ACT the epilogue turns that into (d gate, d up) using
   the saved pre-activation, so the backward of the activation costs no extra pass over memory.
 Grid: axis 0 = row tiles (cdiv(M, BLOCK_M) + E, an upper bound of the ragged tile count), axis 1 = output tiles.

@@ -2,7 +2,8 @@
 
 Both are skinny GEMMs bound by reading the wide operand once; cuBLAS's grouped GEMM spent 17-34 us on each of
 them at decode-size batches on an H100 (a fixed cost per call, bench/RESULTS.md eighth round), several times the
-bytes they move. Both take bf16 operands (the launchers round wider ones), accumulate in fp32 and round once into the output dtype (the scaling is applied in fp32).
+bytes they move. Both take bf16 operands (the launchers round wider ones), accumulate in fp32 and round once into
+the output dtype (the scaling is applied in fp32).
 """
 
 import triton

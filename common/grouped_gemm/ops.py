@@ -22,7 +22,8 @@ from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
-from .configs import DOT_SCALED_MODES, GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, rows_bucket
+from .configs import (DOT_SCALED_MODES, GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates,
+                      candidates, rows_bucket)
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
