@@ -59,6 +59,17 @@ class TileConfig:
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints. Launch paths use these two rather than triton.cdiv / triton.next_power_of_2,
+    which triton 3.9 wraps as constexpr functions at about 4 us of host time per call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1, 0 for 0 (as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def rows_bucket(rows: int, experts: int) -> int:
     """Average rows per expert rounded up to a power of two (the autotune key: decode vs prefill regimes)."""
     avg = max(1, -(-rows // max(1, experts)))

@@ -9,18 +9,18 @@ than a grouped GEMM followed by a multiply.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..errors import ShapeError
-from ..kernels import interpreting
+from ..kernels import fast_launch, interpreting
 from ._lora_kernels import _lora_project_kernel, _lora_wgrad_kernel
+from .configs import cdiv, next_pow2
 
 _MAX_BLOCK_R = 64
 
 
 def _rank_block(r: int) -> int:
     """The MMA needs >= 16 along every dimension: a smaller rank is masked inside a 16-wide tile."""
-    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+    return min(_MAX_BLOCK_R, max(16, next_pow2(r)))
 
 
 def _check(offsets: torch.Tensor, rows: int, *named: tuple[str, torch.Tensor]) -> None:
@@ -52,13 +52,14 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
     # rounded here, not in the kernel: the interpreter's in-kernel cast truncates where torch and GPUs round
     x, factor = x.to(torch.bfloat16).contiguous(), factor.to(torch.bfloat16)
     avg = -(-m // e)
-    block_m = 16 if (avg <= 16 or interpreting()) else 32 if avg <= 32 else 64
+    interp = interpreting()
+    block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
     block_r = _rank_block(r)
-    grid = (triton.cdiv(m, block_m) + e, triton.cdiv(r, block_r))
-    _lora_project_kernel[grid](x, factor, offsets, out, k, e, r, float(scaling), x.stride(0), factor.stride(0),
-                               factor.stride(1), factor.stride(2), out.stride(0),
-                               E_POW2=max(2, triton.next_power_of_2(e)), F32_DOT=interpreting(), BLOCK_M=block_m,
-                               BLOCK_R=block_r, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3)
+    grid = (cdiv(m, block_m) + e, cdiv(r, block_r))
+    fast_launch.launch(_lora_project_kernel, grid, x, factor, offsets, out, k, e, r, float(scaling), x.stride(0),
+                       factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
+                       E_POW2=max(2, next_pow2(e)), F32_DOT=interp, BLOCK_M=block_m, BLOCK_R=block_r,
+                       BLOCK_K=64 if interp else 128, num_warps=4, num_stages=3)
     return out
 
 
@@ -77,9 +78,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
     if p < q:  # the wide operand on the MMA's M side: compute out_e^T = b_e^T a_e into the transposed strides
         a, b, p, q, so = b, a, q, p, (so[0], so[2], so[1])
     block_q = _rank_block(q)
-    block_p = 64 if interpreting() else 128
-    grid = (e, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
-    _lora_wgrad_kernel[grid](a, b, offsets, out, p, q, a.stride(0), b.stride(0), *so, F32_DOT=interpreting(),
-                             BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_ROWS=16 if interpreting() else 64,
-                             num_warps=4, num_stages=3)
+    interp = interpreting()
+    grid = (e, cdiv(p, 64 if interp else 128), cdiv(q, block_q))
+    fast_launch.launch(_lora_wgrad_kernel, grid, a, b, offsets, out, p, q, a.stride(0), b.stride(0), *so,
+                       F32_DOT=interp, BLOCK_P=64 if interp else 128, BLOCK_Q=block_q,
+                       BLOCK_ROWS=16 if interp else 64, num_warps=4, num_stages=3)
     return out

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..errors import DTypeError, ShapeError
-from ..kernels import interpreting
+from ..kernels import fast_launch, interpreting
 from ..tensor import check_packed
 from . import activations as A
 from ._kernels import _grouped_dx_kernel as _dx_jit
@@ -23,7 +23,7 @@ from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
 from .configs import (DOT_SCALED_MODES, GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates,
-                      candidates, rows_bucket)
+                      candidates, cdiv, next_pow2, rows_bucket)
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -107,7 +107,7 @@ def _pad_rank(lora: LowRank | None, factor_rank_dim: int, rows: int, name: str) 
     if h.dim() != 2 or h.shape[0] != rows or w.dim() != 3 or w.shape[factor_rank_dim] != r:
         raise ShapeError(f"lora '{name}': h must be [M={rows}, R] and the factor's rank dim {factor_rank_dim} must "
                          f"match R; got h {tuple(h.shape)}, factor {tuple(w.shape)}")
-    rp = max(16, triton.next_power_of_2(r))
+    rp = max(16, next_pow2(r))
     h = h.to(torch.bfloat16)
     w = w.to(torch.bfloat16)
     if rp != r:
@@ -159,11 +159,12 @@ def decode_mode() -> str:
     placement in packed bf16x2 PTX), "bits" (default elsewhere and under the interpreter: bit placement in fp32)
     or "select" (compare-and-select in fp32, no subnormal intermediates). Under the interpreter bf16x2 falls back
     to bits; on a GPU older than sm_90 asking for it is an error."""
-    default = "bf16x2" if (not interpreting() and _bf16x2_capable()) else "bits"
+    interp = interpreting()
+    default = "bf16x2" if (not interp and _bf16x2_capable()) else "bits"
     mode = os.environ.get("MXFP4_GG_DECODE", default)
     if mode not in DECODES:
         raise ValueError(f"MXFP4_GG_DECODE must be one of {tuple(DECODES)}, got {mode!r}")
-    if mode == "bf16x2" and interpreting():
+    if mode == "bf16x2" and interp:
         return "bits"
     if mode == "bf16x2" and not _bf16x2_capable():
         raise ValueError("MXFP4_GG_DECODE=bf16x2 needs a GPU of capability >= sm_90 (mul.rn.bf16x2); use 'bits'")
@@ -205,14 +206,15 @@ ONE_MUL_MAX_SCALE_BYTE = 128
 WORDS_MAX_BUCKET = {"fwd": 64, "gated": GATED_WORDS_MAX_BUCKET}
 
 
-def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd") -> bool:
+def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd",
+               decode: str | None = None) -> bool:
     """The word decode needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off) and
     excludes tl.dot_scaled, which reads the stored order (with MXFP4_GG_DOT_SCALED=only every candidate, the
     un-tuned first one included, is a dot_scaled tile). Kb-major codes are read by the word decode only (their
     words scatter each element's bits, layout.py): at every batch size, and a setting that rules it out is an
-    error rather than a silent byte decode of the wrong bits."""
+    error rather than a silent byte decode of the wrong bits. decode: decode_mode(), if the caller has it."""
     blocked = ("MXFP4_GG_WORDS=0" if not words_enabled() else
-               "MXFP4_GG_DECODE=select" if decode_mode() == "select" else
+               "MXFP4_GG_DECODE=select" if (decode or decode_mode()) == "select" else
                f"a code base address {codes.data_ptr()} not 16-byte aligned" if codes.data_ptr() % 16 else None)
     if is_kb_major(codes):
         if blocked:
@@ -255,7 +257,7 @@ _PICKED: dict[tuple, TileConfig] = {}
 def _signature(kind: str, grid_n: int, k: int, e: int, bucket: int, args: list, kw: dict) -> tuple:
     """What the best tile depends on: the autotuner's key (sizes but the row count, which it buckets, and the
     tensors' dtypes) and the flags, so that a call the autotuner would tune anew is not served a stale pick."""
-    return (kind, grid_n, k, e, bucket, *sorted(kw.items()), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    return (kind, grid_n, k, e, bucket, *kw.items(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
 
 
 def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: TileConfig | None, args: list,
@@ -267,7 +269,8 @@ def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: Tile
         raise ValueError("TileConfig.dot_scaled applies to the forward GEMMs only: tl.dot_scaled reduces along the "
                          "packed K axis, the dx GEMM reduces over the weight's rows")
     signature = None
-    if config is None and interpreting():
+    interp = interpreting()
+    if config is None and interp:
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
         config = candidates(kind, bucket, dot_scaled_mode())[0]
@@ -277,18 +280,18 @@ def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: Tile
     tile = "BLOCK_N" if kind != "dx" else "BLOCK_K"
     if config is None:
         tuned = _tuned(kind, kernel)
-        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(grid_n, meta[tile]))](*args, **kw)
+        tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]) + e, cdiv(grid_n, meta[tile]))](*args, **kw)
         _PICKED[signature] = _FROM[_fields(tuned.best_config)]
         return
-    grid = (triton.cdiv(m, config.block_m) + e, triton.cdiv(grid_n, config.block_n if kind != "dx"
+    grid = (cdiv(m, config.block_m) + e, cdiv(grid_n, config.block_n if kind != "dx"
                                                             else config.block_k))
-    regs = {} if config.max_regs is None or interpreting() else {"maxnreg": config.max_regs}
-    kernel[grid](*args, **kw, **config.meta(), EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
-                 num_stages=config.num_stages, **regs)
+    regs = {} if config.max_regs is None or interp else {"maxnreg": config.max_regs}
+    fast_launch.launch(kernel, grid, *args, **kw, **config.meta(), EVEN_K=k % config.block_k == 0,
+                       num_warps=config.num_warps, num_stages=config.num_stages, **regs)
 
 
 def _e_pow2(e: int) -> int:
-    return max(2, triton.next_power_of_2(e))
+    return max(2, next_pow2(e))
 
 
 def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.device) -> None:
@@ -337,9 +340,10 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
         raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
     if m == 0:
         return y, pre
-    words = _use_words(codes, config, rows_bucket(m, e), kind)
+    decode_name = decode_mode()
+    words = _use_words(codes, config, rows_bucket(m, e), kind, decode_name)
     x = reorder_k(x, x_order, _x_order(words, kb_major)).contiguous()
-    decode = _decode()
+    decode = DECODES[decode_name]
     one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None
                    and max_scale_byte <= ONE_MUL_MAX_SCALE_BYTE)
     if words:

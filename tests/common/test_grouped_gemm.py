@@ -638,6 +638,15 @@ def test_autotune_candidates_are_valid():
     assert C.rows_bucket(96, 32) == 4 and C.rows_bucket(0, 8) == 1 and C.rows_bucket(10**9, 1) == 4096
 
 
+def test_host_integer_helpers_match_triton():
+    # launch grids and padded ranks use these instead of triton.cdiv / triton.next_power_of_2 (host time)
+    import triton
+    for n in [*range(0, 300), 2**31 - 1, 2**31, 2**40 + 3]:
+        assert C.next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128):
+            assert C.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner runs on a GPU only (the interpreter has a fixed tile)")
 def test_autotuned_tile_is_picked_once_then_launched_directly():
     """After the autotuner's first call, a call of the same signature launches the picked tile without it: the
