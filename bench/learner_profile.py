@@ -45,7 +45,8 @@ def kernel_table(step, rows=12):
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
-def main():
+def setup():
+    """(args, shape, weights, LoRA factors, generator) from the command line shared by the learner benches."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="dsv4")
     ap.add_argument("--tokens", default="16,128")
@@ -54,13 +55,23 @@ def main():
     s = B.SHAPES[a.shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
     w, lora = B.make_weights(s, gen)
-    lines = [f"# {torch.cuda.get_device_name(0)}, shape {a.shape}, LoRA r={B.RANK}"]
+    return a, s, w, lora, gen
+
+
+def batches(a, s, gen):
+    """Per token count of --tokens: (tokens, routing, sorted x as a leaf wanting grad, dy), balanced routing."""
     for t in (int(v) for v in a.tokens.split(",")):
         ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
         routing = route(ids, s["E"])
         x = permute(torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen), routing)
-        xg = x.detach().requires_grad_(True)
         dy = torch.randn(x.shape[0], s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
+        yield t, routing, x.detach().requires_grad_(True), dy
+
+
+def main():
+    a, s, w, lora, gen = setup()
+    lines = [f"# {torch.cuda.get_device_name(0)}, shape {a.shape}, LoRA r={B.RANK}"]
+    for t, routing, xg, dy in batches(a, s, gen):
         for name, fn in (("ours", B.ours_mlp), ("bf16", B.bf16_mlp)):
             def step(fn=fn):
                 return torch.autograd.grad(fn(xg, routing.offsets, w, lora, s["act"], 2.0), [xg, *lora], dy)
