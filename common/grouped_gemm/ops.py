@@ -283,8 +283,7 @@ def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: Tile
         tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]) + e, cdiv(grid_n, meta[tile]))](*args, **kw)
         _PICKED[signature] = _FROM[_fields(tuned.best_config)]
         return
-    grid = (cdiv(m, config.block_m) + e, cdiv(grid_n, config.block_n if kind != "dx"
-                                                            else config.block_k))
+    grid = (cdiv(m, config.block_m) + e, cdiv(grid_n, config.block_n if kind != "dx" else config.block_k))
     regs = {} if config.max_regs is None or interp else {"maxnreg": config.max_regs}
     fast_launch.launch(kernel, grid, *args, **kw, **config.meta(), EVEN_K=k % config.block_k == 0,
                        num_warps=config.num_warps, num_stages=config.num_stages, **regs)

@@ -1,16 +1,16 @@
 """Repeat launches of a @triton.jit kernel without JITFunction.run's per-call work.
 
 Triton's launch path binds and specializes every argument, builds a cache key and reads its runtime knobs on each
-call: about 40 us of host time per launch of the grouped GEMMs' 30-argument kernels on an H100 host
-(bench/host_profile.py). A decode-size learner step launches 12 kernels and, eager, is bound by host time.
+call. A decode-size learner step launches 12 kernels and, eager, is bound by host time (bench/host_profile.py).
 `launch` keeps the compiled kernel of a call and starts later calls with an equal key through that compiled
-kernel's own launcher (`CompiledKernel[grid]`, the entry Triton's ahead-of-time users call).
+kernel's own launcher (`CompiledKernel[grid]`, the entry Triton's ahead-of-time users call): 90-110 us less host
+time per learner step on an H100 host (bench/RESULTS.md, ninth round).
 
 The key is at least as fine as Triton's specialization, or a kernel compiled for 16-byte aligned pointers or for
 a stride equal to 1 could run on other arguments: tensors by dtype and 16-byte alignment, ints by (== 1,
 divisible by 16, int32 range, uint64 range), floats by type, every other argument and keyword (constexprs,
-launch options) by value, plus the current device. tests/common/test_fast_launch.py checks it against Triton's own specializer.
-MXFP4_FAST_LAUNCH=0 turns it off (every call through kernel[grid]); the interpreter never uses it.
+launch options) by value, plus the current device. tests/common/test_fast_launch.py checks it against Triton's
+own specializer. MXFP4_FAST_LAUNCH=0 turns it off (every call through kernel[grid]); the interpreter never uses it.
 """
 
 from __future__ import annotations
