@@ -72,7 +72,7 @@ def next_pow2(n: int) -> int:
 
 def rows_bucket(rows: int, experts: int) -> int:
     """Average rows per expert rounded up to a power of two (the autotune key: decode vs prefill regimes)."""
-    avg = max(1, -(-rows // max(1, experts)))
+    avg = max(1, cdiv(rows, max(1, experts)))
     return min(1 << (avg - 1).bit_length(), 4096)
 
 

@@ -51,7 +51,7 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
         return out
     # rounded here, not in the kernel: the interpreter's in-kernel cast truncates where torch and GPUs round
     x, factor = x.to(torch.bfloat16).contiguous(), factor.to(torch.bfloat16)
-    avg = -(-m // e)
+    avg = cdiv(m, e)
     interp = interpreting()
     block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
     block_r = _rank_block(r)
