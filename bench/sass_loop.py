@@ -21,11 +21,10 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.grouped_gemm._kernels import _grouped_fwd_kernel as KERNEL  # noqa: E402
+from common.grouped_gemm.aot import compile_sm90  # noqa: E402
 
 DEFAULTS = dict(words=1, kb=1, one_mul=1, act=0, gather=0, scatter=1, bn=64, bk=128, bm=16, nw=4, ns=3, n=4096,
                 k=2048)
@@ -46,18 +45,9 @@ def compile_sass(o: dict) -> str:
     const = dict(ACT=act, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=bool(o["gather"]),
                  SCATTER=bool(o["scatter"]), E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False,
                  WORDS=words, ONE_MUL=bool(o["one_mul"]), OUT_ORDER=0,
-                 WORD_PAIRS=words and o["nw"] == 4 and o["bn"] >= 64, EVEN_K=True, KB_MAJOR=bool(o["kb"]), GATE_UP_PAIRS=False,
-                 BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])
-    sig, cex, attrs = {}, {}, {}
-    for idx, name in enumerate(KERNEL.arg_names):
-        if name in const:
-            sig[name], cex[(idx,)] = "constexpr", const[name]
-        else:
-            sig[name] = ptrs.get(name, "i32")
-            if name in ptrs or ints[name] % 16 == 0:
-                attrs[(idx,)] = [["tt.divisibility", 16]]
-    ck = triton.compile(ASTSource(KERNEL, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=o["nw"], num_stages=o["ns"]))
+                 WORD_PAIRS=words and o["nw"] == 4 and o["bn"] >= 64, EVEN_K=True, KB_MAJOR=bool(o["kb"]),
+                 GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])
+    ck = compile_sm90(KERNEL, const, ptrs, ints, num_warps=o["nw"], num_stages=o["ns"])
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])

@@ -673,15 +673,12 @@ def test_autotuned_tile_is_picked_once_then_launched_directly():
 
 
 _COMPILE_SM90 = """
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
 from common.grouped_gemm import _kernels as K
+from common.grouped_gemm.aot import compile_sm90
 
 kind = sys.argv[1]
 fn = K._grouped_dx_kernel if kind.startswith("dx") else K._grouped_fwd_kernel
-params = list(inspect.signature(fn.fn).parameters)
 words = kind not in ("dx", "dx_pairs", "gated_bytes")
 kb = kind in ("gated", "gated_one_mul")
 pairs = kind.endswith("_pairs")  # gpt-oss's interleaved gate/up rows, pre written and read as pairs
@@ -689,13 +686,10 @@ const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=p
              E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
              BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs)
-const = {k: v for k, v in const.items() if k in params}
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
        "dst_ptr": "*i64", "rw_ptr": "*fp32"}
-sig = {p: "constexpr" if p in const else ptr.get(p, "*bf16" if p.endswith("_ptr") else "i32") for p in params}
-src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
 try:
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    compiled = compile_sm90(fn, const, ptr)
 except FileNotFoundError as exc:
     print("NO-PTXAS", exc)
     sys.exit(0)
