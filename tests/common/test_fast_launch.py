@@ -136,3 +136,86 @@ def test_cached_launches_capture_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured.view(torch.int16), eager.view(torch.int16))
+
+
+class _FakeCudaTensor(torch.Tensor):
+    """A CPU tensor that claims to live on a GPU, so the cache logic runs on any machine."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+class _FakeCompiled:
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def run(self, *args):  # noqa: D401 - Triton's CompiledKernel has run(); its presence marks a usable kernel
+        raise AssertionError("launches go through __getitem__")
+
+    def __getitem__(self, grid):
+        def runner(*args):
+            if self.fail:
+                raise TypeError("launcher takes other arguments")
+            self.log.append(("cached", grid, args))
+        return runner
+
+
+class _FakeKernel:
+    """A raw @triton.jit stand-in: parameters (x_ptr, n, A, B); kernel[grid](...) launches and returns the compiled
+    kernel, as JITFunction.run does."""
+
+    arg_names = ["x_ptr", "n", "A", "B"]
+
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.log.append(("regular", grid, args, kw))
+            return _FakeCompiled(self.log, self.fail)
+        return run
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(fast_launch, "_CACHE", {})
+    monkeypatch.setattr(fast_launch, "_BROKEN", False)
+    monkeypatch.setattr(fast_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("MXFP4_FAST_LAUNCH", "1")
+    store = torch.zeros(64, dtype=torch.bfloat16)
+    return store.as_subclass(_FakeCudaTensor), store[1:].as_subclass(_FakeCudaTensor)
+
+
+def test_cache_hits_pass_every_parameter_in_order_and_misses_on_a_new_specialization(fake_gpu):
+    aligned, shifted = fake_gpu
+    k = _FakeKernel()
+    # keywords in another order than the parameters: the cached launch must still pass (A, B) in parameter order
+    fast_launch.launch(k, (3,), aligned, 32, B=7, A=5, num_warps=4)
+    fast_launch.launch(k, (3,), aligned, 48, B=7, A=5, num_warps=4)  # 48: same int key as 32 (divisible by 16)
+    fast_launch.launch(k, (3,), shifted, 48, B=7, A=5, num_warps=4)  # a pointer 2 bytes off 16: a new kernel
+    fast_launch.launch(k, (3,), aligned, 33, B=7, A=5, num_warps=4)  # 33: not divisible by 16, a new kernel
+    kinds = [entry[0] for entry in k.log]
+    assert kinds == ["regular", "cached", "regular", "regular"], k.log
+    _, grid, args = k.log[1]
+    assert grid == (3, 1, 1) and args[1:] == (48, 5, 7) and args[0] is aligned
+
+
+def test_parameters_left_to_defaults_are_never_cached(fake_gpu):
+    aligned, _ = fake_gpu
+    k = _FakeKernel()
+    for _ in range(2):
+        fast_launch.launch(k, (1, 2), aligned, 16, A=1)  # B not given: its default is Triton's business
+    assert [entry[0] for entry in k.log] == ["regular", "regular"]
+
+
+def test_a_launcher_that_refuses_the_arguments_turns_the_cache_off(fake_gpu):
+    aligned, _ = fake_gpu
+    k = _FakeKernel(fail=True)
+    fast_launch.launch(k, (2,), aligned, 16, A=1, B=2)
+    with pytest.warns(RuntimeWarning, match="launching through kernel\\[grid\\] from now on"):
+        fast_launch.launch(k, (2,), aligned, 16, A=1, B=2)
+    fast_launch.launch(k, (2,), aligned, 16, A=1, B=2)
+    assert [entry[0] for entry in k.log] == ["regular", "regular", "regular"]
+    assert fast_launch._BROKEN and not fast_launch._CACHE
