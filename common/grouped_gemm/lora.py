@@ -79,8 +79,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
         a, b, p, q, so = b, a, q, p, (so[0], so[2], so[1])
     block_q = _rank_block(q)
     interp = interpreting()
-    grid = (e, cdiv(p, 64 if interp else 128), cdiv(q, block_q))
+    block_p = 64 if interp else 128
+    grid = (e, cdiv(p, block_p), cdiv(q, block_q))
     fast_launch.launch(_lora_wgrad_kernel, grid, a, b, offsets, out, p, q, a.stride(0), b.stride(0), *so,
-                       F32_DOT=interp, BLOCK_P=64 if interp else 128, BLOCK_Q=block_q,
-                       BLOCK_ROWS=16 if interp else 64, num_warps=4, num_stages=3)
+                       F32_DOT=interp, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_ROWS=16 if interp else 64,
+                       num_warps=4, num_stages=3)
     return out
