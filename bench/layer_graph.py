@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The engine's whole MoE layer (moe_layer_forward) eager and replayed from a CUDA graph, as vLLM runs decode, for
-the forward's word decode (MXFP4_GG_WORDS=1, with and without the one-multiply scale bound) and the byte decode
-(MXFP4_GG_WORDS=0), with each output's relative error against the byte decode's. One GPU.
+the forward's word decode (the kernels' own choice per batch size, with and without the one-multiply scale bound)
+and the byte decode (forced at every size: bench/decode_ab.py), with each output's relative error against the byte
+decode's. One GPU.
 usage: python bench/layer_graph.py [--shapes dsv4,gptoss] [--tokens 16,128,1024] [--decodes words,bound,bytes]
 """
 
@@ -14,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode_ab  # noqa: E402
 import moe as B  # noqa: E402
 from learner_profile import graph_ms  # noqa: E402
 
@@ -21,19 +23,19 @@ from common.grouped_gemm import moe_layer_forward  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 
 
-# name: (MXFP4_GG_WORDS, pass max_scale_byte, kb-major codes as the hopper_triton engine serves them; the word
-# decode is the only one that reads kb-major codes)
-DECODES = {"words": ("1", False, False), "bound": ("1", True, False), "bytes": ("0", False, False),
-           "kb": ("1", False, True), "kb_bound": ("1", True, True)}
+# name: (decode_ab words setting, pass max_scale_byte, kb-major codes as the hopper_triton engine serves them; the
+# word decode is the only one that reads kb-major codes)
+DECODES = {"words": ("auto", False, False), "bound": ("auto", True, False), "bytes": ("off", False, False),
+           "kb": ("auto", False, True), "kb_bound": ("auto", True, True)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="dsv4,gptoss")
     ap.add_argument("--tokens", default="16,128,1024")
-    ap.add_argument("--decodes", default="kb,words,bound,bytes", help="words (MXFP4_GG_WORDS=1), bound (the same "
-                    "with max_scale_byte), bytes (MXFP4_GG_WORDS=0), each on canonical codes; kb, kb_bound: the word "
-                    "decode on kb-major codes (the engine's layout)")
+    ap.add_argument("--decodes", default="kb,words,bound,bytes", help="words (the kernels' choice), bound (the "
+                    "same with max_scale_byte), bytes (the byte decode at every size), each on canonical codes; kb, "
+                    "kb_bound: the word decode on kb-major codes (the engine's layout)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
@@ -45,20 +47,21 @@ def main():
             ids = (torch.arange(t * s["k"], device="cuda") % s["E"]).view(t, s["k"])
             tw = torch.softmax(torch.randn(t, s["k"], device="cuda", generator=gen), -1)
             xt = torch.randn(t, s["H"], device="cuda", dtype=torch.bfloat16, generator=gen)
-            os.environ["MXFP4_GG_WORDS"] = "0"
-            ref = moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"]).float()
+            with decode_ab.forced(words="off"):
+                ref = moe_layer_forward(xt, ids, tw, w["w13"], w["w2"], activation=s["act"]).float()
             for dec in args.decodes.split(","):
                 words, bound, kb = DECODES[dec]
                 mb = msb if bound else None
-                os.environ["MXFP4_GG_WORDS"] = words
                 ww = w_kb if kb else w
 
                 def f(mb=mb, ww=ww):
                     return moe_layer_forward(xt, ids, tw, ww["w13"], ww["w2"], activation=s["act"], max_scale_byte=mb)
 
-                err = ((f().float() - ref).norm() / ref.norm()).item()
-                print(f"{name} {t} words={words} one_mul={mb is not None} kb_major={kb}: layer eager {B.bench(f):.3f} ms graph "
-                      f"{graph_ms(f):.3f} ms rel vs bytes {err:.1e}", flush=True)
+                with decode_ab.forced(words=words):
+                    err = ((f().float() - ref).norm() / ref.norm()).item()
+                    eager, graph = B.bench(f), graph_ms(f)
+                print(f"{name} {t} words={words} one_mul={mb is not None} kb_major={kb}: layer eager {eager:.3f} ms "
+                      f"graph {graph:.3f} ms rel vs bytes {err:.1e}", flush=True)
         del w
 
 

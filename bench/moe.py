@@ -13,13 +13,15 @@ balanced (token t, slot j -> expert (t*k + j) mod E). The bf16 weights are the e
 ones, so outputs and gradients are compared (relative L2). Times are triton.testing.do_bench medians (ms); next
 to each, the roofline floor max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured in this run.
 usage: python bench/moe.py [--shapes dsv4,gptoss] [--tokens 16,128,1024,4096,16384] [--only engine|learner]
-                           [--out DIR]
-MXFP4_GG_DOT_SCALED=off|only|auto restricts the forward GEMMs' autotuning to one decode (A/B runs).
+                           [--out DIR] [--decode auto|bits] [--words auto|off]
+--decode / --words override the kernels' own decode choices for A/B runs (bench/decode_ab.py); one process per
+setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +35,8 @@ from common.grouped_gemm import MXFP4GroupedMLP, moe_layer_forward, moe_mlp_forw
 from common.grouped_gemm.routing import route_torch
 from common.grouped_gemm import activations as A
 from common.grouped_gemm import ops
+
+import decode_ab
 
 SHAPES = {"dsv4": dict(H=4096, I=2048, E=32, k=6, act="silu"),
           "gptoss": dict(H=2880, I=2880, E=128, k=4, act="swiglu_oai")}
@@ -264,8 +268,8 @@ def check_edge_scales():
     """One-hot rows through the forward GEMM with fp32 output return single dequantized weights: compare them with
     common.dequantize for every code byte and the edge scale bytes (0 and 1: subnormal weights; 252: the largest
     byte whose 6 * scale is finite; a larger one puts inf in every row, and 0 * inf poisons the one-hot sums), for
-    both decodes. Reported, not asserted: the in-kernel decode is exact, but the MMA (and dot_scaled's upcast) may
-    flush subnormals."""
+    both MMA orientations. Reported, not asserted: the in-kernel decode is exact, but the MMA may flush
+    subnormals."""
     from common.grouped_gemm import TileConfig
     e, n, k = 1, 64, 256
     codes = (torch.arange(n * k // 2, device="cuda") % 256).to(torch.uint8).view(e, n, k // 2)
@@ -275,14 +279,13 @@ def check_edge_scales():
     eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
     offs = torch.tensor([0, k], dtype=torch.int32, device="cuda")
     blk = scales[0].repeat_interleave(32, 1).T  # scale byte of each element, [k, n]
-    for dot_scaled in (False, True):
-        for swap in (False, True):
-            cfg = TileConfig(16, 64, 128, 4, 3, swap_ab=swap, dot_scaled=dot_scaled)
-            y = ops.grouped_mm_mxfp4(eye, offs, codes, scales, out_dtype=torch.float32, config=cfg)
-            same = (y == w) | (y.isnan() & w.isnan())
-            by = {int(b): int((~same & (blk == b)).sum()) for b in sc.tolist()}
-            print(f"# edge scales {cfg}: mismatching weights per scale byte {by} (of {k * n // sc.numel()} each)",
-                  flush=True)
+    for swap in (False, True):
+        cfg = TileConfig(16, 64, 128, 4, 3, swap_ab=swap)
+        y = ops.grouped_mm_mxfp4(eye, offs, codes, scales, out_dtype=torch.float32, config=cfg)
+        same = (y == w) | (y.isnan() & w.isnan())
+        by = {int(b): int((~same & (blk == b)).sum()) for b in sc.tolist()}
+        print(f"# edge scales {cfg}: mismatching weights per scale byte {by} (of {k * n // sc.numel()} each)",
+              flush=True)
 
 
 def main():
@@ -296,17 +299,26 @@ def main():
     ap.add_argument("--one-mul", action="store_true", help="pass the weights' scale bound to the engine GEMMs "
                     "(max_scale_byte: one multiply per decoded pair when <= 128)")
     ap.add_argument("--tag", default="", help="suffix of the output files (A/B runs into one folder)")
+    ap.add_argument("--decode", choices=decode_ab.DECODES, default="auto", help="bits: the fp32 bit-placement "
+                    "decode even where the bf16x2 one runs (A/B)")
+    ap.add_argument("--words", choices=decode_ab.WORDS, default="auto", help="off: the byte decode for canonical "
+                    "codes at every batch size (A/B)")
     a = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(decode_ab.forced(a.decode, a.words))
+        return run(a, stack)
+
+
+def run(a, stack):
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", __import__("triton").__version__,
           time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
     worst = 0.0 if a.no_check else check_configs()
     if worst >= 1e-4 and ops.decode_mode() != "bits":
-        print(f"# decode {ops.decode_mode()} failed the check; retrying with MXFP4_GG_DECODE=bits", flush=True)
-        os.environ["MXFP4_GG_DECODE"] = "bits"
+        print(f"# decode {ops.decode_mode()} failed the check; retrying with the bits decode", flush=True)
+        stack.enter_context(decode_ab.forced("bits"))
         worst = check_configs()
-    print(f"# decode: {ops.decode_mode()}, word decode (MXFP4_GG_WORDS): {ops.words_enabled()}, one multiply: "
-          f"{a.one_mul}", flush=True)
+    print(f"# decode: {ops.decode_mode()}, word decode: {a.words}, one multiply: {a.one_mul}", flush=True)
     check_edge_scales()
     if a.check_only:
         return 0 if worst < 1e-4 else 1
@@ -322,7 +334,6 @@ def main():
         for key, cfg in getattr(tuner, "cache", {}).items():
             print(f"# autotune {kind} {key} -> {cfg}", flush=True)
     md = table(results) + "\n\n" + layer_table(results)
-    print(f"# MXFP4_GG_DOT_SCALED={ops.dot_scaled_mode()}")
     print(md)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"moe{a.tag}.json"), "w") as f:

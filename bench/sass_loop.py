@@ -43,7 +43,7 @@ def compile_sass(o: dict) -> str:
                 bias_ptr="*bf16", lh_ptr="*bf16", lw_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", src_ptr="*i32",
                 dst_ptr="*i32", rw_ptr="*fp32")
     const = dict(ACT=act, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=False, GATHER=bool(o["gather"]),
-                 SCATTER=bool(o["scatter"]), E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False,
+                 SCATTER=bool(o["scatter"]), E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True,
                  WORDS=words, ONE_MUL=bool(o["one_mul"]), OUT_ORDER=0,
                  WORD_PAIRS=words and o["nw"] == 4 and o["bn"] >= 64, EVEN_K=True, KB_MAJOR=bool(o["kb"]),
                  GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])

@@ -20,7 +20,6 @@ from ._tiles import (
     ACT_NONE,
     DECODE_BITS,
     _act_bwd,
-    _dot_xwt_scaled,
     _act_fwd,
     _dot_xw,
     _dot_xwt,
@@ -33,7 +32,6 @@ from ._tiles import (
     _load_code_words,
     _load_packed_codes,
     _load_scales,
-    _load_w_packed,
     _lora_tile,
     _tile_rows,
 )
@@ -48,12 +46,10 @@ def _grouped_fwd_kernel(
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
+        WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
         OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
         KB_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block; tl.dot_scaled reads the
-    # canonical layout only (ops.py refuses the combination)
-    tl.static_assert(not (KB_MAJOR and DOT_SCALED))
+    # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block.
     # kb-major words scatter each element's bits (layout.py): the word decode reads them, the byte decode cannot
     tl.static_assert(not KB_MAJOR or WORDS)
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
@@ -89,36 +85,29 @@ def _grouped_fwd_kernel(
     # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode
     WDEC: tl.constexpr = DECODE if WORD_PAIRS else DECODE_BITS
     OM: tl.constexpr = ONE_MUL and WORD_PAIRS
-    if not DOT_SCALED:
-        # A scale byte covers 32 weights: a row's scales are too narrow for the pipeliner's async copies, so the
-        # kernel prefetches the next step's bytes itself and their global latency overlaps this step's work.
-        s_nxt = _load_scales(s_ptr, g_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+    # A scale byte covers 32 weights: a row's scales are too narrow for the pipeliner's async copies, so the
+    # kernel prefetches the next step's bytes itself and their global latency overlaps this step's work.
+    s_nxt = _load_scales(s_ptr, g_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+    if ACT != ACT_NONE:
+        s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
+    else:
+        s_up_nxt = s_nxt
+    if WORDS:
+        # The word decode's factors move each scale byte to the threads of its words (a shared-memory
+        # shuffle): they are built a step ahead from bytes loaded two steps ahead, so neither the global load
+        # nor the shuffle stalls the decode.
+        fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+        fa_up_nxt, fb_up_nxt = fa_nxt, fb_nxt
+        s_nxt = _load_scales(s_ptr, g_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
         if ACT != ACT_NONE:
-            s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, 0, K, stride_sn, BLOCK_K, EVEN_K)
-        else:
-            s_up_nxt = s_nxt
-        if WORDS:
-            # The word decode's factors move each scale byte to the threads of its words (a shared-memory
-            # shuffle): they are built a step ahead from bytes loaded two steps ahead, so neither the global load
-            # nor the shuffle stalls the decode.
-            fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-            fa_up_nxt, fb_up_nxt = fa_nxt, fb_nxt
-            s_nxt = _load_scales(s_ptr, g_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
-            if ACT != ACT_NONE:
-                fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
-                s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
+            fa_up_nxt, fb_up_nxt = _word_factors(s_up_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
+            s_up_nxt = _load_scales(s_ptr, u_rows, col_ok, BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-        if DOT_SCALED:
-            wp, ws = _load_w_packed(c_ptr, s_ptr, g_rows, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
-            acc = _dot_xwt_scaled(a, wp, ws, acc, SWAP_AB)
-            if ACT != ACT_NONE:
-                wp, ws = _load_w_packed(c_ptr, s_ptr, u_rows, col_ok, k0, K, stride_cn, stride_sn, BLOCK_K)
-                acc_up = _dot_xwt_scaled(a, wp, ws, acc_up, SWAP_AB)
-        elif WORDS:
+        if WORDS:
             fa, fb, fa_up, fb_up = fa_nxt, fb_nxt, fa_up_nxt, fb_up_nxt
             fa_nxt, fb_nxt = _word_factors(s_nxt, BLOCK_N, BLOCK_K, WDEC, OM)
             s_nxt = _load_scales(s_ptr, g_rows, col_ok, k0 + 2 * BLOCK_K, K, stride_sn, BLOCK_K, EVEN_K)
@@ -203,12 +192,10 @@ def _grouped_dx_kernel(
         stride_lhm, stride_lwe, stride_lwr, stride_pm, stride_dxm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, LORA_R: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
-        DOT_SCALED: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
+        WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # WORD_PAIRS (TileConfig.meta) concerns the forward's word decode only
-    # dot_scaled reduces along the packed axis; here the reduction runs over W's rows (ops.py refuses it)
-    tl.static_assert(not DOT_SCALED)
     # dx [M, K] = dy [M, N] @ W [N, K]: BLOCK_N is the reduction step over W's rows, BLOCK_K the output tile
     # over W's packed K axis, so each weight tile is read in its stored orientation.
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)

@@ -14,9 +14,8 @@ ACT_NONE = tl.constexpr(0)
 ACT_SILU = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
 
-# E2M1 decodes of a weight tile (ops.decode_mode): compare-and-select in fp32, bit placement in fp32, bit placement
-# in bf16x2 PTX (GPU only: the interpreter cannot run inline assembly).
-DECODE_SELECT = tl.constexpr(0)
+# E2M1 decodes of a weight tile (ops.decode_mode): bit placement in fp32 (the interpreter, which cannot run inline
+# assembly, and GPUs older than sm_90) or in bf16x2 PTX (sm_90+).
 DECODE_BITS = tl.constexpr(1)
 DECODE_BF16X2 = tl.constexpr(2)
 
@@ -55,20 +54,6 @@ def _e2m1_f32_scaled_down(packed):
     lo = ((packed & 0x7) << 22) | ((packed & 0x8) << 28)
     hi = ((packed & 0x70) << 18) | ((packed & 0x80) << 24)
     return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_f32_select(packed):
-    """(even, odd) fp32 E2M1 values of the nibbles (unscaled, no subnormal intermediates): the compare-and-select
-    decode, about twice the integer ops of _e2m1_f32_scaled_down; the fallback where fp32 subnormals flush."""
-    lo = packed & 0xF
-    hi = packed >> 4
-    lo_m = lo & 7
-    hi_m = hi & 7
-    # m >= 2: exponent/mantissa pair (m + 252) << 22 (1.0 for m = 2); m == 1: 0.5 = 0x3F000000; m == 0: 0
-    lo_v = tl.where(lo_m >= 2, (lo_m + 252) << 22, lo_m * 0x3F000000) | ((lo & 8) << 28)
-    hi_v = tl.where(hi_m >= 2, (hi_m + 252) << 22, hi_m * 0x3F000000) | ((hi & 8) << 28)
-    return lo_v.to(tl.float32, bitcast=True), hi_v.to(tl.float32, bitcast=True)
 
 
 def _bf16x2_decode_asm() -> str:
@@ -112,13 +97,6 @@ def _e8m0_bf16(s):
 def _e8m0_times_2_126_bf16(s):
     """bf16 2^(s - 1) = 2^126 * 2^(s - 127) of scale bytes (int32) s <= 128 (the one-multiply word decode)."""
     return ((s + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _e8m0_f32(s):
-    """fp32 2^(s - 127) of scale bytes (int32); byte 0 is the subnormal 2^-127, byte 255 NaN."""
-    bits = tl.where(s >= 1, s << 23, 0x00400000)
-    return tl.where(s == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -179,13 +157,6 @@ def _load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C: tl.conste
 
 
 @triton.jit
-def _load_w_packed(codes_ptr, scales_ptr, rows, row_ok, col0, K, stride_cr, stride_sr, C: tl.constexpr):
-    """(codes uint8 [R, C/2], scale bytes uint8 [R, C/32]) of W[rows, col0:col0+C] (the tl.dot_scaled path)."""
-    return (_load_packed_codes(codes_ptr, rows, row_ok, col0, K, stride_cr, C, False),
-            _load_scales(scales_ptr, rows, row_ok, col0, K, stride_sr, C, False))
-
-
-@triton.jit
 def _dequant_tile(packed, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.constexpr = DECODE_BITS):
     """bf16 [R, C] values of a packed tile (codes [R, C/2], scale bytes [R, C/32]; exact, see the module
     docstring)."""
@@ -195,24 +166,17 @@ def _dequant_tile(packed, s, R: tl.constexpr, C: tl.constexpr, DECODE: tl.conste
         f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, C // 32, 16)), (R, C // 2))
         lo, hi = _e2m1_bf16x2_times(packed, f)
         return tl.reshape(tl.join(lo, hi), (R, C))
-    packed = packed.to(tl.int32)
-    if DECODE == DECODE_BITS:
-        lo, hi = _e2m1_f32_scaled_down(packed)
-    else:
-        lo, hi = _e2m1_f32_select(packed)
+    lo, hi = _e2m1_f32_scaled_down(packed.to(tl.int32))
     # byte j holds element 2j (low nibble) and 2j + 1 (high nibble)
     v = tl.reshape(tl.join(lo, hi), (R, C // 32, 32))
     # fp32 multiplies then the cast to bf16: all exact (the products have 2 significant bits); the interpreter
     # has no bf16 arithmetic.
-    if DECODE == DECODE_BITS:
-        f1, f2 = _e8m0_factors(s)
-        w = (v * f1[:, :, None]) * f2[:, :, None]
-    else:
-        w = v * _e8m0_f32(s)[:, :, None]
+    f1, f2 = _e8m0_factors(s)
+    w = (v * f1[:, :, None]) * f2[:, :, None]
     return tl.reshape(w, (R, C)).to(tl.bfloat16)
 
 
-# The word decode (MXFP4_GG_WORDS, ops.py): a dot product may reduce in any order, so the forward GEMMs reduce over
+# The word decode (ops._use_words): a dot product may reduce in any order, so the forward GEMMs reduce over
 # K in an order chosen to fit the MMA's register operand instead of the storage order. Within every 32-element block
 # (one scale block, 4 code words of 8 nibbles) the kernel's logical column c = 8i + 2t + h holds the stored element
 # p = 8t + i + 4h: word t, nibble i + 4h. A thread of the wgmma A operand owns the column pairs (c, c+1) with
@@ -416,18 +380,6 @@ def _dequant_words(words, fa, fb, R: tl.constexpr, C: tl.constexpr, DECODE: tl.c
     j = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, C/8, 2(h), 2(x), 2(y)]
     j = tl.reshape(j, (R, C // 32, 4, 2, 2, 2))  # [R, b, t, h, x, y]
     return tl.reshape(tl.permute(j, (0, 1, 5, 4, 2, 3)), (R, C))
-
-
-@triton.jit
-def _dot_xwt_scaled(a, packed, s, acc, SWAP_AB: tl.constexpr):
-    """acc += a [BM, BK] @ W^T with W given packed ([BN, BK/2] codes, [BN, BK/32] scale bytes): Triton's
-    `dot_scaled`, which upcasts the E2M1 tile with the compiler's own converter (on Hopper: emulated, bf16 MMA).
-    The reduction runs along W's packed axis, as dot_scaled requires, so only x @ W^T can use it, not the dx."""
-    if SWAP_AB:
-        acc = tl.dot_scaled(packed, s, "e2m1", tl.trans(a), None, "bf16", acc)
-    else:
-        acc = tl.dot_scaled(a, None, "bf16", tl.trans(packed), s, "e2m1", acc)
-    return acc
 
 
 @triton.jit

@@ -18,9 +18,8 @@ KINDS = ("fwd", "gated", "dx")
 class TileConfig:
     """BLOCK_M: rows (tokens) per tile; BLOCK_N: weight rows per tile (fwd) or reduction step (dx); BLOCK_K:
     reduction step (fwd) or output columns (dx). swap_ab puts the weight tile on the MMA's M side (few tokens).
-    dot_scaled (fwd/gated only) feeds the packed tile to Triton's `tl.dot_scaled` instead of dequantizing it with
-    the kernels' own bit-placement decode. max_regs caps the registers per thread (ptxas .maxnreg; None: the
-    compiler's choice), which trades spills for one more resident block per SM."""
+    max_regs caps the registers per thread (ptxas .maxnreg; None: the compiler's choice), which trades spills for
+    one more resident block per SM."""
 
     block_m: int
     block_n: int
@@ -28,7 +27,6 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
-    dot_scaled: bool = False
     max_regs: int | None = None
 
     def __post_init__(self) -> None:
@@ -52,7 +50,7 @@ class TileConfig:
 
     def meta(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SWAP_AB=self.swap_ab,
-                    DOT_SCALED=self.dot_scaled, WORD_PAIRS=self.word_pairs)
+                    WORD_PAIRS=self.word_pairs)
 
 
 # Under the interpreter: few, mid-sized programs (the tests' K = 96 and 160 exercise a partial last K tile).
@@ -138,31 +136,20 @@ def _large(kind: str, bucket: int) -> list[TileConfig]:
             TileConfig(128, 128, 64, 4, 3, True)]
 
 
-DOT_SCALED_MODES = ("auto", "off", "only")
-
-
-def candidates(kind: str, bucket: int, dot_scaled: str = "off") -> list[TileConfig]:
-    """Autotune candidates for a kernel kind at a rows-per-expert bucket. dot_scaled: "auto" tunes both decodes
-    of the forward kinds (the kernels' bit-placement decode and tl.dot_scaled), "off" / "only" one of them."""
+def candidates(kind: str, bucket: int) -> list[TileConfig]:
+    """Autotune candidates for a kernel kind at a rows-per-expert bucket."""
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; choose one of {KINDS}")
-    if dot_scaled not in DOT_SCALED_MODES:
-        raise ValueError(f"dot_scaled must be one of {DOT_SCALED_MODES}, got {dot_scaled!r}")
     if bucket <= 16:
-        base = _small(kind)
-    elif bucket <= 64:
-        base = _medium(kind)
-    else:
-        base = _large(kind, bucket)
-    if kind == "dx" or dot_scaled == "off":
-        return base
-    twins = [dataclasses.replace(c, dot_scaled=True) for c in base]
-    return twins if dot_scaled == "only" else base + twins
+        return _small(kind)
+    if bucket <= 64:
+        return _medium(kind)
+    return _large(kind, bucket)
 
 
 def all_candidates(kind: str) -> list[TileConfig]:
     seen: dict[TileConfig, None] = {}
     for b in (1, 64, GATED_WORDS_MAX_BUCKET, 4096):
-        for c in candidates(kind, b, "auto"):
+        for c in candidates(kind, b):
             seen[c] = None
     return list(seen)

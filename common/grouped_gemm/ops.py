@@ -9,11 +9,11 @@ The weight tiles are dequantized in registers inside the K loop; nothing but the
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from .. import envs
 from ..errors import DTypeError, ShapeError
 from ..kernels import fast_launch, interpreting
 from ..tensor import check_packed
@@ -22,8 +22,8 @@ from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
-from .configs import (DOT_SCALED_MODES, GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates,
-                      candidates, cdiv, next_pow2, rows_bucket)
+from .configs import (GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, cdiv,
+                      next_pow2, rows_bucket)
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -133,7 +133,7 @@ def _tuned(kind: str, kernel):
     """The autotuned wrapper of a raw kernel: candidates pruned to the call's rows-per-expert bucket."""
     if kind not in _TUNED:
         def prune(configs, named_args, **kwargs):
-            keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"], dot_scaled_mode())}
+            keep = {_to_triton(c).__str__() for c in candidates(kind, named_args["ROWS_BUCKET"])}
             return [c for c in configs if c.__str__() in keep]
 
         built = [(_to_triton(c), c) for c in all_candidates(kind)]
@@ -145,7 +145,7 @@ def _tuned(kind: str, kernel):
     return _TUNED[kind]
 
 
-DECODES = {"select": 0, "bits": 1, "bf16x2": 2}
+DECODES = {"bits": 1, "bf16x2": 2}  # the DECODE constexprs of _tiles.py
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,44 +155,15 @@ def _bf16x2_capable() -> bool:
 
 
 def decode_mode() -> str:
-    """The weight-tile decode of common/grouped_gemm/_tiles.py, MXFP4_GG_DECODE: "bf16x2" (default on sm_90+: bit
-    placement in packed bf16x2 PTX), "bits" (default elsewhere and under the interpreter: bit placement in fp32)
-    or "select" (compare-and-select in fp32, no subnormal intermediates). Under the interpreter bf16x2 falls back
-    to bits; on a GPU older than sm_90 asking for it is an error."""
-    interp = interpreting()
-    default = "bf16x2" if (not interp and _bf16x2_capable()) else "bits"
-    mode = os.environ.get("MXFP4_GG_DECODE", default)
-    if mode not in DECODES:
-        raise ValueError(f"MXFP4_GG_DECODE must be one of {tuple(DECODES)}, got {mode!r}")
-    if mode == "bf16x2" and interp:
-        return "bits"
-    if mode == "bf16x2" and not _bf16x2_capable():
-        raise ValueError("MXFP4_GG_DECODE=bf16x2 needs a GPU of capability >= sm_90 (mul.rn.bf16x2); use 'bits'")
-    return mode
+    """The weight-tile decode of common/grouped_gemm/_tiles.py, chosen by the device, not by the user: "bf16x2"
+    (bit placement in packed bf16x2 PTX) on sm_90+, "bits" (the same bit placement in fp32) under the interpreter,
+    which cannot run inline PTX, and on older GPUs. Both are exact (the tests compare each with common.dequantize
+    bit for bit); bf16x2 is the faster one where it runs (bench/RESULTS.md)."""
+    return "bf16x2" if not interpreting() and _bf16x2_capable() else "bits"
 
 
 def _decode() -> int:
     return DECODES[decode_mode()]
-
-
-def dot_scaled_mode() -> str:
-    """MXFP4_GG_DOT_SCALED=off (default), auto (tune both decodes of the forward GEMMs) or only (tl.dot_scaled
-    for the forward GEMMs). Off by default: on an H100 with triton 3.6, dot_scaled's emulated upcast made the
-    forward GEMMs 1.2-1.6x slower than the bf16x2 decode (bench/RESULTS.md). Read when a new autotune key is first
-    tuned; a process keeps what it tuned."""
-    mode = os.environ.get("MXFP4_GG_DOT_SCALED", "off")
-    if mode not in DOT_SCALED_MODES:
-        raise ValueError(f"MXFP4_GG_DOT_SCALED must be one of {DOT_SCALED_MODES}, got {mode!r}")
-    return mode
-
-
-def words_enabled() -> bool:
-    """MXFP4_GG_WORDS=1 (default) lets the forward GEMMs use the word decode (its own K order, see
-    common/grouped_gemm/interleave.py); 0 keeps the byte decode (A/B runs, bisecting)."""
-    mode = os.environ.get("MXFP4_GG_WORDS", "1")
-    if mode not in ("0", "1"):
-        raise ValueError(f"MXFP4_GG_WORDS must be 0 or 1, got {mode!r}")
-    return mode == "1"
 
 
 # The one-multiply word decode folds 2^126 into the scale factor 2^(s - 127): finite in bf16 for scale bytes s <= 128
@@ -206,28 +177,24 @@ ONE_MUL_MAX_SCALE_BYTE = 128
 WORDS_MAX_BUCKET = {"fwd": 64, "gated": GATED_WORDS_MAX_BUCKET}
 
 
-def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd",
-               decode: str | None = None) -> bool:
-    """The word decode needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off) and
-    excludes tl.dot_scaled, which reads the stored order (with MXFP4_GG_DOT_SCALED=only every candidate, the
-    un-tuned first one included, is a dot_scaled tile). Kb-major codes are read by the word decode only (their
-    words scatter each element's bits, layout.py): at every batch size, and a setting that rules it out is an
-    error rather than a silent byte decode of the wrong bits. decode: decode_mode(), if the caller has it."""
-    blocked = ("MXFP4_GG_WORDS=0" if not words_enabled() else
-               "MXFP4_GG_DECODE=select" if (decode or decode_mode()) == "select" else
-               f"a code base address {codes.data_ptr()} not 16-byte aligned" if codes.data_ptr() % 16 else None)
+def _use_words(codes: torch.Tensor, config: TileConfig | None, bucket: int, kind: str = "fwd") -> bool:
+    """Whether a forward GEMM decodes words (its own K order, interleave.py) rather than bytes. The word decode
+    needs 16-byte aligned code rows (K is a multiple of 32, so only the base can be off). Kb-major codes are read by
+    the word decode only (their words scatter each element's bits, layout.py): at every batch size, and a buffer
+    that rules it out is an error rather than a silent byte decode of the wrong bits. Canonical codes: words with
+    an explicit config and under the interpreter's fixed tile, else up to WORDS_MAX_BUCKET (measured)."""
+    misaligned = codes.data_ptr() % 16
     if is_kb_major(codes):
-        if blocked:
-            raise ValueError(f"kb-major codes are read by the word decode only, which {blocked} rules out; "
-                             "convert them back with common.grouped_gemm.layout.from_kb_major or lift the setting")
+        if misaligned:
+            raise ValueError(f"kb-major codes are read by the word decode only, which a code base address "
+                             f"{codes.data_ptr()} not 16-byte aligned rules out; convert them back with "
+                             "common.grouped_gemm.layout.from_kb_major or pass a 16-byte aligned buffer")
         return True
-    if blocked:
+    if misaligned:
         return False
-    if config is not None:
-        return not config.dot_scaled
-    if interpreting():
-        return True  # the interpreter's fixed tile
-    return bucket <= WORDS_MAX_BUCKET[kind] and dot_scaled_mode() == "off"
+    if config is not None or interpreting():
+        return True
+    return bucket <= WORDS_MAX_BUCKET[kind]
 
 
 def _x_order(words: bool, kb_major: bool) -> str:
@@ -244,8 +211,9 @@ def reduction_order(codes: torch.Tensor, rows: int) -> str:
 
 
 def autotune_enabled() -> bool:
-    """MXFP4_GG_AUTOTUNE=0 replaces the autotuner by the first candidate of the bucket (fast start, tests)."""
-    return os.environ.get("MXFP4_GG_AUTOTUNE", "1") not in ("0", "false", "no", "off")
+    """envs.GG_AUTOTUNE (MXFP4_GG_AUTOTUNE=0) replaces the autotuner by the first candidate of the bucket (fast
+    start, tests)."""
+    return envs.GG_AUTOTUNE.get()
 
 
 # The tile the autotuner picked for a call signature: later calls with that signature launch it directly. The
@@ -265,15 +233,12 @@ def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: Tile
     """Launch with an explicit config, the interpreter's fixed config, a config picked before, or the autotuner
     (GPU default). kernel is the raw @triton.jit function; k its K argument (the EVEN_K heuristic's)."""
     bucket = rows_bucket(m, e)
-    if config is not None and config.dot_scaled and kind == "dx":
-        raise ValueError("TileConfig.dot_scaled applies to the forward GEMMs only: tl.dot_scaled reduces along the "
-                         "packed K axis, the dx GEMM reduces over the weight's rows")
     signature = None
     interp = interpreting()
     if config is None and interp:
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
-        config = candidates(kind, bucket, dot_scaled_mode())[0]
+        config = candidates(kind, bucket)[0]
     elif config is None:
         signature = _signature(kind, grid_n, k, e, bucket, args, kw)
         config = _PICKED.get(signature)
@@ -307,9 +272,6 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
     kind = "gated" if act else "fwd"
     e, n_rows, k = weight_dims(codes, scales)
     kb_major = is_kb_major(codes)
-    if kb_major and (dot_scaled_mode() != "off" or (config is not None and config.dot_scaled)):
-        raise ValueError("kb-major codes: tl.dot_scaled reads the canonical layout only; unset "
-                         "MXFP4_GG_DOT_SCALED (or set it to off) and use a TileConfig without dot_scaled")
     m = x.shape[0] if gather_rows is None else gather_rows.shape[0]
     _check(x, offsets, codes, scales, "x", k, validate, rows=m)
     _check_rows(gather_rows, m, "gather_rows", x.device)
@@ -339,10 +301,9 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
         raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
     if m == 0:
         return y, pre
-    decode_name = decode_mode()
-    words = _use_words(codes, config, rows_bucket(m, e), kind, decode_name)
+    words = _use_words(codes, config, rows_bucket(m, e), kind)
     x = reorder_k(x, x_order, _x_order(words, kb_major)).contiguous()
-    decode = DECODES[decode_name]
+    decode = _decode()
     one_mul = bool(words and decode == DECODES["bf16x2"] and max_scale_byte is not None
                    and max_scale_byte <= ONE_MUL_MAX_SCALE_BYTE)
     if words:

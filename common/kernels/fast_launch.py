@@ -10,16 +10,17 @@ The key is at least as fine as Triton's specialization, or a kernel compiled for
 a stride equal to 1 could run on other arguments: tensors by dtype and 16-byte alignment, ints by (== 1,
 divisible by 16, int32 range, uint64 range), floats by type, every other argument and keyword (constexprs,
 launch options) by value, plus the current device. tests/common/test_fast_launch.py checks it against Triton's
-own specializer. MXFP4_FAST_LAUNCH=0 turns it off (every call through kernel[grid]); the interpreter never uses it.
+own specializer. MXFP4_FAST_LAUNCH=0 (common.envs.FAST_LAUNCH) turns it off (every call through kernel[grid]); the
+interpreter never uses it.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from .. import envs
 from .launch import interpreting
 
 _CACHE: dict[tuple, tuple] = {}  # key -> (compiled kernel, keyword values in parameter order)
@@ -31,7 +32,7 @@ _U64_FROM = 1 << 63
 
 
 def enabled() -> bool:
-    return os.environ.get("MXFP4_FAST_LAUNCH", "1") not in ("0", "false", "no", "off")
+    return envs.FAST_LAUNCH.get()
 
 
 def arg_key(a) -> tuple:

@@ -37,10 +37,11 @@ from common.grouped_gemm import (  # noqa: E402
     unpermute,
 )
 from common.grouped_gemm import configs as C  # noqa: E402
+from common.grouped_gemm import ops  # noqa: E402
 from common.grouped_gemm.interleave import deinterleave_k, interleave_k, reorder_k  # noqa: E402
 from common.grouped_gemm.layout import (  # noqa: E402
     DECODE_MASK, PAIR3_MASK, PAIR3_MULTIPLIER, PAIR_ROTATE, SLOT_BITS, convert_in_place, from_kb_major,
-    kb_major_view, to_kb_major,
+    is_kb_major, kb_major_view, to_kb_major,
 )
 from common.grouped_gemm import reference as R  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
@@ -53,10 +54,6 @@ MLP_BOUND = 4 * 2.0**-7
 # few dozen programs; both MMA orientations are exercised.
 CONFIGS = [TileConfig(16, 32, 64, swap_ab=False), TileConfig(16, 32, 64, swap_ab=True)]
 CFG_IDS = ["ab", "swap_ab"]
-# The forward GEMMs also run with Triton's tl.dot_scaled consuming the packed tile (both orientations).
-FWD_CONFIGS = CONFIGS + [TileConfig(16, 32, 64, swap_ab=False, dot_scaled=True),
-                         TileConfig(16, 32, 64, swap_ab=True, dot_scaled=True)]
-FWD_IDS = CFG_IDS + ["ab-dot_scaled", "swap_ab-dot_scaled"]
 # rows per expert: an empty expert, a single token, uneven groups (a partial and a full row tile)
 COUNTS = [3, 0, 1, 17, 5]
 
@@ -98,18 +95,33 @@ def _all_bytes_weight(e: int, n: int, k: int, scale_bytes: tuple[int, ...] = (2,
     return codes.to(DEVICE), scales.to(DEVICE)
 
 
+def _use_decode(decode: str, monkeypatch) -> None:
+    """Run the GEMMs with this weight decode, which ops.decode_mode picks by device: "bits" everywhere (as on a GPU
+    older than sm_90), "bf16x2" where it is the device's own (natively on sm_90+; inline PTX, which the
+    interpreter cannot run)."""
+    if decode == "bf16x2" and ops.decode_mode() != "bf16x2":
+        pytest.skip("the bf16x2 decode is sm_90 inline PTX; the interpreter (and older GPUs) run the bits decode")
+    monkeypatch.setattr(ops, "_bf16x2_capable", lambda: decode == "bf16x2")
+
+
+def _use_words(words: str, monkeypatch) -> None:
+    """words "1": the forward GEMMs' word decode, which explicit configs and the interpreter get; "0": their byte
+    decode on canonical codes, which the op picks itself only above WORDS_MAX_BUCKET rows per expert on a GPU."""
+    if words == "0":
+        auto = ops._use_words
+        monkeypatch.setattr(ops, "_use_words", lambda codes, *a, **kw: is_kb_major(codes) and auto(codes, *a, **kw))
+
+
 @pytest.mark.parametrize("words", ["1", "0"], ids=["words", "bytes"])
-@pytest.mark.parametrize("decode", ["bits", "select", "bf16x2"])
+@pytest.mark.parametrize("decode", ["bits", "bf16x2"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_in_kernel_dequant_is_exact(cfg, decode, words, monkeypatch):
     """One-hot activation rows pick single weight rows/columns: with fp32 output the kernels must reproduce
     common.dequantize bit for bit (a one-term fp32 sum is exact), for every code byte and extreme scales, with
     the forward's word decode (interleaved K order: the one-hot rows are interleaved too) and its byte decode.
     bf16x2 is inline PTX: it runs natively only (under the interpreter it falls back to bits)."""
-    if decode == "bf16x2" and interpreting():
-        pytest.skip("the bf16x2 decode is inline PTX; the interpreter runs the bits decode instead")
-    monkeypatch.setenv("MXFP4_GG_DECODE", decode)
-    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+    _use_decode(decode, monkeypatch)
+    _use_words(words, monkeypatch)
     e, n, k = 2, 32, 128
     codes, scales = _all_bytes_weight(e, n, k)
     w = common.dequantize((codes, scales), torch.float32)
@@ -170,7 +182,7 @@ def test_ordered_inputs_and_outputs(words, order, cfg, monkeypatch):
     """x_order / out_order are layouts, not approximations: whichever decode runs, a reordered input gives the
     natural input's output bit for bit, and the gated GEMM's reordered output is its natural output reordered
     (32-column tiles reorder it in registers, 16-column tiles store each column to its place)."""
-    monkeypatch.setenv("MXFP4_GG_WORDS", words)
+    _use_words(words, monkeypatch)
     e, n, k = 2, 64, 96
     counts = [5, 11]
     q13, q2 = _packed(e, 2 * n, k, seed=3), _packed(e, k, n, seed=4)
@@ -185,53 +197,34 @@ def test_ordered_inputs_and_outputs(words, order, cfg, monkeypatch):
     assert torch.equal(y_o, y)
 
 
-@pytest.mark.parametrize("cfg", [FWD_CONFIGS[2], FWD_CONFIGS[3]], ids=FWD_IDS[2:])
-def test_dot_scaled_dequant_is_exact(cfg):
-    """The same one-hot check for the forward through tl.dot_scaled (Triton's own E2M1 upcast and E8M0 scaling):
-    it must agree with common.dequantize bit for bit, like the kernels' own decode."""
-    e, n, k = 2, 32, 128
-    codes, scales = _all_bytes_weight(e, n, k)
-    w = common.dequantize((codes, scales), torch.float32)
-    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE).repeat(e, 1)
-    y = grouped_mm_mxfp4(eye, _offsets([k, k]), codes, scales, out_dtype=torch.float32, config=cfg)
-    assert torch.equal(y.view(e, k, n), w.transpose(1, 2))
-
-
-@pytest.mark.parametrize("decode", ["bits", "bf16x2", "dot_scaled"])
-def test_subnormal_scales_and_triton_dot_scaled_disagreement(decode, monkeypatch):
+@pytest.mark.parametrize("decode", ["bits", "bf16x2"])
+def test_subnormal_scales(decode, monkeypatch):
     """E8M0 bytes 0 and 1 scale a block by 2^-127 / 2^-126 (OCP MX v1.0; torchao and Triton's own interpreter
     agree), so some of those weights are bf16 subnormals. The bf16x2 decode keeps them exactly (an H100's MMA did
     not flush them either); the fp32 bits decode may lose them to a flushing fp32 matmul (the interpreter's numpy
-    one does). Triton 3.6's Hopper lowering of tl.dot_scaled instead turns scale byte 0 into 0: a peer disagreement,
-    pinned here so that a Triton fix shows up. It is one reason dot_scaled stays off by default."""
-    if decode == "bf16x2" and interpreting():
-        pytest.skip("the bf16x2 decode is inline PTX; the interpreter runs the bits decode instead")
-    if decode != "dot_scaled":
-        monkeypatch.setenv("MXFP4_GG_DECODE", decode)
+    one does). (Triton 3.6's Hopper tl.dot_scaled flushed byte 0 to 0: bench/RESULTS.md, second round.)"""
+    _use_decode(decode, monkeypatch)
     e, n, k = 1, 32, 128
     codes, scales = _all_bytes_weight(e, n, k, (0, 1, 2, 127))
     w = common.dequantize((codes, scales), torch.float32)[0].T  # [k, n]
-    cfg = TileConfig(16, 32, 64, swap_ab=True, dot_scaled=decode == "dot_scaled")
+    cfg = TileConfig(16, 32, 64, swap_ab=True)
     y = grouped_mm_mxfp4(torch.eye(k, dtype=torch.bfloat16, device=DEVICE), _offsets([k]), codes, scales,
                          out_dtype=torch.float32, config=cfg)
     byte0 = (scales[0].repeat_interleave(32, 1).T == 0)
     sub = w[byte0].abs()
     assert ((sub > 0) & (sub < 2.0**-126)).any()  # the case really holds subnormal weights (0.5..1.5 * 2^-127)
     tiny = (w.abs() > 0) & (w.abs() < 2.0**-126)
-    if decode == "dot_scaled" and not interpreting():
-        assert torch.equal(y[~byte0], w[~byte0])
-        assert torch.equal(y[byte0], torch.zeros_like(y[byte0])), "Triton's dot_scaled now keeps E8M0 byte 0"
-    elif decode == "bits":
+    if decode == "bits":
         # fp32 subnormal intermediates: numpy's matmul under the interpreter flushes them (measured); exact or
         # flushed to +-0 are the two outcomes allowed, everything else must be bit-exact
         assert torch.equal(y[~tiny], w[~tiny])
         assert bool(((y[tiny] == w[tiny]) | (y[tiny] == 0)).all())
     else:
-        # bf16x2 natively (measured exact on an H100, subnormals included) and dot_scaled under the interpreter
+        # bf16x2 natively (measured exact on an H100, subnormals included)
         assert torch.equal(y, w)
 
 
-@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 @pytest.mark.parametrize("k", [96, 128, 160])  # 96, 160: a partial last K tile; 128: EVEN_K (no K masks)
 def test_forward_matches_reference(cfg, k):
     e, n = len(COUNTS), 48
@@ -258,7 +251,7 @@ def test_dx_matches_reference(cfg):
 
 
 @pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
-@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_gated_forward_matches_reference(cfg, activation):
     """std 3 activations push pre-activations across the clamp limit 7 of swiglu_oai; bias and LoRA included."""
     e, i, k, r = len(COUNTS), 32, 96, 8
@@ -312,7 +305,7 @@ def _pair_cols(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
-@pytest.mark.parametrize("cfg", FWD_CONFIGS, ids=FWD_IDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
 def test_interleaved_gate_up_rows_give_the_halves_bits(cfg, activation):
     """gate_up="interleaved" (gpt-oss's w13 row order, which the learner keeps) only changes which rows a tile
     loads: act, pre (its columns in the same pair order) and the activation backward's d pre are the halves'
@@ -334,8 +327,6 @@ def test_interleaved_gate_up_rows_give_the_halves_bits(cfg, activation):
     a_ref, _ = R.grouped_mm_gated_ref(x, offs, codes, scales, activation=activation, bias=_pair_cols(bias),
                                       lora=(h, _pairs(b)), gate_up="interleaved")
     assert _rel(a_p, a_ref) < BF16_BOUND
-    if cfg.dot_scaled:
-        return  # the dx GEMM has no tl.dot_scaled twin
     w2 = _packed(e, 48, i, seed=75)
     dy = _bf16(m, 48, seed=76)
     d_h = grouped_mm_mxfp4_dx(dy, offs, w2.codes, w2.scales, pre=pre_h, activation=activation, config=cfg)
@@ -377,7 +368,7 @@ def test_mlp_autograd_matches_reference(activation, gate_up):
     assert not lo[0].grad_fn and got[3][1].abs().sum() == 0  # expert 1 has no rows: zero LoRA gradient
 
 
-@pytest.mark.parametrize("cfg", [CONFIGS[1], FWD_CONFIGS[3]], ids=["swap_ab", "swap_ab-dot_scaled"])
+@pytest.mark.parametrize("cfg", [CONFIGS[1]], ids=["swap_ab"])
 def test_gather_and_scatter_equal_explicit_permutation(cfg):
     """gather_rows reads the sorted rows straight from the unsorted x; scatter_rows/row_weights write them back
     in token order times the router weight. Both must equal the explicit index_select / multiply bit for bit
@@ -412,8 +403,6 @@ def test_gather_and_scatter_equal_explicit_permutation(cfg):
         grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst, row_weights=w[:3])
     with pytest.raises(ShapeError, match="'row_weights'.*on meta"):
         grouped_mm_mxfp4(a_g, offs, q2.codes, q2.scales, scatter_rows=dst, row_weights=w.to("meta"))
-    with pytest.raises(ValueError, match="dot_scaled applies to the forward GEMMs only"):
-        grouped_mm_mxfp4_dx(_bf16(m, h, seed=75), offs, q2.codes, q2.scales, config=FWD_CONFIGS[3])
 
 
 def test_mlp_without_lora_and_zero_rows():
@@ -540,28 +529,20 @@ def test_kb_major_layout_round_trip_and_errors():
     offs = _offsets([2, 1, 1])
     with pytest.raises(ShapeError, match="kb-major codes .* forward GEMMs only"):
         grouped_mm_mxfp4_dx(_bf16(4, n, seed=95), offs, kb, q.scales)
-    with pytest.raises(ValueError, match="kb-major codes: tl.dot_scaled reads the canonical layout"):
-        grouped_mm_mxfp4(_bf16(4, k, seed=96), offs, kb, q.scales, config=TileConfig(16, 32, 64, dot_scaled=True))
     with pytest.raises(ShapeError, match=r"need scales \[E, N, K/32\] = \[3, 8, 3\], got \(3, 8, 2\)"):
         grouped_mm_mxfp4(_bf16(4, k, seed=96), offs, kb, q.scales[:, :, :2])
     with pytest.raises(ShapeError, match="expected canonical codes"):
         to_kb_major(q.codes[:, :, :8].contiguous().view(e, n * 8)[:, :7])
 
 
-@pytest.mark.parametrize("setting", [("MXFP4_GG_WORDS", "0", "MXFP4_GG_WORDS=0"),
-                                     ("MXFP4_GG_DECODE", "select", "MXFP4_GG_DECODE=select"),
-                                     (None, None, "a code base address .* not 16-byte aligned")])
-def test_kb_major_codes_refuse_a_setting_without_the_word_decode(setting, monkeypatch):
-    """Only the word decode reads kb-major words: a setting (or a code buffer) that rules it out is an error naming
-    it, not a byte decode of scattered bits."""
-    env, value, named = setting
-    if env:
-        monkeypatch.setenv(env, value)
+def test_kb_major_codes_refuse_a_buffer_without_the_word_decode():
+    """Only the word decode reads kb-major words: a code buffer that rules it out is an error naming why, not a
+    byte decode of scattered bits."""
+    named = "a code base address .* not 16-byte aligned"
     e, n, k = 2, 32, 64
     q = _packed(e, n, k, seed=101)
     kb = to_kb_major(q.codes)
-    if env is None:  # the same bytes one byte past a 16-byte boundary
-        kb = torch.cat([kb.new_zeros(1), kb.reshape(-1)])[1:].view(kb.shape)
+    kb = torch.cat([kb.new_zeros(1), kb.reshape(-1)])[1:].view(kb.shape)  # the same bytes one past a 16-byte boundary
     with pytest.raises(ValueError, match=f"kb-major codes are read by the word decode only, which {named} rules out"):
         grouped_mm_mxfp4(_bf16(3, k, seed=102), _offsets([2, 1]), kb, q.scales)
 
@@ -652,8 +633,6 @@ def test_autotuned_tile_is_picked_once_then_launched_directly():
     """After the autotuner's first call, a call of the same signature launches the picked tile without it: the
     same bits as the tuned call and as that tile given explicitly; a new row count reuses the pick, a new flag
     (the bias) tunes anew."""
-    from common.grouped_gemm import ops
-
     e, n, k = 4, 128, 256
     q = _packed(e, n, k, seed=90, std=0.2)
     offs = _offsets([40, 0, 17, 7])
@@ -683,7 +662,7 @@ words = kind not in ("dx", "dx_pairs", "gated_bytes")
 kb = kind in ("gated", "gated_one_mul")
 pairs = kind.endswith("_pairs")  # gpt-oss's interleaved gate/up rows, pre written and read as pairs
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=pairs, GATHER=True, SCATTER=False,
-             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, DOT_SCALED=False, WORDS=words,
+             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
              BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs)
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
@@ -722,43 +701,50 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
     assert words[5] == "True" and int(words[7]) > 0, out.stdout
 
 
-def test_decode_mode_defaults_and_errors(monkeypatch):
-    """bf16x2 is the default only where it can run (sm_90+, not the interpreter); asking for it elsewhere fails
-    clearly instead of in ptxas; unknown names are refused."""
-    from common.grouped_gemm import ops
-
-    monkeypatch.delenv("MXFP4_GG_DECODE", raising=False)
+def test_decode_mode_defaults_and_reduction_order(monkeypatch):
+    """bf16x2 is the decode only where it can run (sm_90+, not the interpreter), bits elsewhere; the word decode
+    (x read interleaved) runs at few rows per expert, tuned or not, and always on kb-major codes."""
     monkeypatch.setattr(ops, "interpreting", lambda: False)
     monkeypatch.setattr(ops, "_bf16x2_capable", lambda: True)
     assert ops.decode_mode() == "bf16x2"
     monkeypatch.setattr(ops, "_bf16x2_capable", lambda: False)
     assert ops.decode_mode() == "bits"
-    monkeypatch.setenv("MXFP4_GG_DECODE", "bf16x2")
-    with pytest.raises(ValueError, match="capability >= sm_90"):
-        ops.decode_mode()
+    monkeypatch.setattr(ops, "_bf16x2_capable", lambda: True)
     monkeypatch.setattr(ops, "interpreting", lambda: True)
     assert ops.decode_mode() == "bits"
-    monkeypatch.setenv("MXFP4_GG_DECODE", "lut")
-    with pytest.raises(ValueError, match="MXFP4_GG_DECODE must be one of"):
-        ops.decode_mode()
-    # the word decode reads x interleaved, which tl.dot_scaled would not: never both, tuned or not
     codes = torch.zeros(2, 64, 64, dtype=torch.uint8)
-    monkeypatch.delenv("MXFP4_GG_DECODE", raising=False)
     monkeypatch.setattr(ops, "interpreting", lambda: False)
     for autotune in ("1", "0"):
         monkeypatch.setenv("MXFP4_GG_AUTOTUNE", autotune)
-        monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "only")
-        assert ops.reduction_order(codes, 16) == "natural"
-        monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "off")
         assert ops.reduction_order(codes, 16) == "interleaved"
         assert ops.reduction_order(codes, 2 * 65 * 64) == "natural"
         # kb-major codes are stored pre-shuffled and read by the word decode at every size: x as it comes
         kb = codes.view(2, 4, 64, 16)
         assert ops.reduction_order(kb, 16) == "natural"
         assert ops.reduction_order(kb, 2 * 65 * 64) == "natural"
-    monkeypatch.setenv("MXFP4_GG_WORDS", "yes")
-    with pytest.raises(ValueError, match="MXFP4_GG_WORDS must be 0 or 1"):
-        ops.words_enabled()
-    monkeypatch.setenv("MXFP4_GG_DOT_SCALED", "sometimes")
-    with pytest.raises(ValueError, match="MXFP4_GG_DOT_SCALED must be one of"):
-        ops.dot_scaled_mode()
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # any import of triton now raises ImportError
+import common.grouped_gemm.layout, common.grouped_gemm.reference
+import common.grouped_gemm.activations, common.grouped_gemm.configs, common.grouped_gemm.interleave
+from common.grouped_gemm import TileConfig
+try:
+    from common.grouped_gemm import route
+except ImportError:
+    print("pure-torch modules imported; the kernels need triton")
+"""
+
+
+def test_pure_torch_modules_import_without_triton():
+    """The layouts, the reference twins, the activations, the K orders and the tile configs are pure torch: a
+    process without triton (e.g. a CPU-only tool converting layouts) imports them; the package's kernel names load
+    triton only when asked for."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "pure-torch modules imported; the kernels need triton", out.stdout
