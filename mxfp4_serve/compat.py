@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .backends.base import GPT_OSS_ALPHA, GPT_OSS_LIMIT, ActivationSpec
+from common.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, ActivationSpec
 
 
 @functools.cache
@@ -149,5 +149,5 @@ def activation_spec(layer: torch.nn.Module) -> ActivationSpec:
         name = "swigluoai"  # same math; our w13 rows are always [gate; up] (de-interleaved at load)
     alpha = getattr(layer, "swiglu_alpha", None)
     limit = getattr(layer, "swiglu_limit", None)
-    return ActivationSpec(name=str(name), alpha=GPT_OSS_ALPHA if alpha is None else float(alpha),
-                          limit=GPT_OSS_LIMIT if limit is None else float(limit))
+    return ActivationSpec(name=str(name), alpha=SWIGLU_ALPHA if alpha is None else float(alpha),
+                          limit=SWIGLU_LIMIT if limit is None else float(limit))

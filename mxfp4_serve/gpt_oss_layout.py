@@ -15,13 +15,14 @@ from collections.abc import Iterator
 import torch
 
 from common.layouts import gpt_oss
+from common.moe.params import HF_PROJ_NAMES, VLLM_SHARD
 
 # model.layers.L.mlp.experts.{gate_up_proj,down_proj}{_blocks,_scales,_bias,""}: fused, all experts
 FUSED_TENSOR = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<suffix>_blocks|_scales|_bias)?$")
 # model.layers.L.mlp.experts.E.{gate,up,down}_proj.{weight,weight_scale}: our native format (biases stay fused)
 NATIVE_TENSOR = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
                            r"\.(?P<suffix>weight|weight_scale)$")
-_SHARD_OF = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_SHARD_OF = {HF_PROJ_NAMES[p]: VLLM_SHARD[p] for p in HF_PROJ_NAMES}
 
 
 def parse_name(name: str) -> tuple[str, str, str, int | None] | None:

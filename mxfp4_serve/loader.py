@@ -17,6 +17,8 @@ import torch
 from common import quantize
 from common.constants import E8M0_NAN
 from common.errors import DTypeError, ShapeError
+from common.moe import params as P
+from common.moe.params import HF_PROJ_NAMES, SHARD_PROJ
 
 from .settings import ServeSettings
 from .shards import SHARDS, ExpertGeometry
@@ -25,13 +27,12 @@ from .shards import SHARDS, ExpertGeometry
 _SCALE_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None)
 _CODE_DTYPES = (torch.uint8, torch.int8)  # DeepSeek-V4 stores the packed nibbles as int8
 _DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def native_tensor_name(layer_name: str, expert: int, shard: str, kind: str) -> str:
     """Checkpoint name of one expert tensor in the native / hub per-expert layout (for error messages)."""
     suffix = {"codes": "weight", "dense": "weight", "scales": "weight_scale", "bias": "bias"}[kind]
-    return f"{layer_name}.{expert}.{_PROJ[shard]}.{suffix}"
+    return f"{layer_name}.{expert}.{HF_PROJ_NAMES[SHARD_PROJ[shard]]}.{suffix}"
 
 
 class ExpertWeightLoader:
@@ -50,7 +51,7 @@ class ExpertWeightLoader:
         self.to_local = to_local
         self.local_to_global = list(local_to_global)
         self.tensor_name = tensor_name
-        self.has_bias = "w13_bias" in self.params
+        self.has_bias = P.W13_BIAS in self.params
         self._kind_of = {id(p): name for name, p in self.params.items()}
         # loaded[e, s, k]: local expert e, shard SHARDS[s], k = 0 codes / 1 scales / 2 bias
         self.loaded = torch.zeros(geometry.num_local_experts, len(SHARDS), 3, dtype=torch.bool)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from common import moe
+
 from . import compat
 from .backends import DeviceInfo, select_backend
 from .loader import ExpertWeightLoader
@@ -73,13 +75,16 @@ class MXFP4MoEMethodMixin:
             compat.set_weight_attrs(p, {"weight_loader": loader, "quant_method": "block"})
         layer.mxfp4_rl_loader = loader
         layer.mxfp4_rl_profile = self.settings.profile  # W4A8 backends quantize activations with it
+        # the contract's record: name, layout (canonical until the backend's prepare), profile
+        moe.register_layer(layer, name, self.settings.profile)
         self._first_processing_done = False
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Hook run by vLLM after the checkpoint is loaded (and again after a layerwise reload).
 
         First time: refuse a checkpoint that left any expert tensor unloaded. Then hand the layer to the backend's
-        `prepare(layer)`, which converts the canonical packed parameters to its own layout in place.
+        `prepare(layer)`, which converts the canonical packed parameters to its own layout in place and records
+        that layout on the layer (common.moe.layouts), through which every later canonical read or write goes.
         """
         if not self._first_processing_done:
             layer.mxfp4_rl_loader.check_complete()

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
-from common import get_profile
+from common import envs, get_profile
 from common.constants import BLOCK_SIZE
+from common.moe.quant_config import QUANT_METHOD, delegate_config
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "mxfp4_rl"
 # Checkpoint expert layouts (see DESIGN "The native MXFP4 checkpoint format"). "bf16" = unquantized experts that the
 # plugin quantizes at load with the codec (online mode).
 FORMATS = ("native", "gpt-oss", "deepseek-v4", "bf16")
@@ -30,10 +29,10 @@ SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3")
 # DeepSeek-V4 checkpoints say quant_method "deepseek_v4_fp8" and need the FP8 delegate: not claimed yet.
 FOREIGN_FORMAT_BY_MODEL_TYPE = {"gpt_oss": "gpt-oss"}
 
-ENV_PROFILE = "MXFP4_RL_PROFILE"
-ENV_BACKEND = "MXFP4_RL_MOE_BACKEND"
-ENV_ACTIVATIONS = "MXFP4_RL_MOE_ACTIVATIONS"
-ACTIVATION_MODES = ("bf16", "mxfp8")
+ENV_PROFILE = envs.PROFILE.name
+ENV_BACKEND = envs.MOE_BACKEND.name
+ENV_ACTIVATIONS = envs.MOE_ACTIVATIONS.name
+ACTIVATION_MODES = envs.MOE_ACTIVATIONS.choices
 # Used only when the user explicitly asked for --quantization mxfp4_rl and named no profile; logged when chosen.
 EXPLICIT_REQUEST_PROFILE = "flashinfer"
 
@@ -67,11 +66,12 @@ class ServeSettings:
 
 
 def _backend_override(cfg: Mapping[str, Any]) -> str | None:
-    return os.environ.get(ENV_BACKEND) or cfg.get("moe_backend") or None
+    return envs.MOE_BACKEND.get() or cfg.get("moe_backend") or None
 
 
 def _activations(cfg: Mapping[str, Any]) -> str:
-    return os.environ.get(ENV_ACTIVATIONS) or cfg.get("activations") or "bf16"
+    # the raw value: a bad one is refused by ServeSettings, naming the checkpoint key and the variable
+    return envs.MOE_ACTIVATIONS.raw() or cfg.get("activations") or "bf16"
 
 
 def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
@@ -85,7 +85,7 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
             raise ValueError("mxfp4_rl quantization_config has no 'profile'; the checkpoint must record the profile "
                              "that quantized it (see common.checkpoint.quantize_checkpoint)")
         return ServeSettings(profile=cfg["profile"], fmt=cfg.get("format", "native"),
-                             backend=_backend_override(cfg), delegate=cfg.get("delegate"),
+                             backend=_backend_override(cfg), delegate=delegate_config(cfg),
                              activations=_activations(cfg))
     if method in FOREIGN_MXFP4_METHODS:
         # Another tool's MXFP4 checkpoint, claimed because the user passed --quantization mxfp4_rl. The bytes are
@@ -99,7 +99,7 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
 
 def online_profile() -> str:
     """Profile for a checkpoint that does not record one: $MXFP4_RL_PROFILE, else the explicit-request default."""
-    name = os.environ.get(ENV_PROFILE)
+    name = envs.PROFILE.get()
     if name:
         logger.info("mxfp4_rl: using MXFP4 profile %r from $%s", name, ENV_PROFILE)
         return name

@@ -16,8 +16,9 @@ import torch
 
 from common.constants import BLOCK_SIZE
 from common.errors import ShapeError
+from common.moe import params as moe_params
 
-SHARDS = ("w1", "w3", "w2")  # gate, up, down (vLLM's shard ids)
+SHARDS = tuple(moe_params.SHARD_PROJ)  # vLLM's shard ids: w1 (gate), w3 (up), w2 (down)
 KINDS = ("codes", "scales", "dense", "bias")  # packed codes, E8M0 scales, bf16 weight (online), bias
 
 
@@ -54,16 +55,7 @@ class ExpertGeometry:
         return self.intermediate // self.tp_size
 
     def param_shapes(self, with_bias: bool = False) -> dict[str, tuple[int, ...]]:
-        e, h, i = self.num_local_experts, self.hidden, self.intermediate_local
-        shapes = {
-            "w13_weight": (e, 2 * i, h // 2),
-            "w13_weight_scale": (e, 2 * i, h // BLOCK_SIZE),
-            "w2_weight": (e, h, i // 2),
-            "w2_weight_scale": (e, h, i // BLOCK_SIZE),
-        }
-        if with_bias:
-            shapes.update(w13_bias=(e, 2 * i), w2_bias=(e, h))
-        return shapes
+        return moe_params.param_shapes(self.num_local_experts, self.hidden, self.intermediate_local, with_bias)
 
     def full_shape(self, shard: str, kind: str) -> tuple[int, ...]:
         """Shape of one expert's checkpoint tensor (all TP ranks) of this shard and kind."""

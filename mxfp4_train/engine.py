@@ -18,8 +18,15 @@ import traceback
 import torch
 from tqdm.auto import tqdm
 
-VLLM_MOE_PARAMS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale", "w13_bias", "w2_bias")
+from common.moe import served_expert_params
+
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# This child already isolates the engine, so vLLM runs its engine core in this process, and any worker process
+# vLLM still starts is spawned, never forked. Why: `torch.cuda.is_available()` below marks the process as having
+# touched CUDA (torch poisons fork there) without counting as "CUDA initialised" for vLLM, which then forked its
+# engine core on GPU machines: "Cannot re-initialize CUDA in forked subprocess" (H100, vLLM 0.25).
+CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+             "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model ships tensors back from workers
 
 
 @dataclasses.dataclass
@@ -34,19 +41,6 @@ class Rollouts:
     generate_s: float
 
 
-def served_expert_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Runs inside the vLLM worker (via LLM.apply_model): CPU copies of every MoE layer's expert parameters,
-    named `model.layers.L.mlp.experts.<param>` (vLLM 0.32 nests the parameters one level deeper, in the layer's
-    `routed_experts` submodule; that segment is dropped so names match vLLM 0.25 and the learner's export)."""
-    out = {}
-    for name, module in model.named_modules():
-        for p in VLLM_MOE_PARAMS:
-            t = getattr(module, p, None)
-            if isinstance(t, torch.Tensor) and (t.dtype == torch.uint8 or p.endswith("bias")):
-                out[f"{name.removesuffix('.routed_experts')}.{p}"] = t.detach().to("cpu", copy=True)
-    return out
-
-
 def _shutdown(llm) -> None:
     # Without this the engine-core process outlives our child process (it is re-parented, not stopped).
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -55,21 +49,23 @@ def _shutdown(llm) -> None:
 
 
 def _child(q, ckpt: str, quantization: str | None, prompts, max_tokens: int, seed: int, temperature: float,
-           read_params: bool) -> None:
+           read_params: bool, engine_kwargs: dict) -> None:
     llm = None
     try:
         if not torch.cuda.is_available():
             for k, v in CPU_ENV.items():
                 os.environ.setdefault(k, v)
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships tensors back
+        for k, v in CHILD_ENV.items():
+            os.environ.setdefault(k, v)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's output readable
         q.put(("status", "importing vllm"))
         from vllm import LLM, SamplingParams
 
         t0 = time.monotonic()
         q.put(("status", "starting engine"))
-        llm = LLM(model=ckpt, quantization=quantization, dtype="bfloat16", skip_tokenizer_init=True, seed=seed,
-                  gpu_memory_utilization=0.1, max_model_len=256, enforce_eager=True, max_num_seqs=16)
+        kwargs = dict(model=ckpt, quantization=quantization, dtype="bfloat16", skip_tokenizer_init=True, seed=seed,
+                      gpu_memory_utilization=0.1, max_model_len=256, enforce_eager=True, max_num_seqs=16)
+        llm = LLM(**{**kwargs, **engine_kwargs})
         startup = time.monotonic() - t0
         q.put(("status", "sampling"))
         sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, ignore_eos=True,
@@ -96,12 +92,13 @@ def _child(q, ckpt: str, quantization: str | None, prompts, max_tokens: int, see
 
 def sample_rollouts(ckpt: str, prompts: list[list[int]], *, quantization: str | None, max_tokens: int, seed: int,
                     temperature: float = 1.0, read_params: bool = False, label: str = "engine",
-                    timeout_s: float = 900) -> Rollouts:
-    """Start an engine on ckpt in a child process, sample one completion per prompt, return tokens + log-probs."""
+                    timeout_s: float = 900, engine_kwargs: dict | None = None) -> Rollouts:
+    """Start an engine on ckpt in a child process, sample one completion per prompt, return tokens + log-probs.
+    engine_kwargs: extra `vllm.LLM` arguments, overriding ours (e.g. an attention backend)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_child, args=(q, str(ckpt), quantization, prompts, max_tokens, seed, temperature,
-                                            read_params), daemon=False)
+                                            read_params, dict(engine_kwargs or {})), daemon=False)
     proc.start()
     t0 = time.monotonic()
     bar = tqdm(total=None, desc=f"vLLM {label}", bar_format="{desc}{postfix} [{elapsed}]", postfix="spawning")

@@ -21,6 +21,8 @@ import common
 from common.audit import tensor_hash
 from common.layouts import gpt_oss as gpt_oss_layout
 from common.layouts.vllm_moe import to_vllm_moe
+from common.moe import params as P
+from common.moe.activations import GateUpOrder
 
 from .conversion import experts_modules
 from .experts import MXFP4Experts
@@ -28,7 +30,7 @@ from .experts import MXFP4Experts
 
 def _gate_up_down(mod: MXFP4Experts) -> tuple[common.MXFP4Tensor, common.MXFP4Tensor, common.MXFP4Tensor]:
     w13, w2 = mod.packed()
-    if mod.activation.kind == "clamp_swiglu":
+    if mod.activation.gate_up is GateUpOrder.INTERLEAVED:
         (gc, uc), (gs, us) = gpt_oss_layout.deinterleave_rows(w13.codes), gpt_oss_layout.deinterleave_rows(w13.scales)
     else:
         i = mod.intermediate_size
@@ -46,10 +48,10 @@ def _bias_params(mod: MXFP4Experts) -> dict[str, torch.Tensor]:
     if mod.b13 is None:
         return {}
     b13 = mod.b13.detach()
-    if mod.activation.kind == "clamp_swiglu":  # bias entries follow the rows they belong to
+    if mod.activation.gate_up is GateUpOrder.INTERLEAVED:  # bias entries follow the rows they belong to
         g, u = gpt_oss_layout.deinterleave_rows(b13.unsqueeze(-1))
         b13 = torch.cat((g, u), dim=-2).squeeze(-1)
-    return {"w13_bias": b13.contiguous(), "w2_bias": mod.b2.detach().contiguous()}
+    return {P.W13_BIAS: b13.contiguous(), P.W2_BIAS: mod.b2.detach().contiguous()}
 
 
 def export_for_engine(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -60,8 +62,8 @@ def export_for_engine(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str
     for prefix, mod in blocks:
         with torch.no_grad():
             params = to_vllm_moe(*_gate_up_down(mod))
-        hashes = {w: tensor_hash(common.MXFP4Tensor(params[w], params[w + "_scale"], mod.profile))
-                  for w in ("w13_weight", "w2_weight")}
+        hashes = {w: tensor_hash(common.MXFP4Tensor(params[w], params[P.scale_name(w)], mod.profile))
+                  for w in P.PACKED_WEIGHTS}
         for name, t in params.items():
             yield f"{prefix}.{name}", t, hashes[name.removesuffix("_scale")]
         for name, t in _bias_params(mod).items():
@@ -77,9 +79,9 @@ def engine_hashes(params: dict[str, torch.Tensor], profile: str) -> dict[str, st
     """The same hashes computed from parameters read back from an engine ({'P.w13_weight': uint8 tensor, ...})."""
     out = {}
     for name, t in params.items():
-        if name.endswith(("w13_weight", "w2_weight")):
-            q = common.MXFP4Tensor(t, params[name + "_scale"], profile)
-            out[name] = out[name + "_scale"] = tensor_hash(q)
+        if name.endswith(P.PACKED_WEIGHTS):
+            q = common.MXFP4Tensor(t, params[P.scale_name(name)], profile)
+            out[name] = out[P.scale_name(name)] = tensor_hash(q)
         elif name.endswith("_bias"):
             out[name] = _bias_hash(t)
     return out

@@ -14,23 +14,26 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common.moe.activations import SWIGLU_ALPHA, SWIGLU_LIMIT, GateUpOrder, clamp_swiglu, split_gate_up
+
 from .lora import ExpertLoRA
 from .weights import fake_quant_act_mxfp8
 
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """How gate_up rows become the down projection's input.
+    """How gate_up rows become the down projection's input (the contract's activations, common.moe.activations).
 
-    kind "glu": rows [gate; up] (concatenated halves), act(gate) * up  (Qwen3-MoE, DeepSeek-V3).
-    kind "clamp_swiglu": rows interleaved (gate 2i, up 2i+1), gate clamped above at `limit`, up to [-limit, limit],
-    (up + 1) * gate * sigmoid(alpha * gate)  (gpt-oss: alpha 1.702, limit 7).
+    kind "glu": rows GateUpOrder.HALVES, act_fn(gate) * up with the model's hidden_act (Qwen3-MoE, DeepSeek-V3;
+    the engine's "silu" when act_fn is silu).
+    kind "clamp_swiglu": rows GateUpOrder.INTERLEAVED (gpt-oss's checkpoint order, read in place), then
+    common.moe.clamp_swiglu with alpha and limit (the engine's "swigluoai"; defaults: gpt-oss's constants).
     """
 
     kind: str
     act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    alpha: float = 1.702
-    limit: float = 7.0
+    alpha: float = SWIGLU_ALPHA
+    limit: float = SWIGLU_LIMIT
 
     def __post_init__(self) -> None:
         if self.kind not in ("glu", "clamp_swiglu"):
@@ -38,14 +41,16 @@ class Activation:
         if self.kind == "glu" and self.act_fn is None:
             raise ValueError("activation kind 'glu' needs act_fn (the model's hidden_act)")
 
+    @property
+    def gate_up(self) -> GateUpOrder:
+        """Row order of the learner's w13 for this activation."""
+        return GateUpOrder.HALVES if self.kind == "glu" else GateUpOrder.INTERLEAVED
+
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = split_gate_up(gate_up, self.gate_up)
         if self.kind == "glu":
-            gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        gate = gate.clamp(min=None, max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return clamp_swiglu(gate, up, self.alpha, self.limit)
 
 
 @dataclasses.dataclass

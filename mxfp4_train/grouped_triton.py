@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.moe.activations import SWIGLU_ALPHA, SWIGLU_LIMIT
+
 from .grouped import ExpertOperands, register_backend
 from .weights import PackedExpertWeights
 
-# gpt-oss's clamp-swiglu (alpha, limit), compiled into the kernels: common.grouped_gemm.activations' SWIGLU_ALPHA and
-# SWIGLU_LIMIT (not imported here: that package imports triton; tests/train/test_grouped_triton.py ties them)
-GPT_OSS_SWIGLU = (1.702, 7.0)
+# gpt-oss's clamp-swiglu (alpha, limit): the contract's constants, compiled into the kernels
+GPT_OSS_SWIGLU = (SWIGLU_ALPHA, SWIGLU_LIMIT)
 
 
 def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
@@ -22,14 +23,14 @@ def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
     if act.kind == "glu":
         probe = torch.linspace(-8, 8, 33)  # transformers' ACT2FN["silu"] is its own class: compare behaviour
         if torch.equal(act.act_fn(probe), nn.functional.silu(probe)):
-            return "silu", "halves", ""
+            return "silu", act.gate_up.value, ""
         return None, "", f"glu with {getattr(act.act_fn, '__name__', act.act_fn)!r}: the kernels fuse silu only"
     # clamp_swiglu is gpt-oss's: its w13 rows stay interleaved in the learner (the checkpoint's order) and the
     # kernels read them so; alpha and limit are compiled into the kernels
     if (act.alpha, act.limit) != GPT_OSS_SWIGLU:
         return None, "", (f"clamp_swiglu with alpha {act.alpha}, limit {act.limit}: the kernels fuse gpt-oss's "
                           f"(alpha, limit) = {GPT_OSS_SWIGLU} only")
-    return "swiglu_oai", "interleaved", ""
+    return "swiglu_oai", act.gate_up.value, ""
 
 
 def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:

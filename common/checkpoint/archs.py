@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from ..moe.params import DEEPSEEK_V4_PROJ_NAMES, GPT_OSS_FUSED_NAMES, HF_PROJ_NAMES
+
 FORMATS = ("native", "gpt-oss", "deepseek-v4")
 PROJS = ("gate", "up", "down")
 
@@ -37,8 +39,7 @@ class ArchSpec:
     native_template: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}"
     native_pattern: str = (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
                            r"\.(weight|weight_scale)")
-    native_proj_names: dict = dataclasses.field(
-        default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    native_proj_names: dict = dataclasses.field(default_factory=lambda: dict(HF_PROJ_NAMES))
 
     def match(self, name: str) -> ExpertSource | None:
         m = re.fullmatch(self.pattern, name)
@@ -62,18 +63,18 @@ class ArchSpec:
 
 
 _PER_EXPERT_HF = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
-_HF_PROJS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_HF_PROJS = {v: k for k, v in HF_PROJ_NAMES.items()}
 
 ARCHS: dict[str, ArchSpec] = {
     "qwen3_moe": ArchSpec("qwen3_moe", _PER_EXPERT_HF, _HF_PROJS, ("native",)),
     "deepseek_v3": ArchSpec("deepseek_v3", _PER_EXPERT_HF, _HF_PROJS, ("native",)),
     "gpt_oss": ArchSpec("gpt_oss", r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)",
-                        {"gate_up_proj": "gate_up", "down_proj": "down"}, ("native", "gpt-oss"), fused=True),
+                        {v: k for k, v in GPT_OSS_FUSED_NAMES.items()}, ("native", "gpt-oss"), fused=True),
     "deepseek_v4": ArchSpec("deepseek_v4", r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight",
-                            {"w1": "gate", "w3": "up", "w2": "down"}, ("native", "deepseek-v4"),
+                            {v: k for k, v in DEEPSEEK_V4_PROJ_NAMES.items()}, ("native", "deepseek-v4"),
                             native_template="layers.{layer}.ffn.experts.{expert}.{proj}",
                             native_pattern=r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.(weight|weight_scale)",
-                            native_proj_names={"gate": "w1", "up": "w3", "down": "w2"}),
+                            native_proj_names=dict(DEEPSEEK_V4_PROJ_NAMES)),
 }
 
 

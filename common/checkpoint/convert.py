@@ -24,23 +24,13 @@ from ..api import quantize
 from ..errors import DTypeError, ShapeError
 from ..layouts import deepseek_v4 as dsv4_layout
 from ..layouts import gpt_oss as gpt_oss_layout
+from ..moe.quant_config import CODEC_VERSION, QUANT_METHOD, quantization_config  # noqa: F401 - re-exported
 from ..profiles import get_profile
 from .archs import ArchSpec, ExpertSource, arch_spec, check_format
 from .safetensors_io import INDEX_NAME, CheckpointReader, TensorSpec, parse_size, write_sharded
 
-CODEC_VERSION = 1  # bump when the bytes quantize() writes for some input change
-QUANT_METHOD = "mxfp4_rl"
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Loader = Callable[[str], torch.Tensor]
-
-
-def quantization_config(profile: str, fmt: str, source: dict | None = None) -> dict:
-    cfg = {"quant_method": QUANT_METHOD, "profile": profile, "format": fmt, "block_size": C.BLOCK_SIZE,
-           "codec_version": CODEC_VERSION}
-    if source:
-        # e.g. DeepSeek-V4's FP8 block config of its dense layers: the engine plugin delegates those layers to it.
-        cfg["source_quantization_config"] = source
-    return cfg
 
 
 def _k_and_rows(src: ExpertSource, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..moe.activations import SWIGLU_LIMIT
+
 # Shared tiny dims (see DESIGN): head_dim 64 because vLLM's CPU attention rejects smaller heads.
 TINY_DIMS = {
     "vocab_size": 256,
@@ -117,7 +119,7 @@ def _gpt_oss(d: dict, dtype: torch.dtype):
     cfg = _base_config(d, "gpt_oss", "GptOssForCausalLM", dtype)
     n = d["num_hidden_layers"]
     cfg.update(head_dim=d["head_dim"], num_local_experts=d["num_experts"], intermediate_size=d["moe_intermediate_size"],
-               attention_bias=True, sliding_window=128, swiglu_limit=7.0, hidden_act="silu",
+               attention_bias=True, sliding_window=128, swiglu_limit=SWIGLU_LIMIT, hidden_act="silu",
                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096})

@@ -9,34 +9,24 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.activations import GATE_UP_ORDERS, SWIGLU_ALPHA, SWIGLU_LIMIT, GateUpOrder, split_gate_up
+
+__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "activation_code", "check_gate_up",
+           "gated", "silu_mul", "split_gate_up", "swiglu_oai"]
+
 # Kernel codes of the activations (constexpr ACT of common/grouped_gemm/_kernels.py). 0 = no activation.
 ACT_NONE = 0
 ACT_SILU = 1
 ACT_SWIGLU_OAI = 2
 ACTIVATIONS = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
 
-# gpt-oss clamp-swiglu constants (gpt-oss model card / reference implementation: alpha 1.702, limit 7.0).
-SWIGLU_ALPHA = 1.702
-SWIGLU_LIMIT = 7.0
-
-
-# Row layouts of a gated w13 (and the column order of its pre-activation and gradient): "halves" [gate; up],
-# "interleaved" gate/up pairs (gpt-oss's checkpoint order).
-GATE_UP_LAYOUTS = ("halves", "interleaved")
+# gpt-oss's clamp-swiglu constants and the gate/up row orders: the learner-engine contract (common.moe).
+GATE_UP_LAYOUTS = GATE_UP_ORDERS
 
 
 def check_gate_up(gate_up: str) -> bool:
     """True for the interleaved layout (the kernels' GATE_UP_PAIRS); a clear error for an unknown one."""
-    if gate_up not in GATE_UP_LAYOUTS:
-        raise ValueError(f"unknown gate_up layout {gate_up!r}; choose one of {GATE_UP_LAYOUTS}")
-    return gate_up == "interleaved"
-
-
-def split_gate_up(pre: torch.Tensor, gate_up: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate, up) columns of pre [..., 2I] in the given layout."""
-    if check_gate_up(gate_up):
-        return pre[..., 0::2], pre[..., 1::2]
-    return pre.chunk(2, dim=-1)
+    return GateUpOrder.of(gate_up) is GateUpOrder.INTERLEAVED
 
 
 def activation_code(activation: str) -> int:
@@ -52,7 +42,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA,
                limit: float = SWIGLU_LIMIT) -> torch.Tensor:
-    """gpt-oss: gate clamped to <= limit, up to [-limit, limit]; (up + 1) * gate * sigmoid(alpha * gate).
+    """gpt-oss: gate clamped to <= limit, up to [-limit, limit]; ((up + 1) * gate) * sigmoid(alpha * gate), in the
+    association of the fused epilogue (common.moe.clamp_swiglu is transformers' association, for the learner).
 
     torch.clamp's gradient passes where the input lies inside the closed interval, which the fused backward
     epilogue reproduces (common/grouped_gemm/_tiles.py::_act_bwd).

@@ -32,8 +32,8 @@ exhaustively), hence the multiply for the last pair.
 
 The byte decode cannot read these words, so the forward kernels read kb-major codes with the word decode at every
 batch size (ops._use_words). The conversion is a bit permutation: exact, and undone by from_kb_major (the engine's
-sync and hashing read the canonical bytes back). Only the forward kernels read kb-major codes; the dx kernel and
-tl.dot_scaled need the canonical layout.
+sync and hashing read the canonical bytes back through common.moe.KB_MAJOR, the layout object recorded on the
+layer). Only the forward kernels read kb-major codes; the dx kernel needs the canonical layout.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def convert_in_place(storage: torch.Tensor, to_kb: bool, experts: torch.Tensor |
                      name: str = "codes") -> None:
     """Rewrite the bytes of a contiguous [E, N, K/2] buffer from canonical to kb-major (to_kb) or back, one
     expert at a time (a temporary of one expert's bytes, not of the whole weight); experts: local expert ids to
-    convert (default all). Converting twice in the same direction scrambles the bytes: callers track the state."""
+    convert (default all). Converting twice in the same direction scrambles the bytes: engine layers go through
+    common.moe.convert_layer, which records the layout on the layer and refuses a second conversion."""
     _check_canonical(storage, name)
     if not storage.is_contiguous():
         raise ShapeError(f"tensor '{name}': in-place conversion needs a contiguous buffer")

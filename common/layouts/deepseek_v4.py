@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.params import DEEPSEEK_V4_PROJ_NAMES
 from ..tensor import MXFP4Tensor
 from ._checks import expect_dtype, expect_shape
 
 # DeepSeek-V4 projection names -> our names: w1 = gate, w3 = up, w2 = down (SwiGLU: w2(silu(w1 x) * w3 x)).
-PROJ_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+PROJ_NAMES = {v: k for k, v in DEEPSEEK_V4_PROJ_NAMES.items()}
 
 
 def to_deepseek_v4(q: MXFP4Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import ShapeError
+from ..moe import params as P
+from ..moe.params import ALL_PARAMS
 from ._checks import expect_dtype, expect_even_rows
 from .gpt_oss import deinterleave_rows, interleave_rows
 from .swizzle import TILE_COLS, TILE_ROWS, swizzle_scales, swizzled_shape, unswizzle_scales
@@ -35,7 +37,7 @@ SHUFFLE_GRID = (8, 4)  # a block's rows 4a + b read as an 8x4 grid and stored tr
 # Kernel tile constraints: vLLM's mxfp4_round_up_hidden_size_and_intermediate_size for its TRTLLM backends.
 HIDDEN_ALIGN = 256
 INTERMEDIATE_ALIGN = 128
-PARAM_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale", "w13_bias", "w2_bias")
+PARAM_NAMES = ALL_PARAMS  # the contract's names (common.moe.params)
 
 
 def _expect_rows(x: torch.Tensor, multiple: int, name: str, dim: int = -2) -> None:
@@ -93,8 +95,8 @@ def to_trtllm_w13(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     """w13 codes [..., 2I, H/2], scales [..., 2I, H/32] -> (kernel codes, same shape; swizzled scales
     [..., ceil128(2I), ceil4(H/32)], equal to the input shape when aligned)."""
     _expect_pair(codes, scales, "w13")
-    rows = gate_up_to_kernel_rows(scales, "w13_weight_scale")
-    return gate_up_to_kernel_rows(codes, "w13_weight"), swizzle_scales(rows)
+    rows = gate_up_to_kernel_rows(scales, P.W13_SCALE)
+    return gate_up_to_kernel_rows(codes, P.W13), swizzle_scales(rows)
 
 
 def from_trtllm_w13(codes: torch.Tensor, swizzled: torch.Tensor, scale_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,20 +104,20 @@ def from_trtllm_w13(codes: torch.Tensor, swizzled: torch.Tensor, scale_cols: int
     rows = codes.shape[-2]
     scales = unswizzle_scales(swizzled, rows, scale_cols)
     _expect_pair(codes, scales, "w13")
-    return kernel_rows_to_gate_up(codes, "w13_weight"), kernel_rows_to_gate_up(scales, "w13_weight_scale")
+    return kernel_rows_to_gate_up(codes, P.W13), kernel_rows_to_gate_up(scales, P.W13_SCALE)
 
 
 def to_trtllm_w2(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w2 codes [..., H, I/2], scales [..., H, I/32] -> (shuffled codes; shuffled + swizzled scales)."""
     _expect_pair(codes, scales, "w2")
-    return shuffle_rows(codes, "w2_weight"), swizzle_scales(shuffle_rows(scales, "w2_weight_scale"))
+    return shuffle_rows(codes, P.W2), swizzle_scales(shuffle_rows(scales, P.W2_SCALE))
 
 
 def from_trtllm_w2(codes: torch.Tensor, swizzled: torch.Tensor, scale_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of to_trtllm_w2; scale_cols = I/32."""
     scales = unswizzle_scales(swizzled, codes.shape[-2], scale_cols)
     _expect_pair(codes, scales, "w2")
-    return unshuffle_rows(codes, "w2_weight"), unshuffle_rows(scales, "w2_weight_scale")
+    return unshuffle_rows(codes, P.W2), unshuffle_rows(scales, P.W2_SCALE)
 
 
 # ---------------------------------------------------------------- biases (rows are the last dim)
@@ -123,19 +125,19 @@ def from_trtllm_w2(codes: torch.Tensor, swizzled: torch.Tensor, scale_cols: int)
 
 def to_trtllm_w13_bias(bias: torch.Tensor) -> torch.Tensor:
     """[..., 2I] = [gate; up] -> the kernel row order of w13 (same permutation as its codes)."""
-    return gate_up_to_kernel_rows(bias.unsqueeze(-1), "w13_bias").squeeze(-1)
+    return gate_up_to_kernel_rows(bias.unsqueeze(-1), P.W13_BIAS).squeeze(-1)
 
 
 def from_trtllm_w13_bias(bias: torch.Tensor) -> torch.Tensor:
-    return kernel_rows_to_gate_up(bias.unsqueeze(-1), "w13_bias").squeeze(-1)
+    return kernel_rows_to_gate_up(bias.unsqueeze(-1), P.W13_BIAS).squeeze(-1)
 
 
 def to_trtllm_w2_bias(bias: torch.Tensor) -> torch.Tensor:
-    return shuffle_rows(bias.unsqueeze(-1), "w2_bias").squeeze(-1)
+    return shuffle_rows(bias.unsqueeze(-1), P.W2_BIAS).squeeze(-1)
 
 
 def from_trtllm_w2_bias(bias: torch.Tensor) -> torch.Tensor:
-    return unshuffle_rows(bias.unsqueeze(-1), "w2_bias").squeeze(-1)
+    return unshuffle_rows(bias.unsqueeze(-1), P.W2_BIAS).squeeze(-1)
 
 
 # ---------------------------------------------------------------- whole parameter sets, per expert
@@ -153,7 +155,7 @@ def check_kernel_dims(hidden: int, intermediate: int) -> None:
 
 
 def _dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    w13, w2 = params["w13_weight"], params["w2_weight"]
+    w13, w2 = params[P.W13], params[P.W2]
     return w2.shape[-2], w13.shape[-2] // 2  # hidden, intermediate
 
 
@@ -161,7 +163,7 @@ def _check_experts(params: Mapping[str, torch.Tensor], expert_ids: Sequence[int]
     missing = [n for n in PARAM_NAMES[:4] if n not in params]
     if missing:
         raise KeyError(f"MoE params lack {missing}; expected {PARAM_NAMES[:4]} (+ optional biases)")
-    n = params["w13_weight"].shape[0]
+    n = params[P.W13].shape[0]
     for name, t in params.items():
         if t is not None and t.shape[0] != n:
             raise ShapeError(f"tensor '{name}': expected {n} experts in dim 0 like 'w13_weight', got {tuple(t.shape)}")
@@ -176,12 +178,12 @@ def convert_experts(params: Mapping[str, torch.Tensor],
     _check_experts(params, expert_ids)
     check_kernel_dims(*_dims(params))
     out = {}
-    out["w13_weight"], out["w13_weight_scale"] = to_trtllm_w13(params["w13_weight"], params["w13_weight_scale"])
-    out["w2_weight"], out["w2_weight_scale"] = to_trtllm_w2(params["w2_weight"], params["w2_weight_scale"])
-    if params.get("w13_bias") is not None:
-        out["w13_bias"] = to_trtllm_w13_bias(params["w13_bias"])
-    if params.get("w2_bias") is not None:
-        out["w2_bias"] = to_trtllm_w2_bias(params["w2_bias"])
+    out[P.W13], out[P.W13_SCALE] = to_trtllm_w13(params[P.W13], params[P.W13_SCALE])
+    out[P.W2], out[P.W2_SCALE] = to_trtllm_w2(params[P.W2], params[P.W2_SCALE])
+    if params.get(P.W13_BIAS) is not None:
+        out[P.W13_BIAS] = to_trtllm_w13_bias(params[P.W13_BIAS])
+    if params.get(P.W2_BIAS) is not None:
+        out[P.W2_BIAS] = to_trtllm_w2_bias(params[P.W2_BIAS])
     return out
 
 
@@ -192,14 +194,14 @@ def revert_experts(params: Mapping[str, torch.Tensor],
     hidden, inter = _dims(params)
     check_kernel_dims(hidden, inter)
     out = {}
-    out["w13_weight"], out["w13_weight_scale"] = from_trtllm_w13(params["w13_weight"], params["w13_weight_scale"],
+    out[P.W13], out[P.W13_SCALE] = from_trtllm_w13(params[P.W13], params[P.W13_SCALE],
                                                                  hidden // 32)
-    out["w2_weight"], out["w2_weight_scale"] = from_trtllm_w2(params["w2_weight"], params["w2_weight_scale"],
+    out[P.W2], out[P.W2_SCALE] = from_trtllm_w2(params[P.W2], params[P.W2_SCALE],
                                                               inter // 32)
-    if params.get("w13_bias") is not None:
-        out["w13_bias"] = from_trtllm_w13_bias(params["w13_bias"])
-    if params.get("w2_bias") is not None:
-        out["w2_bias"] = from_trtllm_w2_bias(params["w2_bias"])
+    if params.get(P.W13_BIAS) is not None:
+        out[P.W13_BIAS] = from_trtllm_w13_bias(params[P.W13_BIAS])
+    if params.get(P.W2_BIAS) is not None:
+        out[P.W2_BIAS] = from_trtllm_w2_bias(params[P.W2_BIAS])
     return out
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from ..moe import params as P
+from ..moe.params import PACKED_PARAMS
 from ..tensor import MXFP4Tensor
 from ._checks import expect_dtype, expect_even_rows, expect_rank, expect_shape
 from .gpt_oss import deinterleave_rows, interleave_rows
 
-PARAM_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+PARAM_NAMES = PACKED_PARAMS  # the contract's names (common.moe.params)
 
 
 def to_vllm_moe(gate: MXFP4Tensor, up: MXFP4Tensor, down: MXFP4Tensor) -> dict[str, torch.Tensor]:
@@ -24,10 +26,10 @@ def to_vllm_moe(gate: MXFP4Tensor, up: MXFP4Tensor, down: MXFP4Tensor) -> dict[s
     e, i, h2 = gate.codes.shape
     expect_shape(down.codes, (e, h2 * 2, i // 2), "down")
     return {
-        "w13_weight": torch.cat((gate.codes, up.codes), dim=-2),
-        "w13_weight_scale": torch.cat((gate.scales, up.scales), dim=-2),
-        "w2_weight": down.codes.contiguous(),
-        "w2_weight_scale": down.scales.contiguous(),
+        P.W13: torch.cat((gate.codes, up.codes), dim=-2),
+        P.W13_SCALE: torch.cat((gate.scales, up.scales), dim=-2),
+        P.W2: down.codes.contiguous(),
+        P.W2_SCALE: down.scales.contiguous(),
     }
 
 
@@ -39,12 +41,12 @@ def from_vllm_moe(params: dict[str, torch.Tensor], profile: str) -> tuple[MXFP4T
     for n in PARAM_NAMES:
         expect_dtype(params[n], torch.uint8, n)
         expect_rank(params[n], 3, n, "[E, rows, bytes]")
-    w13, s13 = params["w13_weight"], params["w13_weight_scale"]
-    expect_even_rows(w13, "w13_weight")
+    w13, s13 = params[P.W13], params[P.W13_SCALE]
+    expect_even_rows(w13, P.W13)
     i = w13.shape[1] // 2
     gate = MXFP4Tensor(w13[:, :i].contiguous(), s13[:, :i].contiguous(), profile)
     up = MXFP4Tensor(w13[:, i:].contiguous(), s13[:, i:].contiguous(), profile)
-    return gate, up, MXFP4Tensor(params["w2_weight"], params["w2_weight_scale"], profile)
+    return gate, up, MXFP4Tensor(params[P.W2], params[P.W2_SCALE], profile)
 
 
 def stacked_from_interleaved(x: torch.Tensor, name: str = "w13") -> torch.Tensor:

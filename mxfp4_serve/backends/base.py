@@ -12,24 +12,8 @@ import dataclasses
 
 import torch
 
-# gpt-oss's clamped SwiGLU (vLLM "swigluoai", transformers GptOssExperts): alpha and limit of the released models.
-GPT_OSS_ALPHA = 1.702
-GPT_OSS_LIMIT = 7.0
-ACTIVATIONS = ("silu", "swigluoai")
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationSpec:
-    """silu: silu(gate) * up. swigluoai: gate.clamp(max=limit); up.clamp(-limit, limit);
-    gate * sigmoid(alpha * gate) * (up + 1)."""
-
-    name: str = "silu"
-    alpha: float = GPT_OSS_ALPHA
-    limit: float = GPT_OSS_LIMIT
-
-    def __post_init__(self) -> None:
-        if self.name not in ACTIVATIONS:
-            raise ValueError(f"unsupported MoE activation {self.name!r}; the MXFP4 backends implement {ACTIVATIONS}")
+from common import moe
+from common.moe import ActivationSpec  # noqa: F401 - the backends' activation argument (the contract's type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +34,6 @@ class DeviceInfo:
         return f"{self.kind} sm{self.capability[0]}{self.capability[1]}" if self.capability else self.kind
 
 
-def keeps_canonical(backend: "MoEBackend | None") -> bool:
-    """Whether a backend serves the canonical parameters as loaded (no `prepare` of its own): readers and writers
-    of canonical bytes (sync, introspection) may then use the parameters directly; otherwise they go through its
-    `read_canonical` / `write_experts`."""
-    return backend is None or type(backend).prepare is MoEBackend.prepare
-
-
 class MoEBackend(abc.ABC):
     """One way of computing the MXFP4 MoE. Stateless: everything it needs lives on the layer as parameters."""
 
@@ -70,9 +47,26 @@ class MoEBackend(abc.ABC):
     def supports(cls, device: DeviceInfo) -> tuple[bool, str]:
         """(True, "") when this backend can run on device, else (False, the reason)."""
 
+    # The byte layout this backend serves its parameters in (common.moe.layouts). Readers and writers of canonical
+    # bytes (sync, introspection, audits) go through the layout recorded on the layer, never through this class.
+    layout: moe.ExpertLayout = moe.CANONICAL
+
     def prepare(self, layer: torch.nn.Module) -> None:
         """Convert the freshly loaded canonical parameters to this backend's layout, IN PLACE (the parameters keep
-        their shapes and storage: layerwise reload and CUDA graphs depend on it). Default: canonical is fine."""
+        their shapes and storage: layerwise reload and CUDA graphs depend on it), and record it on the layer."""
+        if self.layout is not moe.CANONICAL:
+            moe.convert_layer(layer, self.layout)
+
+    def read_canonical(self, layer: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """The canonical bytes of one parameter, through the layout recorded on the layer (common.moe.read_canonical:
+        the live parameter where the layout keeps it canonical)."""
+        return moe.read_canonical(layer, param_name)
+
+    def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Set the canonical bytes of `param_name` for the given local experts, in place, in the layer's layout.
+        Backends override it to refuse values they cannot serve before anything is written."""
+        moe.write_canonical(layer, param_name, local_experts, values)
 
     @abc.abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -8,21 +8,17 @@ keeps memory at one expert's bf16/fp32 weights, never the stack.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from common import dequantize
+from common.moe import params as P
+from common.moe.activations import split_gate_up
 
 from .base import ActivationSpec, DeviceInfo, MoEBackend
 
 
 def gated_activation(h: torch.Tensor, act: ActivationSpec) -> torch.Tensor:
-    """h [T, 2I] = [gate | up] (de-interleaved; the gpt-oss loader de-interleaves its checkpoint rows)."""
-    gate, up = h.chunk(2, dim=-1)
-    if act.name == "silu":
-        return F.silu(gate) * up
-    gate = gate.clamp(max=act.limit)
-    up = up.clamp(min=-act.limit, max=act.limit)
-    return gate * torch.sigmoid(act.alpha * gate) * (up + 1)
+    """h [T, 2I] = [gate | up] (GateUpOrder.HALVES: the gpt-oss loader de-interleaves its checkpoint rows)."""
+    return act(*split_gate_up(h))
 
 
 def expert_mlp(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
@@ -83,5 +79,5 @@ class CPUReferenceBackend(MoEBackend):
     def apply(self, layer, x, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input=False):
         return cpu_reference_moe(
             x, topk_weights, topk_ids, layer.w13_weight, layer.w13_weight_scale, layer.w2_weight,
-            layer.w2_weight_scale, getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None), expert_map,
+            layer.w2_weight_scale, getattr(layer, P.W13_BIAS, None), getattr(layer, P.W2_BIAS, None), expert_map,
             activation.name, float(activation.alpha), float(activation.limit), bool(apply_router_weight_on_input))

@@ -11,30 +11,23 @@ the backend runs under CUDA graphs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .base import GPT_OSS_ALPHA, GPT_OSS_LIMIT, ActivationSpec, DeviceInfo, MoEBackend
+from common import envs, moe
+from common.moe import params as P
 
-# ActivationSpec name -> common.grouped_gemm activation name. The kernels bake gpt-oss's alpha and limit in.
-_KERNEL_ACTIVATION = {"silu": "silu", "swigluoai": "swiglu_oai"}
-CODES = ("w13_weight", "w2_weight")  # converted to kb-major; their "_scale" twins and the biases stay canonical
-# set on a layer once its codes are kb-major: converting twice would scramble them
-_PREPARED = "_mxfp4_rl_kb_major"
+from .base import ActivationSpec, DeviceInfo, MoEBackend
+
 # set on a layer whose scale bytes were all <= 128 at load: the word decode then applies 2^126 and the scale with
 # one multiply (common.grouped_gemm max_scale_byte; 9% faster layer at DeepSeek-V4-Flash decode sizes on an H100)
 _ONE_MUL = "_mxfp4_rl_one_mul"
-ENV_ONE_MUL = "MXFP4_RL_HOPPER_ONE_MUL"
+ENV_ONE_MUL = envs.HOPPER_ONE_MUL.name
 
 
 def one_mul_enabled() -> bool:
-    """${ENV_ONE_MUL}: 1 (default) lets layers whose scale bytes are all <= 128 at load run the one-multiply word
-    decode; 0 always keeps two multiplies (an engine that must accept any weight a sync may bring)."""
-    mode = os.environ.get(ENV_ONE_MUL, "1")
-    if mode not in ("0", "1"):
-        raise ValueError(f"{ENV_ONE_MUL} must be 0 or 1, got {mode!r}")
-    return mode == "1"
+    """common.envs.HOPPER_ONE_MUL: 1 (default) lets layers whose scale bytes are all <= 128 at load run the
+    one-multiply word decode; 0 always keeps two multiplies (an engine that must accept any weight a sync brings)."""
+    return envs.HOPPER_ONE_MUL.get()
 
 
 class HopperTritonBackend(MoEBackend):
@@ -53,60 +46,45 @@ class HopperTritonBackend(MoEBackend):
             return False, f"triton is not importable: {exc}"
         return True, ""
 
-    # ---- weights: canonical bytes in, kb-major codes kept ----
+    # ---- weights: canonical bytes in, kb-major codes kept (common.moe.KB_MAJOR) ----
+    layout = moe.KB_MAJOR
+
     def prepare(self, layer: torch.nn.Module) -> None:
-        from common.grouped_gemm.layout import convert_in_place
         from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
-        if getattr(layer, _PREPARED, False):
+        if moe.layout_of(layer) is self.layout:
             raise RuntimeError("hopper_triton: prepare() ran twice on one layer (its codes are already kb-major); "
                                "write new canonical bytes through write_experts")
-        for name in CODES:
-            convert_in_place(getattr(layer, name).data, to_kb=True, name=name)
-        setattr(layer, _PREPARED, True)
+        super().prepare(layer)
         # One host read of the largest scale byte, at load (never on the forward path, which CUDA graphs capture).
-        largest = max(int(getattr(layer, n + "_scale").max()) for n in CODES)
+        largest = max(int(getattr(layer, moe.scale_name(n)).max()) for n in moe.PACKED_WEIGHTS)
         setattr(layer, _ONE_MUL, one_mul_enabled() and largest <= ONE_MUL_MAX_SCALE_BYTE)
 
     def _check_prepared(self, layer: torch.nn.Module) -> None:
-        if not getattr(layer, _PREPARED, False):
+        if moe.layout_of(layer) is not self.layout:
             raise RuntimeError("hopper_triton: the layer's codes were never converted (prepare() did not run); "
                                "the MoE method's process_weights_after_loading calls it")
 
     def read_canonical(self, layer: torch.nn.Module, param_name: str) -> torch.Tensor:
-        """The canonical bytes of one parameter of a prepared layer (a copy; for hashes, deltas, byte checks)."""
-        from common.grouped_gemm.layout import from_kb_major, kb_major_view
-
         self._check_prepared(layer)
-        param = getattr(layer, param_name).data
-        if param_name in CODES:
-            return from_kb_major(kb_major_view(param, param_name), param_name)
-        return param.clone()
+        return super().read_canonical(layer, param_name)
 
     def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
                       values: torch.Tensor) -> None:
-        """Set the canonical bytes of `param_name` for the given local experts, in place (codes are converted to
-        kb-major on the way in; scales are written as they come)."""
-        from common.grouped_gemm.layout import to_kb_major
+        """As MoEBackend's, after refusing scale bytes that the layer's one-multiply decode would overflow."""
         from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
         self._check_prepared(layer)
-        param = getattr(layer, param_name).data
-        ids = local_experts.to(device=param.device, dtype=torch.long)
-        values = values.to(param.device).reshape(ids.numel(), *param.shape[1:])
         if param_name.endswith("_scale") and getattr(layer, _ONE_MUL, False) and values.numel():
             largest = int(values.max())
             if largest > ONE_MUL_MAX_SCALE_BYTE:
-                from ..sync.wire import SyncError
-
-                raise SyncError(f"hopper_triton: the new '{param_name}' holds scale byte {largest} (> "
-                                f"{ONE_MUL_MAX_SCALE_BYTE}: weight blocks with |w| >= 16); this engine was loaded "
-                                f"with every scale byte <= {ONE_MUL_MAX_SCALE_BYTE} and runs (and has captured CUDA "
-                                f"graphs of) the one-multiply decode, which would overflow. Nothing was written; "
-                                f"restart the engine with {ENV_ONE_MUL}=0 to serve such weights")
-        if param_name in CODES:
-            values = to_kb_major(values, param_name).view(values.shape)
-        param.index_copy_(0, ids, values)
+                raise moe.wire.SyncError(
+                    f"hopper_triton: the new '{param_name}' holds scale byte {largest} (> {ONE_MUL_MAX_SCALE_BYTE}: "
+                    f"weight blocks with |w| >= 16); this engine was loaded with every scale byte <= "
+                    f"{ONE_MUL_MAX_SCALE_BYTE} and runs (and has captured CUDA graphs of) the one-multiply decode, "
+                    f"which would overflow. Nothing was written; restart the engine with {ENV_ONE_MUL}=0 to serve "
+                    f"such weights")
+        super().write_experts(layer, param_name, local_experts, values)
 
     def apply(self, layer, x, topk_weights, topk_ids, activation: ActivationSpec, expert_map,
               apply_router_weight_on_input=False):
@@ -117,9 +95,9 @@ class HopperTritonBackend(MoEBackend):
         if apply_router_weight_on_input:
             raise NotImplementedError("MXFP4 MoE backend 'hopper_triton' does not apply router weights on the input "
                                       "(llama4-style); set MXFP4_RL_MOE_BACKEND=cpu_reference for such models")
-        if activation.name == "swigluoai" and (activation.alpha, activation.limit) != (GPT_OSS_ALPHA, GPT_OSS_LIMIT):
+        if not activation.fused_in_kernels:
             raise NotImplementedError(f"MXFP4 MoE backend 'hopper_triton' implements clamp-swiglu with alpha "
-                                      f"{GPT_OSS_ALPHA}, limit {GPT_OSS_LIMIT}; the model asks for alpha "
+                                      f"{moe.SWIGLU_ALPHA}, limit {moe.SWIGLU_LIMIT}; the model asks for alpha "
                                       f"{activation.alpha}, limit {activation.limit}")
         ids, weights = topk_ids, topk_weights
         if expert_map is not None:
@@ -129,12 +107,12 @@ class HopperTritonBackend(MoEBackend):
             weights = torch.where(local < 0, torch.zeros_like(weights), weights)
             ids = local.clamp_min(0)
         self._check_prepared(layer)
-        w13 = kb_major_view(layer.w13_weight.data, "w13_weight")
-        w2 = kb_major_view(layer.w2_weight.data, "w2_weight")
+        w13 = kb_major_view(layer.w13_weight.data, P.W13)
+        w2 = kb_major_view(layer.w2_weight.data, P.W2)
         # The kernels take bf16 activations; other engine dtypes round-trip through bf16.
         out = moe_layer_forward(
             x.to(torch.bfloat16), ids, weights.float(), (w13, layer.w13_weight_scale),
-            (w2, layer.w2_weight_scale), activation=_KERNEL_ACTIVATION[activation.name],
+            (w2, layer.w2_weight_scale), activation=activation.kernel_name,
             max_scale_byte=ONE_MUL_MAX_SCALE_BYTE if getattr(layer, _ONE_MUL, False) else None,
-            bias13=getattr(layer, "w13_bias", None), bias2=getattr(layer, "w2_bias", None))
+            bias13=getattr(layer, P.W13_BIAS, None), bias2=getattr(layer, P.W2_BIAS, None))
         return out.to(x.dtype)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from common import quantize_mxfp8
-from common.layouts import flashinfer_trtllm as layout
+from common import moe, quantize_mxfp8
+from common.moe import params as P
 
 from .base import ActivationSpec, DeviceInfo, MoEBackend
 
@@ -27,7 +27,6 @@ ACTIVATION_MODES = ("bf16", "mxfp8")
 KERNEL = "trtllm_fp4_block_scale_routed_moe"
 SWIGLU = 3  # flashinfer ActivationType.Swiglu: silu and gpt-oss's clamped swiglu (via alpha/beta/limit)
 RENORMALIZE = 1  # RoutingMethodType.Renormalize: ignored with pre-computed routing, must be a supported value
-PARAMS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 
 
 def flashinfer_kernel():
@@ -112,49 +111,15 @@ class SM100FlashInferBackend(MoEBackend):
             return False, f"FlashInfer's TRT-LLM-gen MXFP4 MoE kernels run on capability 10.x only, got {device}"
         return flashinfer_status()
 
-    # ---- weights ----
-    def prepare(self, layer: torch.nn.Module) -> None:
-        self.prepare_experts(layer, None)
+    # ---- weights: canonical bytes in, FlashInfer's TRT-LLM-gen layout kept (common.moe.FLASHINFER_TRTLLM) ----
+    layout = moe.FLASHINFER_TRTLLM
 
     def prepare_experts(self, layer: torch.nn.Module, expert_ids: Sequence[int] | None) -> None:
         """Convert the canonical bytes of the given local experts (all when None) to the kernel layout in place.
         Run it once after every write of canonical bytes: converting twice scrambles the layout."""
-        names = [n for n in (*PARAMS, "w13_bias", "w2_bias") if getattr(layer, n, None) is not None]
-        params = {n: getattr(layer, n).data for n in names}
-        ids = None if expert_ids is None else torch.as_tensor(list(expert_ids), dtype=torch.long,
-                                                              device=params["w13_weight"].device)
-        sliced = params if ids is None else {n: p.index_select(0, ids) for n, p in params.items()}
-        converted = layout.convert_experts(sliced, None if ids is None else ids.tolist())
-        for n, new in converted.items():
-            dst = params[n]
-            new = new.reshape(sliced[n].shape).to(dst.dtype)
-            if ids is None:
-                dst.copy_(new)
-            else:
-                dst.index_copy_(0, ids, new)
-
-    # ---- refit (mxfp4_serve.sync): canonical bytes in, kernel layout kept ----
-    @staticmethod
-    def _params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: getattr(layer, n).data for n in (*PARAMS, "w13_bias", "w2_bias") if getattr(layer, n, None) is not None}
-
-    def read_canonical(self, layer: torch.nn.Module, param_name: str) -> torch.Tensor:
-        """The canonical bytes of one parameter of a prepared layer (a copy; for hashes and deltas)."""
-        params = self._params(layer)
-        return layout.revert_experts(params)[param_name].reshape(params[param_name].shape)
-
-    def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
-                      values: torch.Tensor) -> None:
-        """Set the canonical bytes of `param_name` for the given local experts and re-run the layout conversion
-        for those experts only, in place (codes and scales of a matrix may arrive in separate calls: each call
-        reverts, edits and converts the touched experts, so the layer is consistent after every call)."""
-        params = self._params(layer)
-        ids = local_experts.to(device=params["w13_weight"].device, dtype=torch.long)
-        sliced = {n: p.index_select(0, ids) for n, p in params.items()}
-        canonical = layout.revert_experts(sliced, ids.tolist())
-        canonical[param_name] = values.to(params[param_name].device).reshape(canonical[param_name].shape)
-        for n, new in layout.convert_experts(canonical, ids.tolist()).items():
-            params[n].index_copy_(0, ids, new.reshape(sliced[n].shape).to(params[n].dtype))
+        params = moe.layouts.layer_params(layer)
+        ids = None if expert_ids is None else torch.as_tensor(list(expert_ids), dtype=torch.long)
+        self.layout.to_layout(params, ids)
 
     # ---- compute ----
     def apply(self, layer, x, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input=False):
@@ -172,9 +137,9 @@ class SM100FlashInferBackend(MoEBackend):
             topk_ids=(topk_ids.to(torch.int32), topk_weights.float()),
             routing_bias=None, hidden_states=hidden, hidden_states_scale=hidden_scale,
             gemm1_weights=layer.w13_weight, gemm1_weights_scale=layer.w13_weight_scale.view(torch.float8_e4m3fn),
-            gemm1_bias=_bias(layer, "w13_bias"),
+            gemm1_bias=_bias(layer, P.W13_BIAS),
             gemm2_weights=layer.w2_weight, gemm2_weights_scale=layer.w2_weight_scale.view(torch.float8_e4m3fn),
-            gemm2_bias=_bias(layer, "w2_bias"),
+            gemm2_bias=_bias(layer, P.W2_BIAS),
             output1_scale_scalar=None, output1_scale_gate_scalar=None, output2_scale_scalar=None,
             num_experts=num_global, top_k=topk_ids.shape[-1], n_group=None, topk_group=None,
             intermediate_size=layer.w13_weight.shape[1] // 2, local_expert_offset=offset,

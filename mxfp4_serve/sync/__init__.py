@@ -1,8 +1,9 @@
 """Engine side of the learner -> engine weight sync (protocol mxfp4_rl.sync/1): the vLLM worker extension and the
 in-place, atomic, hash-verified writer behind it. Importing this package does not import vLLM."""
 
+from common.moe.wire import PROTOCOL, SyncError, SyncPayloadError, SyncProfileError, SyncStateError
+
 from .staging import EngineSync
-from .wire import PROTOCOL, SyncError, SyncPayloadError, SyncProfileError, SyncStateError
 from .worker import MXFP4SyncExtension
 
 __all__ = [

@@ -20,19 +20,19 @@ from torch import nn
 from common import quantize
 from common.audit import tensor_hash
 from common.constants import BLOCK_SIZE, E8M0_NAN
-from common.tensor import MXFP4Tensor
-
-from .layers import WEIGHTS, SyncedLayer, find_layers
-from .wire import (
+from common.moe.wire import (
+    DENSE_DTYPES,
     FULL_KEY,
     PROTOCOL,
     SyncError,
     SyncPayloadError,
     SyncStateError,
     check_header,
-    dense_dtypes,
     field,
 )
+from common.tensor import MXFP4Tensor
+
+from .layers import WEIGHTS, SyncedLayer, find_layers
 
 
 @dataclasses.dataclass
@@ -164,7 +164,7 @@ class EngineSync:
         elif kind == "delta":
             codes, scales, nbytes = self._apply_delta(entry, layer, weight, desc, n)
         else:
-            w = field(entry, "weight", where, dense_dtypes(), (e, n, k))
+            w = field(entry, "weight", where, DENSE_DTYPES, (e, n, k))
             nbytes = w.numel() * w.element_size()
             dev = layer.loader.params[weight].device
             # quantization is per row along K in 32-blocks and shards never split a block: quantizing the shard

@@ -12,34 +12,9 @@ so it runs between two engine steps) -> resume. See staging.py for the atomicity
 
 from __future__ import annotations
 
-import json
-
-import torch
+from common.moe.wire import blob, read_payload_file
 
 from .staging import EngineSync
-
-FILE_METADATA_KEY = "mxfp4_rl.sync"  # safetensors header entry holding the payload without its tensors
-
-
-def _blob(t: torch.Tensor) -> dict:
-    t = t.detach().contiguous().cpu()
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-            "data": t.view(torch.uint8).numpy().tobytes() if t.numel() else b""}
-
-
-def read_payload_file(path: str) -> dict:
-    """A payload written by mxfp4_train.sync.wire.write_payload_file: header in the metadata, tensors '<i>/<field>'."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = (f.metadata() or {}).get(FILE_METADATA_KEY)
-        if meta is None:
-            raise ValueError(f"'{path}' is not an mxfp4_rl sync payload (no '{FILE_METADATA_KEY}' metadata)")
-        payload = json.loads(meta)
-        for key in f.keys():
-            i, _, name = key.partition("/")
-            payload["entries"][int(i)][name] = f.get_tensor(key)
-    return payload
 
 
 class MXFP4SyncExtension:
@@ -73,4 +48,4 @@ class MXFP4SyncExtension:
 
     def mxfp4_sync_read(self, name: str) -> dict:
         out = self._mxfp4_sync_state().read(name)
-        return {**out, "codes": _blob(out["codes"]), "scales": _blob(out["scales"])}
+        return {**out, "codes": blob(out["codes"]), "scales": blob(out["scales"])}

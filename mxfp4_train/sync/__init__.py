@@ -2,6 +2,8 @@
 deltas, and the LoRA merge that decides what a LoRA-mode learner serves. Talks to vLLM through its public API only
 (collective_rpc, sleep/wake_up); never imports mxfp4_serve."""
 
+from common.moe.wire import SyncProfileError
+
 from .client import SyncMismatchError, SyncProfileMismatch, SyncReport, WeightSync, sync
 from .delta import BlockDelta, block_delta
 from .engine import EngineBusyError, EngineHandle
@@ -13,6 +15,7 @@ __all__ = [
     "EngineHandle",
     "MergeReport",
     "SyncMismatchError",
+    "SyncProfileError",
     "SyncProfileMismatch",
     "SyncReport",
     "WeightSync",

@@ -17,23 +17,30 @@ import torch
 from torch import nn
 
 from common.audit import diff
+from common.moe import params as P
+from common.moe.wire import (
+    PROTOCOL,
+    SyncMismatchError,
+    SyncProfileError,
+    as_tensor,
+    encode,
+    payload_bytes,
+    shard_key,
+    shard_of,
+)
 from common.tensor import MXFP4Tensor
 
 from ..conversion import experts_modules
 from ..export import export_for_engine
 from .delta import block_delta, choose_kind
 from .engine import EngineHandle
-from .wire import PROTOCOL, encode, expected_hashes, payload_bytes, shard_key, shard_of, tensor_from_blob
+from .wire import expected_hashes
 
 MODES = ("packed", "dense")
 
 
-class SyncMismatchError(RuntimeError):
-    """The engine serves other bytes than the learner holds after a sync."""
-
-
-class SyncProfileMismatch(ValueError):
-    """Learner and engine use different codec profiles."""
+# The learner's name of the contract's profile-mismatch error (kept for code written against it).
+SyncProfileMismatch = SyncProfileError
 
 
 @dataclasses.dataclass
@@ -73,7 +80,7 @@ def learner_weights(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor]]:
         raise ValueError(f"sync: the model's experts use several profiles {sorted(profiles)}")
     (profile,) = profiles
     out = {n: MXFP4Tensor(t, tensors[n + "_scale"], profile) for n, t in tensors.items()
-           if n.endswith(("w13_weight", "w2_weight"))}
+           if n.endswith((P.W13, P.W2))}
     return profile, out
 
 
@@ -101,7 +108,7 @@ class WeightSync:
         infos = self.engine.rpc("mxfp4_sync_info")
         for rank, info in enumerate(infos):
             if info["profile"] != profile:
-                raise SyncProfileMismatch(
+                raise SyncProfileError(
                     f"sync refused: the learner's experts use MXFP4 profile {profile!r}, the engine (rank {rank}) "
                     f"serves {info['profile']!r}; convert/load the learner with the engine checkpoint's profile")
             if set(info["weights"]) != names:
@@ -201,7 +208,7 @@ class WeightSync:
 
     def _explain(self, name: str, rank: int, want: MXFP4Tensor) -> str:
         got = self.engine.rpc("mxfp4_sync_read", name)[rank]
-        served = MXFP4Tensor(tensor_from_blob(got["codes"]), tensor_from_blob(got["scales"]), got["profile"])
+        served = MXFP4Tensor(as_tensor(got["codes"]), as_tensor(got["scales"]), got["profile"])
         return f"after sync the engine (rank {rank}) serves other bytes for '{name}': {diff(want, served)}"
 
 

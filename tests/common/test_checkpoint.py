@@ -201,7 +201,7 @@ def test_deepseek_v4_format_is_a_view_of_native(tmp_path):
     a, b = load_packed_experts(nat), load_packed_experts(v4)
     assert len(a) == 12 and all(a[k].equal(b[k]) for k in a) and (0, 3, "up") in a
     qc = json.loads((v4 / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "deepseek-v4" and qc["source_quantization_config"]["quant_method"] == "fp8"
+    assert qc["format"] == "deepseek-v4" and qc["delegate"]["quant_method"] == "fp8"
 
 
 def test_sharded_source_and_output_match_single_file(tiny, tmp_path):

@@ -38,7 +38,8 @@ def _refusals(llm, ex) -> dict:
     """Send bad payloads straight to the worker extension; collect the error messages and the hashes around them."""
     from mxfp4_train import load_mxfp4_model
     from mxfp4_train.sync.client import learner_weights
-    from mxfp4_train.sync.wire import PROTOCOL, encode, expected_hashes
+    from common.moe.wire import PROTOCOL, encode
+    from mxfp4_train.sync.wire import expected_hashes
 
     before = ex.served_hashes(llm)
     model = load_mxfp4_model(llm._rl_ckpt, mode="lora")

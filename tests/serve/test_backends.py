@@ -247,7 +247,7 @@ def test_hopper_triton_one_multiply_bound_is_kept_by_sync(env, monkeypatch):
     # With every scale byte <= 128 at load the layer runs the one-multiply decode (captured into CUDA graphs): a
     # sync bringing a larger byte must be refused before anything is written, unless the engine opted out.
     from mxfp4_serve.backends.hopper_triton import ENV_ONE_MUL, HopperTritonBackend
-    from mxfp4_serve.sync.wire import SyncError
+    from common.moe.wire import SyncError
 
     monkeypatch.setenv(ENV_ONE_MUL, env)
     layer, _, _ = _layer(with_bias=False)

@@ -338,7 +338,8 @@ def test_failure_in_the_middle_of_commit_restores_the_previous_version():
 
 
 def test_blobs_and_payload_files_carry_the_same_bytes(tmp_path):
-    from mxfp4_serve.sync.worker import FILE_METADATA_KEY, _blob
+    from common.moe.wire import FILE_METADATA_KEY
+    from common.moe.wire import blob as _blob
 
     target = packed_full(seed=100)
     entries = [{**packed_entry(n, q), "codes": _blob(q.codes), "scales": _blob(q.scales)} for n, q in target.items()]

@@ -1,0 +1,102 @@
+"""The expert activations and the gate/up row order of a gated w13: one definition for the engine and the learner.
+
+A gated MoE expert computes act(gate, up) from the rows of its fused gate/up projection w13 [2I, H]:
+- `silu`: silu(gate) * up (Qwen3-MoE, DeepSeek-V3/V4, GLM-4.x MoE; vLLM "silu", transformers' glu experts);
+- `swigluoai`: gpt-oss's clamped SwiGLU, gate clamped above at `limit`, up to [-limit, limit], then
+  gate * sigmoid(alpha * gate) * (up + 1) (vLLM "swigluoai", transformers GptOssExperts, the Triton kernels'
+  "swiglu_oai"); alpha 1.702 and limit 7.0 are the released gpt-oss models' values (model card / reference code).
+
+Row order of w13 (GateUpOrder): `halves` = all gate rows, then all up rows (vLLM's w13 = [w1; w3], the engine's
+parameters for every model); `interleaved` = (gate i, up i) row pairs (gpt-oss checkpoints, and the learner keeps
+gpt-oss's w13 that way so it reads the checkpoint bytes in place). Nothing else is called "interleave" here: the
+word decode's K order (common/grouped_gemm/interleave.py) is a column order inside a block, not a row order.
+The row permutations themselves are byte layouts: common.layouts.gpt_oss.interleave_rows / deinterleave_rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+SWIGLU_ALPHA = 1.702  # gpt-oss clamp-SwiGLU sigmoid slope (gpt-oss model card, reference implementation)
+SWIGLU_LIMIT = 7.0  # gpt-oss clamp-SwiGLU clamp bound
+
+
+class GateUpOrder(str, enum.Enum):
+    """Row order of a gated w13 (and the column order of its pre-activation and gradient)."""
+
+    HALVES = "halves"  # [gate rows; up rows] = vLLM's [w1; w3]
+    INTERLEAVED = "interleaved"  # (gate i, up i) row pairs: gpt-oss's checkpoint order
+
+    @classmethod
+    def of(cls, value: "str | GateUpOrder") -> "GateUpOrder":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown gate_up layout {value!r}; choose one of "
+                             f"{tuple(m.value for m in cls)}") from None
+
+
+GATE_UP_ORDERS = tuple(m.value for m in GateUpOrder)
+
+
+def split_gate_up(pre: torch.Tensor, order: str | GateUpOrder = GateUpOrder.HALVES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) columns of pre [..., 2I] in the given row order of w13."""
+    if GateUpOrder.of(order) is GateUpOrder.INTERLEAVED:
+        return pre[..., 0::2], pre[..., 1::2]
+    return pre.chunk(2, dim=-1)
+
+
+def clamp_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA,
+                 limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """gpt-oss: gate clamped to <= limit, up to [-limit, limit]; (up + 1) * gate * sigmoid(alpha * gate).
+    torch.clamp's gradient passes where the input lies inside the closed interval (the fused backward matches it)."""
+    g = gate.clamp(max=limit)
+    u = up.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+class ActivationKind(str, enum.Enum):
+    """vLLM's names of the gated activations (the engine's `layer.activation`)."""
+
+    SILU = "silu"
+    SWIGLUOAI = "swigluoai"
+
+
+# ActivationKind -> the grouped-GEMM kernels' activation name (common.grouped_gemm.activations.ACTIVATIONS).
+KERNEL_NAMES = {ActivationKind.SILU: "silu", ActivationKind.SWIGLUOAI: "swiglu_oai"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """silu: silu(gate) * up. swigluoai: clamp_swiglu(gate, up, alpha, limit). alpha/limit matter for swigluoai
+    only; the fused kernels compile gpt-oss's values in (`fused_in_kernels`)."""
+
+    name: str = ActivationKind.SILU.value
+    alpha: float = SWIGLU_ALPHA
+    limit: float = SWIGLU_LIMIT
+
+    def __post_init__(self) -> None:
+        names = tuple(k.value for k in ActivationKind)
+        if self.name not in names:
+            raise ValueError(f"unsupported MoE activation {self.name!r}; the MXFP4 backends implement {names}")
+
+    @property
+    def kind(self) -> ActivationKind:
+        return ActivationKind(self.name)
+
+    @property
+    def kernel_name(self) -> str:
+        return KERNEL_NAMES[self.kind]
+
+    @property
+    def fused_in_kernels(self) -> bool:
+        """Whether the Triton kernels compute this activation (they bake gpt-oss's alpha and limit in)."""
+        return self.kind is ActivationKind.SILU or (self.alpha, self.limit) == (SWIGLU_ALPHA, SWIGLU_LIMIT)
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kind is ActivationKind.SILU:
+            return torch.nn.functional.silu(gate) * up
+        return clamp_swiglu(gate, up, self.alpha, self.limit)

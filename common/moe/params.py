@@ -1,0 +1,61 @@
+"""Names and shapes of an MXFP4 MoE layer's parameters, and the checkpoint projection names that feed them.
+
+The engine (vLLM's MoE layer with our method) and the learner's export (mxfp4_train.export) both name an expert
+block's tensors after vLLM's fused MoE parameters; the sync and the audit hashes key on these names.
+
+    w13_weight        uint8 [E, 2I, H/2]   packed E2M1 codes of [w1; w3] = [gate; up] (GateUpOrder.HALVES)
+    w13_weight_scale  uint8 [E, 2I, H/32]  E8M0 scale bytes
+    w2_weight         uint8 [E, H, I/2]    packed codes of the down projection
+    w2_weight_scale   uint8 [E, H, I/32]
+    w13_bias          [E, 2I]              gpt-oss only, rows like w13 (the model's dtype)
+    w2_bias           [E, H]
+
+Every checkpoint names the three projections its own way; `PROJ_ALIASES` maps each spelling to "gate" / "up" /
+"down", and `VLLM_SHARD` gives vLLM's weight_loader shard id of each (w1 = gate, w3 = up, w2 = down).
+"""
+
+from __future__ import annotations
+
+from ..constants import BLOCK_SIZE
+
+W13 = "w13_weight"
+W13_SCALE = "w13_weight_scale"
+W2 = "w2_weight"
+W2_SCALE = "w2_weight_scale"
+W13_BIAS = "w13_bias"
+W2_BIAS = "w2_bias"
+
+PACKED_WEIGHTS = (W13, W2)  # each paired with its scale_name()
+PACKED_PARAMS = (W13, W13_SCALE, W2, W2_SCALE)
+BIAS_PARAMS = (W13_BIAS, W2_BIAS)
+ALL_PARAMS = PACKED_PARAMS + BIAS_PARAMS
+
+PROJS = ("gate", "up", "down")
+# vLLM's MoE weight_loader shard ids (FusedMoE / RoutedExperts): "w1" fills w13 rows [0, I), "w3" rows [I, 2I).
+VLLM_SHARD = {"gate": "w1", "up": "w3", "down": "w2"}
+SHARD_PROJ = {s: p for p, s in VLLM_SHARD.items()}
+# Checkpoint projection names of the per-expert layouts we read.
+HF_PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # Qwen3-MoE, DeepSeek-V3, native
+DEEPSEEK_V4_PROJ_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}  # DeepSeek-V4's own checkpoint
+GPT_OSS_FUSED_NAMES = {"gate_up": "gate_up_proj", "down": "down_proj"}  # gpt-oss: all experts in one tensor
+
+
+def scale_name(weight: str) -> str:
+    """'w13_weight' -> 'w13_weight_scale'."""
+    return weight + "_scale"
+
+
+def weight_of(param: str) -> str:
+    """The packed weight a parameter belongs to: 'w2_weight_scale' -> 'w2_weight', 'w13_bias' -> 'w13_weight'."""
+    return param.removesuffix("_scale").removesuffix("_bias").removesuffix("_weight") + "_weight"
+
+
+def param_shapes(num_experts: int, hidden: int, intermediate: int, with_bias: bool = False) -> dict[str, tuple]:
+    """Shapes of one layer's parameters for `num_experts` experts (local ones on an engine rank) and the given
+    (per-partition) hidden / intermediate sizes."""
+    e, h, i = num_experts, hidden, intermediate
+    shapes = {W13: (e, 2 * i, h // 2), W13_SCALE: (e, 2 * i, h // BLOCK_SIZE),
+              W2: (e, h, i // 2), W2_SCALE: (e, h, i // BLOCK_SIZE)}
+    if with_bias:
+        shapes.update({W13_BIAS: (e, 2 * i), W2_BIAS: (e, h)})
+    return shapes
