@@ -94,7 +94,7 @@ def compare_bytes(mx_learner, served: dict | None, mx_ckpt: Path, profile: str) 
 
 
 def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", prompts: int = 16,
-             prompt_len: int = 8, max_tokens: int = 16, seed: int = 0) -> dict:
+             prompt_len: int = 8, max_tokens: int = 16, seed: int = 0, engine_kwargs: dict | None = None) -> dict:
     from .engine import sample_rollouts
 
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mxfp4-rl-demo-"))
@@ -104,9 +104,9 @@ def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", 
     ps = make_prompts(prompts, prompt_len, seed)
     print(f"[2/4] rollouts: {prompts} prompts x {max_tokens} sampled tokens from each engine")
     ro_bf16 = sample_rollouts(str(bf16_ckpt), ps, quantization=None, max_tokens=max_tokens, seed=seed,
-                              label="bf16 engine")
+                              label="bf16 engine", engine_kwargs=engine_kwargs)
     ro_mx = sample_rollouts(str(mx_ckpt), ps, quantization="mxfp4_rl", max_tokens=max_tokens, seed=seed,
-                            read_params=True, label="MXFP4 engine (mxfp4_rl)")
+                            read_params=True, label="MXFP4 engine (mxfp4_rl)", engine_kwargs=engine_kwargs)
     print("[3/4] learner forward on the same tokens (bf16, and MXFP4 fake-QAT)")
     bf16_learner, mx_learner = _load_learners(bf16_ckpt, profile)
     lp1, _ = learner_logprobs(bf16_learner, ro_bf16.prompts, ro_bf16.completions)
@@ -137,12 +137,22 @@ def _per_expert_table(pe: dict[str, dict[int, Parity]]) -> str:
 
 def _cmd(args: argparse.Namespace) -> int:
     res = run_demo(args.out, profile=args.profile, prompts=args.prompts, prompt_len=args.prompt_len,
-                   max_tokens=args.max_tokens, seed=args.seed)
+                   max_tokens=args.max_tokens, seed=args.seed, engine_kwargs=args.engine_kwargs)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"rows": {k: v.as_dict() for k, v in res["rows"].items()}, "bytes_identical": res["bytes_identical"],
              "bytes_check": res["bytes_check"]}, indent=2) + "\n")
     return 0 if res["bytes_identical"] else 1
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--engine-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--engine-kwargs must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -156,4 +166,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the parity rows to this JSON file")
+    p.add_argument("--engine-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='extra vllm.LLM arguments for both engines, e.g. \'{"attention_config": {"backend": '
+                        '"TRITON_ATTN"}}\' where a vLLM build lacks FlashAttention')
     p.set_defaults(func=_cmd)
