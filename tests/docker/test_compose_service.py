@@ -6,7 +6,8 @@ import pytest
 
 import common
 
-from .conftest import DOCKERFILE
+from .compose_env import load_compose, read_env_file
+from .conftest import COMPOSE_FILE, DOCKERFILE, ENV_EXAMPLE, REPO
 from .test_dockerfile import instructions, json_form
 
 
@@ -98,3 +99,22 @@ def test_dockerfile_default_command_matches_compose_shape(vllm):
     default = json_form(cmd)
     assert _flag(default, "--quantization") == "mxfp4_rl"
     assert _flag(default, "--port") == _flag(vllm["command"], "--port")
+
+
+def test_documented_uid_step_gives_compose_a_numeric_user(tmp_path):
+    """docs/deploy.md's line that sets MXFP4_UID/GID in docker/.env, run as written on a copy of .env.example: the
+    quantize service then runs as this user's numeric ids (a `$(id -u)` left inside .env is not expanded by Compose,
+    and read_env_file refuses it like Compose's own parser would misread it)."""
+    import os
+    import shutil
+    import subprocess
+
+    (line,) = [ln.strip() for ln in (REPO / "docs" / "deploy.md").read_text().splitlines()
+               if ln.strip().startswith("sed -i") and "MXFP4_UID" in ln]
+    (tmp_path / "docker").mkdir()
+    shutil.copy(ENV_EXAMPLE, tmp_path / "docker" / ".env")
+    subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True)
+    env = read_env_file(tmp_path / "docker" / ".env")
+    assert (env["MXFP4_UID"], env["MXFP4_GID"]) == (str(os.getuid()), str(os.getgid()))
+    quantize = load_compose(COMPOSE_FILE, env)["services"]["quantize"]
+    assert quantize["user"] == f"{os.getuid()}:{os.getgid()}"
