@@ -58,7 +58,11 @@ def dequantize(q: MXFP4Tensor | tuple[torch.Tensor, torch.Tensor], dtype: torch.
 
 def fake_quant(x: torch.Tensor, *, profile: str | Profile, name: str | None = None, nonfinite: str = "raise",
                backend: str = "auto") -> torch.Tensor:
-    """dequantize(quantize(x)) in x's dtype: what the engine computes with after the next sync."""
+    """dequantize(quantize(x)) in x's dtype: what the engine computes with after the next sync.
+
+    The result is exact in fp32, then cast: a value x's dtype cannot hold becomes +-Inf, never a saturated value
+    (fp16 60000 under flashinfer / even: scale 2^14, element 4, 65536 -> inf), the same on both backends and for
+    fake_quant_mxfp8 (docs/codec.md, "Non-finite results")."""
     q = quantize(x, profile=profile, name=name, nonfinite=nonfinite, backend=backend)
     return dequantize(q, dtype=x.dtype, name=name, backend=backend)
 
@@ -76,12 +80,15 @@ def quantize_mxfp8(x: torch.Tensor, *, profile: str | Profile, name: str | None 
     return reference.quantize_mxfp8(x, prof, name=name, nonfinite="profile")
 
 
-def dequantize_mxfp8(elements: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    return reference.dequantize_mxfp8(elements, scales, dtype)
+def dequantize_mxfp8(elements: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                     name: str | None = None) -> torch.Tensor:
+    """Exact (E4M3 value * 2^(scale-127) in fp32, cast to dtype). Scale byte 0xFF raises, as dequantize does."""
+    return reference.dequantize_mxfp8(elements, scales, dtype, name=name)
 
 
 def fake_quant_mxfp8(x: torch.Tensor, *, profile: str | Profile, name: str | None = None, nonfinite: str = "raise",
                      backend: str = "auto") -> torch.Tensor:
-    """dequantize(quantize_mxfp8(x)) in x's dtype: the activations a W4A8 engine feeds its experts."""
+    """dequantize(quantize_mxfp8(x)) in x's dtype: the activations a W4A8 engine feeds its experts (overflow of x's
+    dtype as in fake_quant). With nonfinite="profile" a NaN block keeps the profile's NaN result."""
     e, s = quantize_mxfp8(x, profile=profile, name=name, nonfinite=nonfinite, backend=backend)
-    return dequantize_mxfp8(e, s, x.dtype)
+    return reference.dequantize_mxfp8(e, s, x.dtype, name=name, allow_nan_scale=nonfinite == "profile")

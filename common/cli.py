@@ -7,12 +7,18 @@
 Other installed packages add subcommands through the entry-point group `mxfp4_rl.commands`: each entry point is a
 callable `register(subparsers)` that adds its subparser and sets `func(args) -> int | None` as default. They are
 loaded when the parser is built (not at import) and a broken one only prints a warning.
+
+Every failure ends in one line `mxfp4-rl: error: ...` naming the file or tensor and exit 2 (bad input: MXFP4Error,
+ValueError; the filesystem: OSError; a corrupt safetensors file); SIGTERM during `quantize` removes the staging
+directory and exits 143, Ctrl-C 130; a reader that closes the pipe (`mxfp4-rl inspect X | head -1`) ends it quietly
+with exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from importlib import metadata
@@ -140,12 +146,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _stdout_closed() -> None:
+    """The reader went away (`| head`): send what is left of stdout to /dev/null so that the interpreter's final
+    flush does not print a BrokenPipeError either (Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor (tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
+    from .checkpoint.convert import Terminated
+
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (MXFP4Error, FileNotFoundError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()
+        return 0
+    except Terminated:
+        print(f"{PROG}: terminated by SIGTERM; the partial output was removed", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the partial output was removed", file=sys.stderr)
+        return 130
+    except (MXFP4Error, ValueError, OSError, SafetensorError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0 if rc is None else int(rc)
 

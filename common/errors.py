@@ -21,5 +21,10 @@ class UnknownProfileError(MXFP4Error):
     """A profile name that the codec does not know."""
 
 
+class CheckpointError(MXFP4Error):
+    """A checkpoint whose files, metadata or tensors contradict each other or the codec contract (bad header, index,
+    quantization_config, expert ids, reserved scale bytes). The message names the file or tensor."""
+
+
 def describe(name: str | None) -> str:
     return f"tensor '{name}'" if name else "tensor"

@@ -102,6 +102,29 @@ def profile_names() -> list[str]:
     return sorted(_PROFILES)
 
 
+def reserved_scale_bytes(profile: str | Profile) -> dict[int, str]:
+    """{scale byte: why} of the bytes that no finite weight quantized with this profile can carry.
+
+    0xFF is E8M0 NaN (OCP MX v1.0 section 5.4.1); the profile's `inf_scale` marks a block that held +-Inf; every byte
+    above the largest code the scale rule gives a finite fp32 amax (3.4e38: 253 for RCEIL / CEIL_QUOTIENT / EVEN, 252
+    for FLOOR) is unreachable. Loaders refuse them all: served, they dequantize to Inf/NaN (0xFE is 2^127, so a code
+    of 4 or 6 overflows bf16) and the engine would return NaN log-probs. A NaN block of triton_kernels (byte 0) is
+    indistinguishable from an all-zero block and stays allowed.
+    """
+    import torch
+
+    from .formats import E2M1
+    from .scale import scale_codes
+
+    prof = get_profile(profile)
+    top = int(scale_codes(torch.tensor([torch.finfo(torch.float32).max]), prof, E2M1)[0])
+    out = {b: f"above {top}, the largest byte a finite weight gets under profile {prof.name!r}"
+           for b in range(top + 1, 256)}
+    out[prof.inf_scale] = f"the Inf-block byte of profile {prof.name!r}"
+    out[0xFF] = "E8M0 NaN"
+    return dict(sorted(out.items()))
+
+
 DEFAULT_PROFILE = "flashinfer"
 
 FLASHINFER = register_profile(Profile(

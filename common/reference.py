@@ -91,7 +91,8 @@ def check_scales_not_nan(scales: torch.Tensor, name: str | None) -> None:
 
 def dequantize_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
                      name: str | None = None, allow_nan_scale: bool = False) -> torch.Tensor:
-    """Exact: E2M1 value * 2^(scale - 127) in fp32, then cast to dtype. Scale byte 0xFF raises."""
+    """Exact: E2M1 value * 2^(scale - 127) in fp32, then cast to dtype. Scale byte 0xFF raises; a value beyond
+    dtype becomes +-Inf by the cast, never a saturated one (docs/codec.md, "Non-finite results")."""
     if not allow_nan_scale:
         check_scales_not_nan(scales, name)
     values = e2m1.decode(e2m1.unpack(codes))
@@ -115,8 +116,13 @@ def quantize_mxfp8(x: torch.Tensor, profile: Profile, *, name: str | None = None
     return y.to(torch.float8_e4m3fn).reshape(x.shape), scales
 
 
-def dequantize_mxfp8(elements: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_mxfp8(elements: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                     name: str | None = None, allow_nan_scale: bool = False) -> torch.Tensor:
+    """Exact: E4M3 value * 2^(scale - 127) in fp32, then cast to dtype. Scale byte 0xFF raises, as for MXFP4; a
+    value beyond dtype becomes +-Inf by the cast, as for MXFP4 (docs/codec.md, "Non-finite results")."""
     if elements.dtype != torch.float8_e4m3fn:
-        raise DTypeError(f"MXFP8 elements must be float8_e4m3fn, got {elements.dtype}")
+        raise DTypeError(f"{describe(name)}: MXFP8 elements must be float8_e4m3fn, got {elements.dtype}")
+    if not allow_nan_scale:
+        check_scales_not_nan(scales, name)
     xb = _blocks_f32(elements)
     return (xb * scale_values(scales).unsqueeze(-1)).reshape(elements.shape).to(dtype)

@@ -9,10 +9,13 @@ the rest (embeddings, attention).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from common.checkpoint import validate
 
 from . import compat
 from .moe_method import make_moe_method
@@ -60,6 +63,16 @@ class MXFP4RLConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MXFP4RLConfig":
         return cls(settings_from_quant_config(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None, **_: Any) -> None:
+        """vLLM's hook with the model path, called before any weight is loaded: an mxfp4_rl checkpoint on local disk
+        passes the header validation of inspect and the learner's loader (format vs model_type, codec_version,
+        code/scale pairs, expert shapes and ids against config.json), so a bad one never starts an engine."""
+        if self.settings.online or not os.path.isfile(os.path.join(str(model_name), "config.json")):
+            return  # bf16 (online) or a hub id: the loader checks every tensor as it arrives
+        config = validate.read_config(model_name)
+        if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+            validate.validate_checkpoint(model_name, strict=False)  # the loader names missing / mistyped tensors
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:

@@ -1,7 +1,7 @@
 """The weight loader of the MXFP4 MoE parameters: what vLLM calls as `param.weight_loader`.
 
 One expert's tensor arrives at a time (vLLM streams the checkpoint). Packed codes and E8M0 scales are checked
-(dtype, shape, NaN scale byte) and copied into this rank's slice; in online mode a bf16 projection is sliced for TP
+(dtype, shape, scale bytes the profile reserves: common.checkpoint.validate.check_scale_bytes) and copied into this rank's slice; in online mode a bf16 projection is sliced for TP
 and quantized with the codec right away, so the layer never holds the bf16 expert stack. Bytes are those of the
 offline converter because quantization is per row along K in 32-blocks, and the TP slice never breaks a block
 (shards.ExpertGeometry refuses such splits). Every (expert, shard, kind) written is recorded so that a checkpoint
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from common import quantize
-from common.constants import E8M0_NAN
+from common.checkpoint.validate import check_scale_bytes
 from common.errors import DTypeError, ShapeError
 from common.moe import params as P
 from common.moe.params import HF_PROJ_NAMES, SHARD_PROJ
@@ -111,9 +111,8 @@ class ExpertWeightLoader:
         if kind == "bias":
             return t
         t = t.view(torch.uint8) if t.dtype != torch.uint8 else t
-        if kind == "scales" and bool((t == E8M0_NAN).any()):
-            raise ValueError(f"checkpoint tensor '{name}': scale byte 0xFF (E8M0 NaN) at "
-                             f"{tuple(int(i) for i in (t == E8M0_NAN).nonzero()[0])}")
+        if kind == "scales":  # NaN, the profile's Inf-block byte and unreachable bytes: as inspect and the learner
+            check_scale_bytes(t, self.settings.profile, name)
         return t
 
     def _load_dense(self, local: int, shard: str, t: torch.Tensor, name: str) -> None:

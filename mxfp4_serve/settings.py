@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common import envs, get_profile
-from common.constants import BLOCK_SIZE
+from common.checkpoint.validate import check_quant_config
 from common.moe.quant_config import QUANT_METHOD, delegate_config
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,9 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
     """Settings from a checkpoint's (or --hf-overrides') quantization_config dict."""
     method = cfg.get("quant_method")
     if method == QUANT_METHOD:
-        block = cfg.get("block_size", BLOCK_SIZE)
-        if block != BLOCK_SIZE:
-            raise ValueError(f"mxfp4_rl quantization_config: block_size must be {BLOCK_SIZE}, got {block!r}")
-        if "profile" not in cfg:
-            raise ValueError("mxfp4_rl quantization_config has no 'profile'; the checkpoint must record the profile "
-                             "that quantized it (see common.checkpoint.quantize_checkpoint)")
-        return ServeSettings(profile=cfg["profile"], fmt=cfg.get("format", "native"),
+        # the checks of inspect and the learner's loader (codec_version, profile, format, block_size), same messages
+        cfg = check_quant_config(cfg, formats=FORMATS)
+        return ServeSettings(profile=cfg["profile"], fmt=cfg["format"],
                              backend=_backend_override(cfg), delegate=delegate_config(cfg),
                              activations=_activations(cfg))
     if method in FOREIGN_MXFP4_METHODS:

@@ -4,15 +4,23 @@ Work is planned from tensor headers first (names, dtypes, shapes: no data read),
 multiple of 32 surface before anything is written. Then each output group is produced from one source tensor read
 with safe_open and streamed to the output shard: peak memory is about one source tensor plus its outputs. The
 result is built in a staging directory next to dst and moved into place only when complete, so a failed conversion
-(non-finite weights, say) leaves no half-written checkpoint behind.
+(non-finite weights, a full disk, Ctrl-C or SIGTERM) leaves no half-written checkpoint behind.
+
+Before any tensor is read, the source's expert tensors pass the same geometry check as a packed checkpoint
+(`validate.check_experts`: shapes against config.json, expert ids, counts) and DST the pre-flight checks
+(`preflight_destination`: not a mount point, writable, on the staging directory's filesystem, room for the output).
+DST gets the modes of an ordinary new directory (0777 minus the umask), not mkdtemp's 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,13 +29,14 @@ from tqdm.auto import tqdm
 
 from .. import constants as C
 from ..api import quantize
-from ..errors import DTypeError, ShapeError
+from ..errors import CheckpointError, DTypeError, ShapeError
 from ..layouts import deepseek_v4 as dsv4_layout
 from ..layouts import gpt_oss as gpt_oss_layout
 from ..moe.quant_config import CODEC_VERSION, QUANT_METHOD, quantization_config  # noqa: F401 - re-exported
 from ..profiles import get_profile
 from .archs import ArchSpec, ExpertSource, arch_spec, check_format
 from .safetensors_io import INDEX_NAME, CheckpointReader, TensorSpec, parse_size, write_sharded
+from .validate import ExpertHeader, check_experts, expert_dims, read_config
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Loader = Callable[[str], torch.Tensor]
@@ -115,13 +124,13 @@ def _fused_group(spec: ArchSpec, src: ExpertSource, shape, fmt: str, load: Loade
 
 
 def plan_conversion(reader: CheckpointReader, spec: ArchSpec, fmt: str, profile: str,
-                    device: str | torch.device = "cpu"):
+                    device: str | torch.device = "cpu", config: dict | None = None):
     """[(output specs, producer, is_expert)] for every source tensor, in checkpoint order; reads headers only.
 
     Expert tensors are moved to device before quantizing (on CUDA the codec runs its Triton kernels, which give the
     same bytes as the CPU reference); everything else is copied without leaving the host.
     """
-    plan = []
+    plan, headers = [], []
 
     def load(name: str) -> torch.Tensor:
         return reader.get(name).to(device)
@@ -133,12 +142,16 @@ def plan_conversion(reader: CheckpointReader, spec: ArchSpec, fmt: str, profile:
             plan.append(([TensorSpec(name, info.dtype, info.shape)], lambda name=name: {name: reader.get(name)}, False))
             continue
         _check_expert(src, info.dtype, info.shape)
+        k, n = _k_and_rows(src, info.shape)
+        headers.append(ExpertHeader(name, src.layer, src.expert, src.proj, (n, k),
+                                    info.shape[0] if src.expert is None else 1))
         build = _fused_group if spec.fused else _per_expert_group
         specs, produce = build(spec, src, info.shape, fmt, load, profile)
         plan.append((specs, produce, True))
     if not any(is_expert for *_, is_expert in plan):
         raise ValueError(f"checkpoint '{reader.dir}' ({spec.model_type}) has no routed-expert tensor matching "
                          f"{spec.pattern!r}: nothing to quantize")
+    check_experts(headers, expert_dims(config if config is not None else {}, str(reader.dir / "config.json")))
     return plan
 
 
@@ -153,6 +166,65 @@ def _prepare_paths(src: Path, dst: Path) -> None:
         raise ValueError(f"destination '{dst}' is inside the source checkpoint '{src}'")
 
 
+def preflight_destination(dst: Path, out_bytes: int) -> Path:
+    """Check what can be checked before any work, so that the final rename cannot fail after a long conversion.
+
+    Returns DST with symlinks resolved (the staging directory is made beside the real target). Refuses a DST that
+    is a mount point (a rename cannot replace one: EBUSY), a parent directory that cannot be written (read-only
+    mount), a DST on another filesystem than its parent (EXDEV), and an output larger than the free space.
+    """
+    dst = Path(os.path.realpath(dst))
+    parent = dst.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        if os.path.ismount(dst):
+            raise ValueError(f"destination '{dst}' is a mount point: the converter builds the checkpoint beside it "
+                             f"and renames it into place, which cannot replace a mount point; pass a new "
+                             f"subdirectory such as '{dst / 'model'}'")
+        if os.stat(dst).st_dev != os.stat(parent).st_dev:
+            raise ValueError(f"destination '{dst}' is on another filesystem than its parent '{parent}', where the "
+                             f"staging directory is built; pass a new directory inside it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"cannot write the staging directory for '{dst}' (read-only or not writable)",
+                              str(parent))
+    free = shutil.disk_usage(parent).free
+    if out_bytes > free:
+        raise OSError(28, f"the output needs {out_bytes:,} bytes but only {free:,} are free", str(parent))
+    return dst
+
+
+class Terminated(BaseException):
+    """SIGTERM (e.g. `docker compose stop`) during a conversion, raised so that the staging directory is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into Terminated while the staging directory exists (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _make_stage(dst: Path) -> Path:
+    """The staging directory beside dst, with the modes of a plain mkdir (mkdtemp's 0700 would keep DST unreadable
+    for a container's other users after the rename)."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)
+    return stage
+
+
 def _copy_side_files(src: Path, stage: Path) -> None:
     """Copy tokenizer, generation config, etc. (everything but weights, their index and config.json)."""
     for p in src.iterdir():
@@ -165,8 +237,11 @@ def _copy_side_files(src: Path, stage: Path) -> None:
 
 
 def _new_config(src: Path, profile: str, fmt: str) -> dict:
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     old = config.get("quantization_config")
+    if old is not None and not isinstance(old, dict):
+        raise CheckpointError(f"{src / 'config.json'}: quantization_config must be a JSON object, got "
+                              f"{type(old).__name__}")
     if old and str(old.get("quant_method", "")).lower() in ("mxfp4", QUANT_METHOD):
         raise ValueError(f"'{src}' is already an MXFP4 checkpoint (quant_method {old.get('quant_method')!r})")
     config["quantization_config"] = quantization_config(profile, fmt, old)
@@ -191,20 +266,23 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, *, profile: str, fmt: 
     spec = arch_spec(config, where=str(src / "config.json"))
     check_format(spec, fmt)
     reader = CheckpointReader(src)
-    plan = plan_conversion(reader, spec, fmt, prof, device)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        bar = tqdm(total=len(plan), desc=f"mxfp4-rl quantize ({prof}, {fmt})", unit="tensor", disable=not progress)
-        with bar, reader:
-            write_sharded(stage, [specs for specs, _, _ in plan], lambda i: plan[i][1](),
-                          max_shard_bytes=parse_size(max_shard_bytes), on_group_done=lambda i: bar.update(1))
-        _copy_side_files(src, stage)
-        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if dst.exists():
-            dst.rmdir()  # checked empty above
-        os.replace(stage, dst)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    plan = plan_conversion(reader, spec, fmt, prof, device, config=config)
+    out_bytes = sum(s.nbytes for specs, _, _ in plan for s in specs)
+    real = preflight_destination(dst, out_bytes)
+    with _sigterm_raises():
+        stage = _make_stage(real)
+        try:
+            bar = tqdm(total=len(plan), desc=f"mxfp4-rl quantize ({prof}, {fmt})", unit="tensor",
+                       disable=not progress)
+            with bar, reader:
+                write_sharded(stage, [specs for specs, _, _ in plan], lambda i: plan[i][1](),
+                              max_shard_bytes=parse_size(max_shard_bytes), on_group_done=lambda i: bar.update(1))
+            _copy_side_files(src, stage)
+            (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if real.exists():
+                real.rmdir()  # checked empty above
+            os.replace(stage, real)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     return dst

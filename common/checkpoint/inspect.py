@@ -3,7 +3,6 @@ audit hash, plus a summary with bits per parameter. Backs `mxfp4-rl inspect`."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,8 +10,11 @@ import torch
 
 from .. import constants as C
 from ..audit import tensor_hash
-from .packed import iter_packed_experts
+from ..errors import CheckpointError
+from ..moe.quant_config import QUANT_METHOD
+from .packed import iter_packed_experts, read_quantization_config
 from .safetensors_io import CheckpointReader
+from .validate import read_config
 
 
 def _exponent_hist(scales: torch.Tensor) -> dict[int, int]:
@@ -29,15 +31,21 @@ def _tensor_totals(reader: CheckpointReader) -> tuple[int, Counter]:
 
 
 def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
-    """A JSON-serialisable report; `experts` is empty for a checkpoint that is not mxfp4_rl."""
+    """A JSON-serialisable report; `experts` is empty for a checkpoint that is not mxfp4_rl. An mxfp4_rl checkpoint
+    passes the loaders' validation first (validate.py): what the engine or the learner would refuse, inspect
+    refuses with the same message."""
     ckpt_dir = Path(ckpt_dir)
-    config = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").is_file() else {}
+    config = read_config(ckpt_dir) if (ckpt_dir / "config.json").is_file() else {}
     qc = config.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{ckpt_dir / 'config.json'}: quantization_config must be a JSON object, got "
+                              f"{type(qc).__name__}")
     with CheckpointReader(ckpt_dir) as reader:
         total_bytes, by_dtype = _tensor_totals(reader)
         n_files = len(reader.files)
     experts, hist, packed_params, packed_bytes = [], Counter(), 0, 0
-    if qc.get("quant_method") == "mxfp4_rl":
+    if qc.get("quant_method") == QUANT_METHOD:  # validated as the learner and the engine validate it
+        qc = read_quantization_config(ckpt_dir)[1]
         for (layer, expert, proj), q in iter_packed_experts(ckpt_dir):
             h = _exponent_hist(q.scales)
             hist.update(h)

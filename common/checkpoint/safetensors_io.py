@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError, DTypeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -38,8 +40,26 @@ _FROM_TAG = {tag: dt for dt, tag in _TO_TAG.items()}
 
 def dtype_from_tag(tag: str) -> torch.dtype:
     if tag not in _FROM_TAG:
-        raise ValueError(f"safetensors dtype {tag!r} is not supported; known: {sorted(_FROM_TAG)}")
+        raise DTypeError(f"safetensors dtype {tag!r} is not supported; known: {sorted(_FROM_TAG)}")
     return _FROM_TAG[tag]
+
+
+def _read_header(f: Path) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor of one safetensors file; a one-line error naming the file and tensor
+    for a truncated or corrupt file or a dtype torch cannot hold."""
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            out = []
+            for name in h.keys():
+                sl = h.get_slice(name)
+                try:
+                    dtype = dtype_from_tag(sl.get_dtype())
+                except DTypeError as exc:
+                    raise DTypeError(f"tensor '{name}' in '{f}': {exc}") from None
+                out.append((name, dtype, tuple(sl.get_shape())))
+            return out
+    except SafetensorError as exc:
+        raise CheckpointError(f"'{f}' is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +94,35 @@ class CheckpointReader:
         self._handles: dict[Path, object] = {}
         self.info: dict[str, TensorInfo] = {}
         for f in self.files:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    if name in self.info:
-                        raise ValueError(f"tensor '{name}' appears in both '{self.info[name].file.name}' and "
-                                         f"'{f.name}' of checkpoint '{self.dir}'")
-                    sl = h.get_slice(name)
-                    self.info[name] = TensorInfo(name, dtype_from_tag(sl.get_dtype()), tuple(sl.get_shape()), f)
+            for name, dtype, shape in _read_header(f):
+                if name in self.info:
+                    raise CheckpointError(f"tensor '{name}' appears in both '{self.info[name].file.name}' and "
+                                          f"'{f.name}' of checkpoint '{self.dir}'")
+                self.info[name] = TensorInfo(name, dtype, shape, f)
         self._check_index_names()
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            data = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"'{index}': not valid JSON ({exc})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                       for k, v in weight_map.items()):
+            got = type(weight_map).__name__ if isinstance(data, dict) and "weight_map" in data else "none"
+            raise CheckpointError(f"'{index}': 'weight_map' must be an object mapping tensor names to shard file "
+                                  f"names, got {got}")
+        root = self.dir.resolve()
+        for f in set(weight_map.values()):
+            if not (root / f).resolve().is_relative_to(root) or Path(f).is_absolute():
+                raise CheckpointError(f"'{index}' maps tensors to '{f}', which is outside the checkpoint directory "
+                                      f"'{self.dir}'; shards must be files inside it")
+        return weight_map
 
     def _resolve_files(self) -> list[Path]:
         index = self.dir / INDEX_NAME
         if index.is_file():
-            self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] | None = self._read_index(index)
             files = sorted(set(self.weight_map.values()))
             for f in files:
                 if not (self.dir / f).is_file():
@@ -102,8 +138,8 @@ class CheckpointReader:
         if self.weight_map is None:
             return
         for name, f in self.weight_map.items():
-            if name not in self.info or self.info[name].file.name != f:
-                raise ValueError(f"{INDEX_NAME} maps tensor '{name}' to '{f}', but that shard does not hold it")
+            if name not in self.info or self.info[name].file != self.dir / f:
+                raise CheckpointError(f"{INDEX_NAME} maps tensor '{name}' to '{f}', but that shard does not hold it")
 
     def names(self) -> list[str]:
         return list(self.info)
@@ -115,9 +151,12 @@ class CheckpointReader:
         if name not in self.info:
             raise KeyError(f"tensor '{name}' is not in checkpoint '{self.dir}'")
         f = self.info[name].file
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        try:
+            if f not in self._handles:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            return self._handles[f].get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"tensor '{name}' of '{f}' cannot be read: {exc}") from None
 
     def close(self) -> None:
         self._handles.clear()
