@@ -56,7 +56,7 @@ def build_checkpoint(workdir: Path, profile: str = PROFILE) -> Path:
     return Path(quantize_checkpoint(src, workdir / "mxfp4", profile=profile, progress=False))
 
 
-def start_engine(ckpt: Path, seed: int = 0, max_num_seqs: int = 16, cuda_graphs: bool = False):
+def start_engine(ckpt: Path, seed: int = 0, max_num_seqs: int = 16, cuda_graphs: bool = False, **engine_kwargs):
     if not torch.cuda.is_available():
         for k, v in CPU_ENV.items():
             os.environ.setdefault(k, v)
@@ -71,7 +71,7 @@ def start_engine(ckpt: Path, seed: int = 0, max_num_seqs: int = 16, cuda_graphs:
         extra["enforce_eager"] = True
     return LLM(model=str(ckpt), dtype="bfloat16" if gpu else "float32", skip_tokenizer_init=True,
                gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=max_num_seqs, seed=seed,
-               worker_extension_cls=SYNC_EXTENSION, **extra)
+               worker_extension_cls=SYNC_EXTENSION, **extra, **engine_kwargs)
 
 
 def sampling(max_tokens: int, seed: int, temperature: float = 1.0):
@@ -134,15 +134,17 @@ def learner_step(model, optimizer, prompts: torch.Tensor, tokens: torch.Tensor) 
     return float(r.mean())
 
 
-def run_mode(llm, ckpt: Path, mode: str, steps: int, cfg: LoopConfig, log=print) -> list[dict]:
-    """Steps 0..steps of the loop for one learner mode on a running engine; one record per step."""
+def run_mode(llm, ckpt: Path, mode: str, steps: int, cfg: LoopConfig, log=print, syncer=None) -> list[dict]:
+    """Steps 0..steps of the loop for one learner mode on a running engine; one record per step. syncer: how the
+    learner reaches the engine (default WeightSync(llm), the worker extension; mxfp4_train.sync.connect(llm) goes
+    through vLLM's weight-transfer protocol instead)."""
     from mxfp4_train.parity import parity
     from mxfp4_train.sync import WeightSync, merge_lora
 
     model = load_learner(ckpt, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lora_lr if mode == "lora" else cfg.qat_lr, eps=1e-12)
-    syncer = WeightSync(llm)
+    syncer = syncer if syncer is not None else WeightSync(llm)
     syncer.sync(model)  # the engine may hold another mode's bytes: start both from the learner's
     gen = torch.Generator().manual_seed(cfg.seed)
     records = []

@@ -25,7 +25,8 @@ def _configure_logging() -> None:
 
 
 def register() -> None:
-    """Register the `mxfp4_rl` quantization config and the model overrides with vLLM (once per process)."""
+    """Register the `mxfp4_rl` quantization config, the model overrides and the `mxfp4_rl` weight-transfer engine
+    with vLLM (once per process)."""
     global _registered
     if _registered:
         return
@@ -36,4 +37,7 @@ def register() -> None:
     compat.register_quantization_config(QUANT_METHOD)(MXFP4RLConfig)
     for arch, target in MODEL_OVERRIDES.items():
         compat.register_model(arch, target)
+    from .sync import transfer_engine
+
+    transfer_engine.register()
     _registered = True

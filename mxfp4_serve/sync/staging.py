@@ -258,3 +258,16 @@ class EngineSync:
                                 f"the engine state is unknown; send a full sync") from err
             raise
         return changed
+
+
+_STATE_ATTR = "_mxfp4_rl_engine_sync"
+
+
+def engine_sync_of(model: nn.Module) -> EngineSync:
+    """The one EngineSync of this worker's model, shared by the worker extension (collective_rpc) and the
+    weight-transfer engine (vLLM's update_weights protocol), so both see the same version and staged updates."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = EngineSync(model)
+        setattr(model, _STATE_ATTR, state)
+    return state

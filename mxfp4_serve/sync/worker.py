@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from common.moe.wire import blob, read_payload_file
 
-from .staging import EngineSync
+from .staging import EngineSync, engine_sync_of
 
 
 class MXFP4SyncExtension:
@@ -22,11 +22,7 @@ class MXFP4SyncExtension:
     cannot collide with the worker's own attributes (vLLM checks)."""
 
     def _mxfp4_sync_state(self) -> EngineSync:
-        state = getattr(self, "_mxfp4_sync", None)
-        if state is None:
-            state = EngineSync(self.get_model())
-            self._mxfp4_sync = state
-        return state
+        return engine_sync_of(self.get_model())
 
     def mxfp4_sync_info(self) -> dict:
         return self._mxfp4_sync_state().info()

@@ -8,6 +8,7 @@ from .client import SyncMismatchError, SyncProfileMismatch, SyncReport, WeightSy
 from .delta import BlockDelta, block_delta
 from .engine import EngineBusyError, EngineHandle
 from .lora_merge import MergeReport, merge_lora
+from .refit import TransferSync, connect
 
 __all__ = [
     "BlockDelta",
@@ -18,8 +19,10 @@ __all__ = [
     "SyncProfileError",
     "SyncProfileMismatch",
     "SyncReport",
+    "TransferSync",
     "WeightSync",
     "block_delta",
+    "connect",
     "merge_lora",
     "sync",
 ]

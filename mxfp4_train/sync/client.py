@@ -150,8 +150,7 @@ class WeightSync:
         stage_s = self._stage(sync_id, profile, entries)
         t1 = time.perf_counter()
         try:
-            with self.engine.paused():
-                results = self.engine.rpc("mxfp4_sync_commit", sync_id, [e["name"] for e in entries])
+            results = self._commit(sync_id, [e["name"] for e in entries])
         except BaseException:
             self._abort(sync_id)
             raise
@@ -172,19 +171,25 @@ class WeightSync:
             hashes={n: expected_hashes(q, [None])["full"] for n, q in weights.items()})
 
     def _stage(self, sync_id: str, profile: str, entries: list[dict]) -> float:
-        """One stage RPC per MoE layer (bounded message size); an error aborts the whole sync."""
+        """One stage call per MoE layer (bounded message size); an error aborts the whole sync."""
         t0 = time.perf_counter()
-        by_layer: dict[str, list] = {}
-        for e in entries:
-            by_layer.setdefault(e["name"].rpartition(".")[0], []).append(e)
         try:
-            for group in by_layer.values():
-                payload = {"protocol": PROTOCOL, "sync_id": sync_id, "profile": profile, "entries": group}
-                self.engine.rpc("mxfp4_sync_stage", encode(payload, self.engine.as_blobs))
+            for payload in payloads_by_layer(sync_id, profile, entries):
+                self._send(payload)
         except BaseException:
             self._abort(sync_id)
             raise
         return time.perf_counter() - t0
+
+    def _send(self, payload: dict) -> None:
+        """Stage one layer's payload on every engine rank (here: pickled or blob tensors through collective_rpc)."""
+        self.engine.rpc("mxfp4_sync_stage", encode(payload, self.engine.as_blobs))
+
+    def _commit(self, sync_id: str, names: list[str]) -> list[dict]:
+        """Make the staged sync served, between two engine steps, while no request is in flight; one result per
+        engine rank with its `version` and audit `hashes`."""
+        with self.engine.paused():
+            return self.engine.rpc("mxfp4_sync_commit", sync_id, names)
 
     def _abort(self, sync_id: str) -> None:
         try:
@@ -210,6 +215,15 @@ class WeightSync:
         got = self.engine.rpc("mxfp4_sync_read", name)[rank]
         served = MXFP4Tensor(as_tensor(got["codes"]), as_tensor(got["scales"]), got["profile"])
         return f"after sync the engine (rank {rank}) serves other bytes for '{name}': {diff(want, served)}"
+
+
+def payloads_by_layer(sync_id: str, profile: str, entries: list[dict]) -> list[dict]:
+    """The sync's entries as one payload per MoE layer (its w13 and w2), the unit one stage call carries."""
+    by_layer: dict[str, list] = {}
+    for e in entries:
+        by_layer.setdefault(e["name"].rpartition(".")[0], []).append(e)
+    return [{"protocol": PROTOCOL, "sync_id": sync_id, "profile": profile, "entries": group}
+            for group in by_layer.values()]
 
 
 def sync(engine, model: nn.Module, *, mode: str = "packed", delta: bool = True) -> SyncReport:

@@ -35,6 +35,11 @@ class EngineHandle:
 
     @classmethod
     def of(cls, engine) -> "EngineHandle":
+        """A vllm.LLM, an EngineHandle, or a `vllm serve` base URL (str: reached through mxfp4_train.sync.http)."""
+        if isinstance(engine, str):
+            from .http import HTTPEngine
+
+            engine = HTTPEngine(engine)
         return engine if isinstance(engine, cls) else cls(engine)
 
     def rpc(self, method: str, *args) -> list:
@@ -43,6 +48,11 @@ class EngineHandle:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
+        own = getattr(self.engine, "paused", None)
+        if own is not None:  # an engine that pauses itself (mxfp4_train.sync.http.HTTPEngine: /pause, /resume)
+            with own():
+                yield
+            return
         llm_engine = getattr(self.engine, "llm_engine", None)
         if llm_engine is None:  # a bare collective_rpc endpoint: the commit RPC alone is step-atomic
             yield

