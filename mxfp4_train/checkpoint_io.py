@@ -93,7 +93,7 @@ def _to_qat(packed: MXFP4Experts) -> MXFP4Experts:
                        num_experts=packed.num_experts, hidden_size=packed.hidden_size,
                        intermediate_size=packed.intermediate_size, has_bias=packed.b13 is not None,
                        act_quant=packed.act_quant, backend=packed.backend)
-    qat.load_master(*packed.dequantized(torch.bfloat16))
+    qat.load_master(*packed.dequantized(torch.bfloat16), packed=packed.packed())  # served until a master changes
     return qat
 
 

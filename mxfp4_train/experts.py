@@ -64,6 +64,7 @@ class MXFP4Experts(nn.Module):
                     self.register_buffer(name, zeros)
         self.lora_gate_up: ExpertLoRA | None = None
         self.lora_down: ExpertLoRA | None = None
+        self._loaded_bytes: tuple[common.MXFP4Tensor, common.MXFP4Tensor] | None = None  # qat: see load_master
 
     # ----- filling -----
     def load_packed(self, w13: common.MXFP4Tensor, w2: common.MXFP4Tensor) -> None:
@@ -81,12 +82,19 @@ class MXFP4Experts(nn.Module):
         self.w2_codes.copy_(w2.codes)
         self.w2_scales.copy_(w2.scales)
 
-    def load_master(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def load_master(self, w13: torch.Tensor, w2: torch.Tensor,
+                    packed: tuple[common.MXFP4Tensor, common.MXFP4Tensor] | None = None) -> None:
+        """Fill the bf16 masters. packed: the bytes they were dequantized from (a checkpoint's); packed() returns
+        those bytes, not a re-quantization, for as long as the masters still equal their dequantization. Quantizing
+        a dequantized block again may pick another scale for the same values (RCEIL gives a block whose largest
+        element is 4 * 2^k the scale 2^(k-1) and elements up to 6), so re-quantizing would change ~25% of the code
+        bytes with zero training and the first sync would report changes."""
         if self.mode != "qat":
             raise ValueError("load_master is for mode 'qat'; a LoRA module holds packed bytes (use load_packed)")
         with torch.no_grad():
             self.w13.copy_(w13)
             self.w2.copy_(w2)
+        self._loaded_bytes = packed
 
     def load_bias(self, b13: torch.Tensor, b2: torch.Tensor) -> None:
         if self.b13 is None:
@@ -115,8 +123,20 @@ class MXFP4Experts(nn.Module):
             return (common.MXFP4Tensor(self.w13_codes, self.w13_scales, self.profile),
                     common.MXFP4Tensor(self.w2_codes, self.w2_scales, self.profile))
         with torch.no_grad():
+            if self._loaded_bytes is not None:
+                if self._masters_unchanged():
+                    return tuple(q.to(self.w13.device) for q in self._loaded_bytes)
+                self._loaded_bytes = None  # a master changed: from now on its quantization is what gets served
             return (common.quantize(self.w13.detach(), profile=self.profile, name="experts.w13"),
                     common.quantize(self.w2.detach(), profile=self.profile, name="experts.w2"))
+
+    def _masters_unchanged(self) -> bool:
+        """Bit for bit (a -0 turned +0 counts as a change): each master equals the dequantized loaded bytes."""
+        for master, q in zip((self.w13, self.w2), self._loaded_bytes):
+            ref = common.dequantize(q.to(master.device), dtype=master.dtype)
+            if not torch.equal(master.detach().view(torch.int16), ref.view(torch.int16)):
+                return False
+        return True
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-stack dequantized weights [E, out, in] (for references and tests; the forward never builds these)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import common
 from common.checkpoint import load_packed_experts
 from mxfp4_train import convert, load_mxfp4_model
 from mxfp4_train.export import engine_hashes, export_for_engine, export_hashes
@@ -60,3 +61,28 @@ def test_qat_export_is_the_codec_quantization_of_the_masters(tiny_ckpts, tiny_mx
         qat.model.layers[0].mlp.experts.w13[2, 3, :32] += 0.5
     diff = {k for k, v in export_hashes(qat).items() if v != export_hashes(packed)[k]}
     assert diff == {"model.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.w13_weight_scale"}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_fresh_qat_learner_exports_the_checkpoint_bytes_until_an_optimizer_step(arch, tiny_mxfp4_ckpts):
+    """Issue 26: re-quantizing a checkpoint's own dequantized experts changes ~25% of the code bytes (another scale
+    for the same values), so a fresh QAT learner's first sync reported changes after zero training. It serves the
+    loaded bytes until a master changes, then the codec's quantization of the masters."""
+    ckpt = tiny_mxfp4_ckpts[arch]
+    checkpoint = {name: t for name, t, _ in export_for_engine(load_mxfp4_model(ckpt, "lora", lora=None))}
+    qat = load_mxfp4_model(ckpt, "qat")
+    fresh = {name: t for name, t, _ in export_for_engine(qat)}
+    assert fresh.keys() == checkpoint.keys()
+    for name, t in checkpoint.items():
+        assert torch.equal(fresh[name], t), name
+    experts = qat.model.layers[0].mlp.experts
+    opt = torch.optim.SGD([experts.w13], lr=1.0)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    qat(input_ids=ids).logits.float().pow(2).mean().backward()
+    opt.step()
+    stepped = {name: t for name, t, _ in export_for_engine(qat)}
+    changed = {n for n in stepped if not torch.equal(stepped[n], checkpoint[n])}
+    assert "model.layers.0.mlp.experts.w13_weight" in changed
+    assert not any(n.startswith("model.layers.1.") for n in changed)  # untouched masters keep their bytes
+    w13, _ = experts.packed()
+    assert w13.equal(common.quantize(experts.w13.detach(), profile="flashinfer"))
