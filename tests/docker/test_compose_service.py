@@ -118,3 +118,14 @@ def test_documented_uid_step_gives_compose_a_numeric_user(tmp_path):
     assert (env["MXFP4_UID"], env["MXFP4_GID"]) == (str(os.getuid()), str(os.getgid()))
     quantize = load_compose(COMPOSE_FILE, env)["services"]["quantize"]
     assert quantize["user"] == f"{os.getuid()}:{os.getgid()}"
+
+
+def test_engine_accepts_learner_syncs_only_when_asked(vllm, example_env):
+    """The weight-transfer engine and the sync extension are always configured; vLLM's weight-update endpoints
+    (dev mode, not covered by VLLM_API_KEY) stay off unless REFIT_ENDPOINTS=1, and the port stays on loopback."""
+    import json
+
+    assert json.loads(_flag(vllm["command"], "--weight-transfer-config")) == {"backend": "mxfp4_rl"}
+    assert _flag(vllm["command"], "--worker-extension-cls") == "mxfp4_serve.sync.worker.MXFP4SyncExtension"
+    assert example_env["REFIT_ENDPOINTS"] == "0" and vllm["environment"]["VLLM_SERVER_DEV_MODE"] == "0"
+    assert example_env["VLLM_BIND"] == "127.0.0.1"
