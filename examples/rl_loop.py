@@ -1,6 +1,7 @@
 """A minimal RL loop on MXFP4 experts: rollout with vLLM -> learner step -> weight sync -> rollout, bit-identical.
 
     python examples/rl_loop.py --modes lora,qat --steps 3 [--json out.json]
+    python examples/rl_loop.py --engine-url http://127.0.0.1:8000 --checkpoint CKPT   # a running vllm serve
 
 Runs on CPU in a few minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download). One vLLM engine
 serves the MXFP4 checkpoint with the mxfp4_rl plugin and the sync worker extension; the learner (mxfp4_train) is
@@ -92,9 +93,31 @@ def completions(outputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rollout(llm, prompts: torch.Tensor, max_tokens: int, seed: int, temperature: float = 1.0):
+    """(tokens, engine log-probs) of one completion per prompt, from a vllm.LLM or a running server (HTTPEngine)."""
+    url = getattr(llm, "url", None)
+    if url is not None:
+        return http_rollout(url, prompts, max_tokens, seed, temperature)
     outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], sampling(max_tokens, seed, temperature),
                         use_tqdm=False)
     return completions(outs)
+
+
+def http_rollout(url: str, prompts: torch.Tensor, max_tokens: int, seed: int, temperature: float = 1.0,
+                 model: str = "policy"):
+    """The same through the OpenAI-compatible API: token-id prompts, the sampled token's log-prob, token ids back."""
+    import urllib.request
+
+    toks, lps = [], []
+    for i, p in enumerate(prompts.tolist()):
+        body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": temperature, "seed": seed + i,
+                "logprobs": 0, "ignore_eos": True, "return_tokens_as_token_ids": True}
+        req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            lp = json.loads(resp.read())["choices"][0]["logprobs"]
+        toks.append([int(t.removeprefix("token_id:")) for t in lp["tokens"]])
+        lps.append(lp["token_logprobs"])
+    return torch.tensor(toks), torch.tensor(lps, dtype=torch.float64)
 
 
 def learner_logprobs(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -203,8 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a new temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step records here")
     ap.add_argument("--cuda-graphs", action="store_true", help="on a GPU, serve with CUDA graphs (default: eager)")
+    ap.add_argument("--engine-url", default=None,
+                    help="train against a running `vllm serve` of --checkpoint instead of starting an engine "
+                         "(VLLM_SERVER_DEV_MODE=1, --weight-transfer-config '{\"backend\": \"mxfp4_rl\"}', the sync "
+                         "worker extension, --served-model-name policy; docs/sync.md); syncs go through "
+                         "mxfp4_train.sync.connect over HTTP + Gloo")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="the MXFP4 checkpoint the server serves")
     args = ap.parse_args(argv)
     cfg = LoopConfig()
+    records = []
+    if args.engine_url:
+        from mxfp4_train.sync import connect
+        from mxfp4_train.sync.http import HTTPEngine
+
+        if args.checkpoint is None:
+            ap.error("--engine-url needs --checkpoint (the learner loads the bytes the server serves)")
+        refit = connect(args.engine_url)
+        for mode in args.modes.split(","):
+            records += run_mode(HTTPEngine(args.engine_url), args.checkpoint, mode.strip(), args.steps, cfg,
+                                syncer=refit)
+        refit.close()
+        return _finish(records, args.json)
     if args.workdir is None:
         args.workdir = Path(tempfile.mkdtemp(prefix="mxfp4_rl_loop_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -212,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     llm = start_engine(ckpt, cfg.seed, cuda_graphs=args.cuda_graphs)
     print(f"engine up in {time.monotonic() - t0:.0f} s", flush=True)
-    records = []
     for mode in args.modes.split(","):
         records += run_mode(llm, ckpt, mode.strip(), args.steps, cfg)
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+    return _finish(records, args.json)
+
+
+def _finish(records: list[dict], json_path: Path | None) -> int:
+    if json_path:
+        json_path.write_text(json.dumps(records, indent=1))
     return 0 if all(r.get("hashes_equal", True) for r in records) else 1
 
 

@@ -34,13 +34,6 @@ def _get(url: str):
         return json.loads(r.read() or b"null")
 
 
-def _post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read() or b"null")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "examples"))
@@ -79,18 +72,6 @@ def server(tmp_path_factory):
         log.close()
 
 
-def _served_logprobs(url: str, prompts: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    toks, lps = [], []
-    for p in prompts.tolist():
-        out = _post(url + "/v1/completions", {"model": "policy", "prompt": p, "max_tokens": max_tokens,
-                                              "temperature": 1.0, "seed": 7, "logprobs": 0,
-                                              "return_tokens_as_token_ids": True})
-        lp = out["choices"][0]["logprobs"]
-        toks.append([int(t.removeprefix("token_id:")) for t in lp["tokens"]])
-        lps.append(lp["token_logprobs"])
-    return torch.tensor(toks), torch.tensor(lps, dtype=torch.float64)
-
-
 def test_learner_refits_a_running_vllm_serve_over_http(server):
     from mxfp4_train.sync import connect
     from mxfp4_train.sync.http import HTTPEngine
@@ -105,7 +86,7 @@ def test_learner_refits_a_running_vllm_serve_over_http(server):
     floor = None
     for step in range(3):
         prompts = torch.randint(0, 256, (4, 8), generator=gen)
-        tokens, served_lp = _served_logprobs(url, prompts, 8)
+        tokens, served_lp = ex.http_rollout(url, prompts, 8, seed=7)
         with torch.no_grad():
             learner_lp = ex.learner_logprobs(model, prompts, tokens).double()
         err = float((served_lp - learner_lp).abs().max())
@@ -119,3 +100,17 @@ def test_learner_refits_a_running_vllm_serve_over_http(server):
         assert _get(url + "/weight_info")["weight_version"] == report.sync_id
         assert report.engine_version == step + 1 and moved > 2 * max(floor, 1e-6)
     refit.close()
+
+
+def test_the_rl_loop_example_trains_against_a_running_server(server, tmp_path):
+    """examples/rl_loop.py --engine-url: QAT and LoRA(+merge) steps, rollouts over HTTP, syncs through connect."""
+    ex, out = server["ex"], tmp_path / "records.json"
+    rc = ex.main(["--engine-url", server["url"], "--checkpoint", str(server["ckpt"]), "--modes", "qat,lora",
+                  "--steps", "2", "--json", str(out)])
+    records = json.loads(out.read_text())
+    assert rc == 0 and {r["mode"] for r in records} == {"qat", "lora"}
+    for mode in ("qat", "lora"):
+        rs = [r for r in records if r["mode"] == mode]
+        floor = rs[0]["mean_abs_dlogp"]
+        assert all(r["hashes_equal"] for r in rs[:-1])
+        assert all(r["mean_abs_dlogp"] <= max(2 * floor, 1e-5) for r in rs[1:]), rs
