@@ -116,6 +116,13 @@ GG_AUTOTUNE = _declare(
     "1: autotune the grouped GEMMs per shape bucket; 0: first candidate tile of the bucket (fast start, tests)")
 
 
+# ---- tests ----
+FUZZ_CASES = _declare(
+    "MXFP4_RL_FUZZ_CASES", "str", None,
+    "tests only: how many seeded random corruptions of a tiny checkpoint tests/common/test_fuzz_checkpoints.py tries "
+    "(unset: the bounded CI run of 150); raise it to search longer")
+
+
 def markdown_table() -> str:
     """The README table of every switch (README's "Environment switches" section holds exactly this)."""
     rows = ["| variable | values | default | what it does |", "|---|---|---|---|"]

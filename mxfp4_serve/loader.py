@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from common import quantize
-from common.checkpoint.validate import check_scale_bytes
+from common.checkpoint.validate import check_decoded_range, check_scale_bytes
 from common.errors import DTypeError, ShapeError
 from common.moe import params as P
 from common.moe.params import HF_PROJ_NAMES, SHARD_PROJ
@@ -92,7 +92,12 @@ class ExpertWeightLoader:
             if not self.has_bias:
                 raise ShapeError(f"checkpoint tensor '{name}': the layer '{self.geometry.layer_name}' has no biases")
         self.geometry.destination(self.params, local, shard, kind).copy_(part)
-        self.loaded[local, SHARDS.index(shard), ("codes", "scales", "bias").index(kind)] = True
+        loaded = self.loaded[local, SHARDS.index(shard)]
+        loaded[("codes", "scales", "bias").index(kind)] = True
+        if kind != "bias" and bool(loaded[:2].all()):  # both halves in: no block may decode beyond bf16
+            check_decoded_range(self.geometry.destination(self.params, local, shard, "codes"),
+                                self.geometry.destination(self.params, local, shard, "scales"),
+                                self.tensor_name(self.geometry.layer_name, expert, shard, "codes"))
         return True
 
     def _check(self, t: torch.Tensor, shard: str, kind: str, name: str) -> torch.Tensor:

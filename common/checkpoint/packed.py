@@ -17,7 +17,7 @@ from ..layouts import deepseek_v4 as dsv4_layout
 from ..layouts import gpt_oss as gpt_oss_layout
 from ..tensor import MXFP4Tensor
 from .safetensors_io import CheckpointReader
-from .validate import PackedEntry, check_scale_bytes, read_config, validate_checkpoint
+from .validate import PackedEntry, check_decoded_range, check_scale_bytes, read_config, validate_checkpoint
 
 ExpertKey = tuple[int, int, str]  # (layer, expert, proj) with proj in gate / up / down
 
@@ -32,6 +32,8 @@ def read_quantization_config(ckpt_dir: str | Path) -> tuple[dict, dict]:
 def _load(reader: CheckpointReader, entry: PackedEntry, profile: str) -> tuple[torch.Tensor, torch.Tensor]:
     codes, scales = reader.get(entry.codes), reader.get(entry.scales)
     check_scale_bytes(scales, profile, entry.scales)
+    flat = codes.flatten(-2) if codes.dim() == 4 else codes  # gpt-oss blocks [E, N, K/32, 16]
+    check_decoded_range(flat, scales, entry.codes)
     return codes, scales
 
 

@@ -215,6 +215,30 @@ def check_scale_bytes(scales: torch.Tensor, profile: str, name: str) -> None:
                           f"{profile!r} reserves: served, they would dequantize to Inf/NaN")
 
 
+# The engine computes in bf16: a decoded value above bf16's largest finite one (just under 2^128) is Inf. Only blocks
+# with a scale byte of at least 253 get there: 6 * 2^125 still fits, 4 * 2^126 = 2^128 does not (quantizing weights
+# within a hair of fp32's maximum can produce such a block: a profile's bytes alone do not exclude it).
+_RISKY_SCALE = 253
+
+
+def check_decoded_range(codes: torch.Tensor, scales: torch.Tensor, name: str) -> None:
+    """Refuse a packed tensor (canonical codes [..., N, K/2], scales [..., N, K/32]) with a block whose decoded
+    magnitude overflows bf16. Looks at the codes only where a scale byte is >= 253 (none in real checkpoints)."""
+    s = scales if scales.dtype == torch.uint8 else scales.view(torch.uint8)
+    risky = s >= _RISKY_SCALE
+    if not bool(risky.any()):
+        return
+    c = codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)
+    nib = torch.stack((c & 0x7, (c >> 4) & 0x7), dim=-1).reshape(*s.shape, C.BLOCK_SIZE)
+    top = torch.tensor(C.E2M1_VALUES, dtype=torch.float64)[nib.long().amax(-1)]
+    value = top * torch.pow(2.0, s.to(torch.float64) - C.E8M0_BIAS)
+    bad = risky & (value > torch.finfo(torch.bfloat16).max)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"tensor '{name}': block {idx[-1]} at index {idx[:-1]} decodes to {float(value[idx]):.3g} "
+                              f"(scale byte 0x{int(s[idx]):02X}), beyond bfloat16's range: served, it would be Inf")
+
+
 # ------------------------------------------------------------------------------------------- packed tensors, planned
 @dataclasses.dataclass(frozen=True)
 class PackedEntry:
@@ -340,9 +364,13 @@ def validate_checkpoint(ckpt_dir: str | Path, *, strict: bool = True) -> Validat
     shapes contradicting config.json) is refused here with the message inspect and the learner give."""
     config = read_config(ckpt_dir)
     where = str(Path(ckpt_dir) / "config.json")
-    qc = check_quant_config(config.get("quantization_config") or {}, model_type=config.get("model_type", ""),
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHS:
+        raise CheckpointError(f"{where}: model_type {model_type!r} has no MXFP4 expert layout; supported: "
+                              f"{', '.join(ARCHS)}")
+    qc = check_quant_config(config.get("quantization_config") or {}, model_type=model_type,
                             where=f"{where}: quantization_config")
-    spec = ARCHS[config["model_type"]]
+    spec = ARCHS[model_type]
     with CheckpointReader(ckpt_dir) as reader:
         entries = plan_packed(reader, spec, qc["format"], strict)
     if not entries and strict:
