@@ -117,7 +117,7 @@ def reserved_scale_bytes(profile: str | Profile) -> dict[int, str]:
     from .scale import scale_codes
 
     prof = get_profile(profile)
-    top = int(scale_codes(torch.tensor([torch.finfo(torch.float32).max]), prof, E2M1)[0])
+    top = int(scale_codes(torch.tensor([torch.finfo(torch.float32).max], dtype=torch.float32), prof, E2M1)[0])
     out = {b: f"above {top}, the largest byte a finite weight gets under profile {prof.name!r}"
            for b in range(top + 1, 256)}
     out[prof.inf_scale] = f"the Inf-block byte of profile {prof.name!r}"

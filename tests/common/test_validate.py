@@ -150,3 +150,13 @@ def test_inspect_checkpoint_error_names_config_file(good, tmp_path):
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "quantization_config": [1]}))
     with pytest.raises(CheckpointError, match="quantization_config must be a JSON object, got list"):
         inspect_checkpoint(bad)
+
+
+def test_reserved_bytes_do_not_depend_on_the_default_dtype():
+    """vLLM loads weights under torch.set_default_dtype(float16): the profile's bytes must not change with it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        assert list(reserved_scale_bytes("flashinfer")) == [0xFE, 0xFF]
+    finally:
+        torch.set_default_dtype(old)

@@ -84,3 +84,29 @@ def test_k_not_multiple_of_32(native):
     _fails(path, root, "k48", r"MoE layer 'model\.layers\.0\.mlp\.experts': moe intermediate size 48 \(the K of "
                               r"w2, down_proj\) is not a multiple of the MXFP4 block size 32",
            env={"MXFP4_RL_PROFILE": "flashinfer"})
+
+
+def test_inf_block_scale_byte(native):
+    """Issue 26: 0xFE (2^127, the flashinfer profile's Inf-block byte) used to load and serve NaN log-probs."""
+    def edit(t):
+        t[SCALE][3, 2] = 0xFE
+
+    path = _variant(native, "scale_fe", edit_tensors=edit)
+    _fails(path, native[0], "scale_fe", rf"tensor '{SCALE}': scale byte 0xFE \(the Inf-block byte of profile "
+                                        r"'flashinfer'\) at index \(3,\) block 2")
+
+
+def test_expert_beyond_config_and_format_of_another_arch(native):
+    """Issue 26: an expert id beyond num_experts was dropped silently; a qwen3 checkpoint labelled gpt-oss served.
+    Both are refused before any weight is loaded, with the message of inspect and the learner."""
+    def extra(t):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for suffix in ("weight", "weight_scale"):
+                name = f"model.layers.0.mlp.experts.{{}}.{proj}.{suffix}"
+                t[name.format(8)] = t[name.format(7)].clone()
+
+    path = _variant(native, "extra", edit_tensors=extra)
+    _fails(path, native[0], "extra", r"'model\.layers\.0\.mlp\.experts\.8\.gate_proj\.weight': expert id 8 is not "
+                                     r"below the 8 routed experts")
+    path = _variant(native, "label", edit_config=lambda c: c["quantization_config"].update(format="gpt-oss"))
+    _fails(path, native[0], "label", r"format 'gpt-oss' is not available for model_type 'qwen3_moe'")
