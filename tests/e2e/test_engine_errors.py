@@ -3,14 +3,11 @@ Each case starts its own engine process (it dies before the KV cache is allocate
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
+from tests.common.bad_checkpoints import variant
 from tests.serve.reference import run_engine
 
 pytestmark = pytest.mark.engine
@@ -26,17 +23,7 @@ def native(tmp_path_factory):
 
 def _variant(native, name, edit_tensors=None, edit_config=None):
     root, good = native
-    dst = root / name
-    shutil.copytree(good, dst)
-    if edit_tensors:
-        tensors = load_file(str(dst / "model.safetensors"))
-        edit_tensors(tensors)
-        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if edit_config:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    return variant(good, root / name, edit_tensors, edit_config)
 
 
 def _fails(path, root, name, pattern, env=None):
