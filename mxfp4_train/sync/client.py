@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+import weakref
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from common.audit import diff
 from common.moe import params as P
 from common.moe.wire import (
     PROTOCOL,
+    SyncError,
     SyncMismatchError,
     SyncProfileError,
     as_tensor,
@@ -97,12 +99,56 @@ def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name of a LoRA B factor: tensor} of every adapter in the model (per-expert and dense, PEFT names)."""
+    out = {}
+    for name, mod in model.named_modules():
+        b = getattr(mod, "B", None) if hasattr(mod, "apply_expert") else getattr(getattr(mod, "lora_B", None),
+                                                                              "weight", None)
+        if isinstance(b, torch.Tensor):
+            out[name] = b
+    return out
+
+
+def _unsynced_params(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name: (storage pointer, in-place version)} of every parameter the payload does not carry: all but the experts'
+    QAT masters and the LoRA factors (whose effect the adapter check covers). An optimizer step bumps the version."""
+    synced = {id(t) for _, mod in experts_modules(model) for t in (getattr(mod, "w13", None), getattr(mod, "w2", None))
+              if isinstance(t, torch.Tensor)}
+    lora = {id(p) for name in _lora_factors(model) for p in model.get_submodule(name).parameters()}
+    return {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if id(p) not in synced | lora}
+
+
 class WeightSync:
     """Keeps the last-synced bytes per engine, for deltas. One instance per (learner, engine) pair."""
 
     def __init__(self, engine) -> None:
         self.engine = EngineHandle.of(engine)
         self.last: dict[str, MXFP4Tensor] = {}
+        # per learner model (one WeightSync may serve several in turn): its non-expert parameters at its first sync
+        self._unsynced: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _check_payload_is_the_forward(self, model: nn.Module) -> None:
+        """Refuse a sync after which the engine would compute another function than the learner: an adapter with
+        a nonzero B that the payload does not carry (merge it first, merge_lora), or a parameter outside the
+        experts that changed since the first sync of this learner (the payload carries routed experts only)."""
+        active = [n for n, b in _lora_factors(model).items() if bool(b.detach().ne(0).any())]
+        if active:
+            raise SyncError(f"sync refused: {len(active)} LoRA adapter(s) with nonzero B ({', '.join(active[:3])}"
+                            f"{', ...' if len(active) > 3 else ''}) are part of the learner's forward but not of the "
+                            f"sync payload, so the engine would keep serving the base; fold them in first "
+                            f"(mxfp4_train.sync.merge_lora) or keep them at zero")
+        now = _unsynced_params(model)
+        first = self._unsynced.get(model)
+        if first is None:
+            self._unsynced[model] = now  # the first sync's learner is the engine's checkpoint outside the experts
+            return
+        changed = sorted(n for n, v in now.items() if first.get(n) != v)
+        if changed:
+            raise SyncError(f"sync refused: {len(changed)} parameter(s) outside the routed experts changed since the "
+                            f"first sync ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); the payload "
+                            f"carries routed experts only, so the engine would serve the old ones. Freeze them "
+                            f"(requires_grad_(False)) or train experts only")
 
     def _info(self, profile: str, names: set[str]) -> list[dict]:
         infos = self.engine.rpc("mxfp4_sync_info")
@@ -137,6 +183,7 @@ class WeightSync:
         if mode not in MODES:
             raise ValueError(f"sync mode must be one of {MODES}, got {mode!r}")
         t0 = time.perf_counter()
+        self._check_payload_is_the_forward(model)
         profile, weights = learner_weights(model)
         dense = dense_weights(model) if mode == "dense" else None
         infos = self._info(profile, set(weights))

@@ -170,3 +170,32 @@ def test_audit_names_the_first_differing_block():
     with pytest.raises(SyncMismatchError, match=r"'model.layers.1.mlp.experts.w2_weight'.*1/\d+ blocks differ.*"
                                                 r"first difference at expert 5, row 3, block 1"):
         ws.audit(model)
+
+
+def test_sync_refuses_what_its_payload_does_not_carry():
+    # The payload carries routed experts: a sync may not report success while the learner's forward uses an adapter
+    # or a non-expert parameter the engine does not have (the engine would serve another function).
+    from common.moe.wire import SyncError
+
+    eng_model = engine_model(0)
+    model = learner(0, mode="lora")
+    ws = WeightSync(LocalEngine(eng_model))
+    ws.sync(model)  # zero B: the adapter is the identity, the sync is complete
+    _perturb_lora(model)
+    before = served(eng_model)
+    with pytest.raises(SyncError, match=r"LoRA adapter\(s\) with nonzero B \(model\.layers\.0\.mlp\.experts\.lora_"
+                                        r"gate_up.*merge_lora"):
+        ws.sync(model)
+    assert all(torch.equal(v, before[k]) for k, v in served(eng_model).items())
+    merge_lora(model)
+    ws.sync(model)
+    _assert_engine_holds(model, eng_model)
+    # a parameter outside the experts that trains after the first sync
+    model.model.norm = nn.LayerNorm(4)
+    ws2 = WeightSync(LocalEngine(eng_model))
+    ws2.sync(model)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    with pytest.raises(SyncError, match=r"1 parameter\(s\) outside the routed experts changed since the first sync "
+                                        r"\(model\.norm\.weight\)"):
+        ws2.sync(model)
