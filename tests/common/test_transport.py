@@ -47,23 +47,30 @@ def _receiver(port: int, header: dict, q) -> None:
         ch.close()
 
 
-def test_payload_crosses_a_gloo_group_byte_for_byte():
-    payload = _payload(seed=torch.seed() % 2**31)
-    header = transport.header_of(payload)
-    assert all(not isinstance(v, torch.Tensor) for e in header["entries"] for v in e.values())
-    assert header["entries"][2]["fields"] == {"weight": ["bfloat16", [2, 32, 64]]}
+def _send_to_a_receiver(receiver, header: dict, payloads: list[dict]) -> tuple[list[int], dict]:
+    """Run `receiver(port, header, queue)` in a spawned process as rank 1, send `payloads` from here as rank 0;
+    (bytes sent per payload, what the receiver reported)."""
     port, ctx = _free_port(), mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(port, header, q))
+    proc = ctx.Process(target=receiver, args=(port, header, q))
     proc.start()
     ch = transport.open_channel("gloo", "127.0.0.1", port, rank=0, world_size=2, timeout_s=60)
     try:
-        sent = ch.send_tensors(payload)
+        sent = [ch.send_tensors(p) for p in payloads]
         got = q.get(timeout=120)
     finally:
         ch.close()
         proc.join(timeout=60)
     assert proc.exitcode == 0
+    return sent, got
+
+
+def test_payload_crosses_a_gloo_group_byte_for_byte():
+    payload = _payload(seed=torch.seed() % 2**31)
+    header = transport.header_of(payload)
+    assert all(not isinstance(v, torch.Tensor) for e in header["entries"] for v in e.values())
+    assert header["entries"][2]["fields"] == {"weight": ["bfloat16", [2, 32, 64]]}
+    (sent,), got = _send_to_a_receiver(_receiver, header, [payload])
     assert sent == sum(v.numel() * v.element_size() for e in payload["entries"] for v in e.values()
                        if isinstance(v, torch.Tensor))
     for e in payload["entries"]:
@@ -104,19 +111,8 @@ def _receiver_twice(port: int, header: dict, q) -> None:
 def test_reused_receive_buffers_take_the_next_transfer_in_place():
     a, b = _payload(seed=1), _payload(seed=2)
     header = transport.header_of(a)
-    assert transport.header_of(b) == {**header}  # same names, dtypes and shapes
-    port, ctx = _free_port(), mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_receiver_twice, args=(port, header, q))
-    proc.start()
-    ch = transport.open_channel("gloo", "127.0.0.1", port, rank=0, world_size=2, timeout_s=60)
-    try:
-        ch.send_tensors(a)
-        ch.send_tensors(b)
-        got = q.get(timeout=120)
-    finally:
-        ch.close()
-        proc.join(timeout=60)
+    assert transport.header_of(b) == header  # same names, dtypes and shapes
+    _, got = _send_to_a_receiver(_receiver_twice, header, [a, b])
     assert got["same_buffers"]
     for want, seen in ((a, got["first"]), (b, got["second"])):
         for e in want["entries"]:
