@@ -72,7 +72,12 @@ class TransferSync(WeightSync):
                 raise TypeError(f"connect: the engine has no {method}(); vLLM >= 0.25 with "
                                 f"weight_transfer_config={{'backend': '{BACKEND}'}} is needed")
         self.timeout_s = timeout_s
-        workers = len(self.engine.rpc("mxfp4_sync_info"))
+        try:
+            workers = len(self.engine.rpc("mxfp4_sync_info"))
+        except Exception as exc:  # noqa: BLE001 - vLLM reports a missing worker method in many shapes
+            raise TypeError(f"connect: the engine does not answer mxfp4_sync_info ({exc}); start it with "
+                            f"worker_extension_cls='mxfp4_serve.sync.worker.MXFP4SyncExtension' (and, for vllm serve, "
+                            f"VLLM_SERVER_DEV_MODE=1)") from exc
         port = master_port or _free_port(master_address)
         init_info = {"master_address": master_address, "master_port": port, "world_size": workers + 1,
                      "rank_offset": 1, "transport": transport_name, "timeout_s": timeout_s}

@@ -199,3 +199,24 @@ def test_sync_refuses_what_its_payload_does_not_carry():
     with pytest.raises(SyncError, match=r"1 parameter\(s\) outside the routed experts changed since the first sync "
                                         r"\(model\.norm\.weight\)"):
         ws2.sync(model)
+
+
+def test_connect_names_what_the_engine_lacks():
+    from mxfp4_train.sync import connect
+
+    class NoTransfer:
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            return []
+
+    with pytest.raises(TypeError, match=r"connect: the engine has no init_weight_transfer_engine\(\); vLLM >= 0.25 with "
+                                        r"weight_transfer_config=\{'backend': 'mxfp4_rl'\} is needed"):
+        connect(NoTransfer())
+
+    class NoExtension(NoTransfer):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            raise AttributeError(f"Worker has no attribute '{method}'")
+
+        init_weight_transfer_engine = start_weight_update = update_weights = finish_weight_update = None
+
+    with pytest.raises(TypeError, match=r"does not answer mxfp4_sync_info.*worker_extension_cls='mxfp4_serve\.sync"):
+        connect(NoExtension())
