@@ -19,7 +19,9 @@ from torch import nn
 
 from common import quantize
 from common.audit import tensor_hash
+from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
+from common.errors import CheckpointError
 from common.moe.wire import (
     DENSE_DTYPES,
     FULL_KEY,
@@ -173,6 +175,10 @@ class EngineSync:
             codes, scales = q.codes.contiguous(), q.scales.contiguous()
         if bool((scales == E8M0_NAN).any()):
             raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
+        try:  # the scale bytes a checkpoint may not bring (common.checkpoint.validate): a sync may not either
+            check_scale_bytes(scales, self.profile, name)
+        except CheckpointError as exc:
+            raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
         h = tensor_hash(MXFP4Tensor(codes, scales, self.profile))
         expected = self._expected(entry, layer, weight)
         if h != expected:

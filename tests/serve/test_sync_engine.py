@@ -239,6 +239,9 @@ def _corrupt(case: str, q: common.MXFP4Tensor, name: str) -> dict:
     elif case == "nan scale":
         e["scales"] = q.scales.clone()
         e["scales"][1, 1, 1] = 0xFF
+    elif case == "inf-block scale":  # the flashinfer profile's Inf-block byte: a checkpoint may not bring it either
+        e["scales"] = q.scales.clone()
+        e["scales"][2, 0, 1] = 0xFE
     elif case == "truncated blob":
         e["codes"] = {"dtype": "uint8", "shape": list(q.codes.shape), "data": q.codes.numpy().tobytes()[:-5]}
     return e
@@ -249,6 +252,7 @@ def _corrupt(case: str, q: common.MXFP4Tensor, name: str) -> dict:
     ("dtype", r"field 'codes' must have dtype torch.uint8, got torch.int16"),
     ("shape", r"field 'scales' must have shape \[8, 128, 4\], got \[8, 128, 3\]"),
     ("nan scale", r"scale byte 0xFF"),
+    ("inf-block scale", r"scale byte 0xFE .* which profile 'flashinfer' reserves.*nothing was changed"),
     ("truncated blob", r"blob holds \d+ bytes, expected 65536 .*truncated or corrupted"),
 ])
 def test_corrupted_payload_is_refused_naming_the_parameter(case, msg):
