@@ -2,7 +2,8 @@
 
 A profile pins every choice where real quantizers differ: how the block scale is derived from the block
 absmax, how elements round, and what all-zero, tiny, Inf and NaN blocks become. One function
-(`common.reference.quantize_mxfp4` / `quantize_mxfp8`, and their Triton twins in common.kernels) implements all of them; the profile is data. A profile is chosen once per model
+(`common.reference.quantize_mxfp4` / `quantize_mxfp8`, and their Triton twins in common.kernels) implements all of
+them; the profile is data. A profile is chosen once per model
 and recorded in the checkpoint's `quantization_config` and in the engine's config; both sides read it from
 there, never from a default.
 

@@ -1,8 +1,8 @@
 """The weight loader of the MXFP4 MoE parameters: what vLLM calls as `param.weight_loader`.
 
 One expert's tensor arrives at a time (vLLM streams the checkpoint). Packed codes and E8M0 scales are checked
-(dtype, shape, scale bytes the profile reserves: common.checkpoint.validate.check_scale_bytes) and copied into this rank's slice; in online mode a bf16 projection is sliced for TP
-and quantized with the codec right away, so the layer never holds the bf16 expert stack. Bytes are those of the
+(dtype, shape, scale bytes the profile reserves: common.checkpoint.validate.check_scale_bytes) and copied into this
+rank's slice; in online mode a bf16 projection is sliced for TP and quantized with the codec right away, so the layer never holds the bf16 expert stack. Bytes are those of the
 offline converter because quantization is per row along K in 32-blocks, and the TP slice never breaks a block
 (shards.ExpertGeometry refuses such splits). Every (expert, shard, kind) written is recorded so that a checkpoint
 missing a tensor fails at `check_complete` instead of serving uninitialised memory.

@@ -42,7 +42,8 @@ class GateUpOrder(str, enum.Enum):
 GATE_UP_ORDERS = tuple(m.value for m in GateUpOrder)
 
 
-def split_gate_up(pre: torch.Tensor, order: str | GateUpOrder = GateUpOrder.HALVES) -> tuple[torch.Tensor, torch.Tensor]:
+def split_gate_up(pre: torch.Tensor,
+                  order: str | GateUpOrder = GateUpOrder.HALVES) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) columns of pre [..., 2I] in the given row order of w13."""
     if GateUpOrder.of(order) is GateUpOrder.INTERLEAVED:
         return pre[..., 0::2], pre[..., 1::2]
