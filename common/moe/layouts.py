@@ -50,13 +50,18 @@ class ExpertLayout(abc.ABC):
         """Parameter `name` (all local experts) in canonical bytes: a new tensor, or the parameter itself where this
         layout keeps it canonical (no copy on the hashing path; callers copy before mutating)."""
 
+    def all_to_canonical(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every parameter in canonical bytes (as to_canonical; a layout whose parameters convert jointly overrides
+        it to convert once)."""
+        return {n: self.to_canonical(params, n) for n in params}
+
     def write(self, params: Mapping[str, torch.Tensor], name: str, experts: torch.Tensor,
               values: torch.Tensor) -> None:
         """Set the canonical bytes of `name` for the given local experts, keeping the layout (the generic way:
         revert the touched experts, edit, convert them again)."""
         ids = _ids(experts, params[name].device)
         sliced = {n: p.index_select(0, ids) for n, p in params.items()}
-        canonical = {n: self.to_canonical(sliced, n) for n in sliced}
+        canonical = self.all_to_canonical(sliced)
         # a copy: to_layout converts in place, and the caller's values must stay as given
         canonical[name] = values.to(params[name].device, copy=True).reshape(canonical[name].shape)
         self.to_layout(canonical)
@@ -126,9 +131,13 @@ class FlashInferTrtllm(ExpertLayout):
                 dst.index_copy_(0, ids, new)
 
     def to_canonical(self, params, name):
+        return self.all_to_canonical(params)[name]
+
+    def all_to_canonical(self, params):
         from ..layouts import flashinfer_trtllm as fi
 
-        return fi.revert_experts(params)[name].reshape(params[name].shape)
+        # one revert for all: the shuffle and scale swizzle of a matrix are undone together
+        return {n: t.reshape(params[n].shape) for n, t in fi.revert_experts(params).items()}
 
 
 CANONICAL = Canonical()
