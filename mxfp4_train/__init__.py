@@ -9,15 +9,23 @@ from .grouped import grouped_mlp, register_backend
 from . import grouped_triton  # noqa: F401  (registers the fused GPU backend; imports triton lazily)
 from .lora import LoRASpec
 
+# The submodules the docs use by their dotted name after a plain `import mxfp4_train`
+# (`mxfp4_train.export.export_for_engine`, `mxfp4_train.sync.connect`, `mxfp4_train.parity.parity`). None of them
+# imports vLLM or triton at import time (tests/docs/test_public_api.py): the learner may run without either.
+from . import export, parity, sync
+
 __all__ = [
     "LoRASpec",
     "MXFP4Experts",
     "convert",
     "experts_modules",
+    "export",
     "grouped_mlp",
     "load_adapters",
     "load_mxfp4_model",
+    "parity",
     "register_backend",
     "save_adapters",
     "save_mxfp4_checkpoint",
+    "sync",
 ]
