@@ -43,6 +43,19 @@ def tensor_hash(q: MXFP4Tensor) -> str:
     return h.hexdigest()
 
 
+def dense_hash(kind: str, *tensors: torch.Tensor) -> str:
+    """sha256 hex digest over (domain, kind, each tensor's dtype and shape) + each tensor's bytes: the audit hash
+    of float tensors a sync carries unquantized (expert biases, expert LoRA factors, non-expert parameters).
+    Bytes, not values: -0.0 and +0.0 hash differently, as they are different weights to a bit-exactness claim."""
+    header = {"format": "dense", "kind": kind,
+              "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]}
+    h = hashlib.sha256(HASH_DOMAIN)
+    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for t in tensors:
+        _feed(h, t.detach().contiguous().reshape(-1).view(torch.uint8))
+    return h.hexdigest()
+
+
 def audit_hashes(mapping: Mapping) -> dict:
     """{key: tensor_hash(q)} for a mapping of MXFP4Tensors, keys kept in the mapping's order."""
     return {k: tensor_hash(v) for k, v in mapping.items()}

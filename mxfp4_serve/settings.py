@@ -14,7 +14,7 @@ from typing import Any
 
 from common import envs, get_profile
 from common.checkpoint.validate import check_quant_config
-from common.moe.quant_config import QUANT_METHOD, delegate_config
+from common.moe.quant_config import QUANT_METHOD, ExpertLoRAConfig, delegate_config, expert_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class ServeSettings:
     backend: str | None = None
     delegate: Mapping[str, Any] | None = None
     activations: str = "bf16"  # expert-input format: "bf16" (W4A16) or "mxfp8" (W4A8, B200 backend)
+    # expert adapters served unmerged (quantization_config "expert_lora"; mxfp4_serve.expert_lora), or None
+    expert_lora: ExpertLoRAConfig | None = None
 
     def __post_init__(self) -> None:
         get_profile(self.profile)  # raises UnknownProfileError listing the known profiles
@@ -82,13 +84,13 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
         cfg = check_quant_config(cfg, formats=FORMATS)
         return ServeSettings(profile=cfg["profile"], fmt=cfg["format"],
                              backend=_backend_override(cfg), delegate=delegate_config(cfg),
-                             activations=_activations(cfg))
+                             activations=_activations(cfg), expert_lora=expert_lora_config(cfg))
     if method in FOREIGN_MXFP4_METHODS:
         # Another tool's MXFP4 checkpoint, claimed because the user passed --quantization mxfp4_rl. The bytes are
         # fixed already; the profile only matters for later refits, so it comes from the user or the default.
         # claims_checkpoint only lets gpt-oss through, so the layout is gpt-oss's.
         return ServeSettings(profile=online_profile(), fmt="gpt-oss", backend=_backend_override(cfg),
-                             activations=_activations(cfg))
+                             activations=_activations(cfg), expert_lora=expert_lora_config(cfg))
     raise ValueError(f"mxfp4_rl cannot serve a checkpoint with quant_method {method!r}; expected {QUANT_METHOD!r} "
                      f"or one of {FOREIGN_MXFP4_METHODS}")
 

@@ -25,6 +25,15 @@ W2_SCALE = "w2_weight_scale"
 W13_BIAS = "w13_bias"
 W2_BIAS = "w2_bias"
 
+# Expert LoRA factors the engine keeps next to the packed experts when it serves adapters unmerged
+# (quantization_config "expert_lora"): A [E, R, K] and B [E, N, R] per packed weight, fp32, zero until a sync.
+W13_LORA_A = "w13_lora_a"
+W13_LORA_B = "w13_lora_b"
+W2_LORA_A = "w2_lora_a"
+W2_LORA_B = "w2_lora_b"
+LORA_FACTORS = {W13: (W13_LORA_A, W13_LORA_B), W2: (W2_LORA_A, W2_LORA_B)}
+BIAS_OF = {W13: W13_BIAS, W2: W2_BIAS}
+
 PACKED_WEIGHTS = (W13, W2)  # each paired with its scale_name()
 PACKED_PARAMS = (W13, W13_SCALE, W2, W2_SCALE)
 BIAS_PARAMS = (W13_BIAS, W2_BIAS)
@@ -59,3 +68,10 @@ def param_shapes(num_experts: int, hidden: int, intermediate: int, with_bias: bo
     if with_bias:
         shapes.update({W13_BIAS: (e, 2 * i), W2_BIAS: (e, h)})
     return shapes
+
+
+def lora_shapes(num_experts: int, hidden: int, intermediate: int, rank: int) -> dict[str, tuple]:
+    """Shapes of one layer's expert LoRA factors (LORA_FACTORS) at rank `rank` for the given (per-partition)
+    sizes: w13 (in H, out 2I rows [gate; up]) and w2 (in I, out H)."""
+    e, h, i, r = num_experts, hidden, intermediate, rank
+    return {W13_LORA_A: (e, r, h), W13_LORA_B: (e, 2 * i, r), W2_LORA_A: (e, r, i), W2_LORA_B: (e, h, r)}

@@ -8,7 +8,13 @@ One entry per packed weight (codes + scales of one MoE layer's w13 or w2), named
 - kind "packed": codes uint8 [E, N, K/2], scales uint8 [E, N, K/32] (canonical layout, w13 rows = [w1; w3]);
 - kind "delta":  index int32 [M, 3] of (expert, row, block) triples in the full tensor, codes uint8 [M, 16],
                  scales uint8 [M]; applied onto the bytes whose hash is `base_hash`;
-- kind "dense":  weight float [E, N, K] (bf16 / fp32) that the engine quantizes with ITS profile.
+- kind "dense":  weight float [E, N, K] (bf16 / fp32) that the engine quantizes with ITS profile;
+- kind "bias":   "<layer>.w13_bias" / "<layer>.w2_bias": tensor [E, N] in the engine's bias dtype (gpt-oss), rows
+                 canonical (w13 = [gate; up]);
+- kind "lora":   "<layer>.w13_lora" / "<layer>.w2_lora": the packed weight's adapter, served unmerged: a fp32 [E, r, K], b fp32
+                 [E, N, r] (w13 rows canonical), for an engine whose quantization_config has "expert_lora";
+- kind "param":  a non-expert parameter under its checkpoint name ("model.layers.0.self_attn.q_proj.weight"),
+                 tensor in the engine's dtype, loaded through the engine model's own load_weights.
 Each entry carries `hashes`: {shard key: audit hash} of what the rank holding that shard must end up serving (the
 key is `shard_key(descriptor)`, "full" for an unsharded engine; a descriptor is {"experts": [global ids], "rows":
 [[a, b], ...], "blocks": [b0, b1]}), and delta entries `base_hashes` likewise.
@@ -30,7 +36,8 @@ from ..errors import MXFP4Error
 from ..tensor import MXFP4Tensor
 
 PROTOCOL = "mxfp4_rl.sync/1"
-KINDS = ("packed", "delta", "dense")
+PACKED_KINDS = ("packed", "delta", "dense")  # the codes + scales of a packed expert weight
+KINDS = (*PACKED_KINDS, "bias", "lora", "param")
 FULL_KEY = "full"
 FILE_METADATA_KEY = "mxfp4_rl.sync"  # safetensors header entry holding the payload without its tensors
 DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -75,6 +82,48 @@ def shard_of(q: MXFP4Tensor, descriptor: dict | None) -> MXFP4Tensor:
         return t.index_select(0, experts).index_select(1, rows)[..., b0 * per_block:b1 * per_block].contiguous()
 
     return MXFP4Tensor(pick(q.codes, BLOCK_SIZE // 2), pick(q.scales, 1), q.profile)
+
+
+LORA_SUFFIX = "_lora"  # "<layer>.w13_lora" is the adapter of "<layer>.w13_weight"
+
+
+def lora_entry_name(weight_name: str) -> str:
+    """'<layer>.w13_weight' -> '<layer>.w13_lora'."""
+    return weight_name.removesuffix("_weight") + LORA_SUFFIX
+
+
+def _select(t: torch.Tensor, dim: int, index: list[int] | torch.Tensor) -> torch.Tensor:
+    return t.index_select(dim, torch.as_tensor(index, dtype=torch.long).to(t.device))
+
+
+def _rows(descriptor: dict) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in descriptor["rows"]])
+
+
+def bias_shard(bias: torch.Tensor, descriptor: dict | None, weight: str) -> torch.Tensor:
+    """The part of a full expert bias [E, N] that the engine rank whose packed `weight` ('w13_weight' /
+    'w2_weight') has this descriptor holds: w13 its rows; w2 all of it on the rank holding K's first block and
+    zeros elsewhere (row-parallel partial sums are all-reduced, so only one rank adds the bias)."""
+    if descriptor is None:
+        return bias
+    out = _select(bias, 0, descriptor["experts"])
+    if weight.startswith("w13"):
+        return _select(out, 1, _rows(descriptor)).contiguous()
+    return out.contiguous() if descriptor["blocks"][0] == 0 else torch.zeros_like(out)
+
+
+def lora_shard(a: torch.Tensor, b: torch.Tensor, descriptor: dict | None,
+               weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of full expert LoRA factors a [E, r, K], b [E, N, r] that the engine rank whose packed `weight` has
+    this descriptor holds: w13 (column parallel) its rows of b and all of a; w2 (row parallel) its K columns of a and
+    all of b (each rank adds (x_k a_k^T) b^T, a partial sum of x a^T b^T like its packed partial)."""
+    if descriptor is None:
+        return a, b
+    a, b = _select(a, 0, descriptor["experts"]), _select(b, 0, descriptor["experts"])
+    if weight.startswith("w13"):
+        return a.contiguous(), _select(b, 1, _rows(descriptor)).contiguous()
+    b0, b1 = descriptor["blocks"]
+    return a[..., b0 * BLOCK_SIZE:b1 * BLOCK_SIZE].contiguous(), b.contiguous()
 
 
 # ---- tensor encodings ---------------------------------------------------------------------------------------------
