@@ -36,7 +36,8 @@ from ..moe.quant_config import CODEC_VERSION, QUANT_METHOD, quantization_config 
 from ..profiles import get_profile
 from .archs import ArchSpec, ExpertSource, arch_spec, check_format
 from .safetensors_io import INDEX_NAME, CheckpointReader, TensorSpec, parse_size, write_sharded
-from .validate import ExpertHeader, check_experts, expert_dims, read_config
+from . import deepseek_v4
+from .validate import ExpertHeader, check_experts, check_scale_bytes, expert_dims, read_config
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Loader = Callable[[str], torch.Tensor]
@@ -123,13 +124,44 @@ def _fused_group(spec: ArchSpec, src: ExpertSource, shape, fmt: str, load: Loade
     return specs, produce
 
 
+def _passthrough_group(src: ExpertSource, reader: CheckpointReader, fmt: str, profile: str):
+    """An already-MXFP4 DeepSeek-V4 expert (int8 codes + float8_e8m0fnu `.scale`), copied byte for byte: the same
+    tensors (format deepseek-v4) or uint8 views of them (native)."""
+    stem = src.name.removesuffix(".weight")
+    n, half = reader.info[src.name].shape
+    specs = _packed_specs(stem, n, 2 * half, fmt)
+
+    def produce() -> dict[str, torch.Tensor]:
+        codes, scales = reader.get(src.name), reader.get(f"{stem}.scale")
+        check_scale_bytes(scales, profile, f"{stem}.scale")
+        if fmt != "deepseek-v4":
+            codes, scales = codes.view(torch.uint8), scales.view(torch.uint8)
+        return {specs[0].name: codes, specs[1].name: scales}
+
+    return specs, produce
+
+
 def plan_conversion(reader: CheckpointReader, spec: ArchSpec, fmt: str, profile: str,
                     device: str | torch.device = "cpu", config: dict | None = None):
     """[(output specs, producer, is_expert)] for every source tensor, in checkpoint order; reads headers only.
 
     Expert tensors are moved to device before quantizing (on CUDA the codec runs its Triton kernels, which give the
-    same bytes as the CPU reference); everything else is copied without leaving the host.
+    same bytes as the CPU reference); everything else is copied without leaving the host. A DeepSeek-V4-Flash
+    checkpoint as DeepSeek ships it (deepseek_v4.is_shipped) has MXFP4 experts already: they pass through byte for
+    byte after the shipped format's header checks (deepseek_v4.validate_shipped), never re-quantized.
     """
+    if deepseek_v4.is_shipped_checkpoint(reader.dir):  # the source (`config` is the output's)
+        deepseek_v4.validate_shipped(reader.dir)
+        plan = []
+        for name in reader.names():
+            info = reader.info[name]
+            src = spec.match(name)
+            if src is not None:
+                plan.append((*_passthrough_group(src, reader, fmt, profile), True))
+            elif not deepseek_v4.is_expert_tensor(name):  # expert `.scale`s travel with their weight
+                plan.append(([TensorSpec(name, info.dtype, info.shape)], lambda name=name: {name: reader.get(name)},
+                             False))
+        return plan
     plan, headers = [], []
 
     def load(name: str) -> torch.Tensor:
@@ -244,6 +276,11 @@ def _new_config(src: Path, profile: str, fmt: str) -> dict:
                               f"{type(old).__name__}")
     if old and str(old.get("quant_method", "")).lower() in ("mxfp4", QUANT_METHOD):
         raise ValueError(f"'{src}' is already an MXFP4 checkpoint (quant_method {old.get('quant_method')!r})")
+    if deepseek_v4.is_shipped_checkpoint(src) and profile != deepseek_v4.SHIPPED_PROFILE:
+        raise ValueError(f"'{src}' is DeepSeek-V4-Flash as DeepSeek ships it: its routed experts are already MXFP4, "
+                         f"quantized by DeepSeek's rule (profile {deepseek_v4.SHIPPED_PROFILE!r}); they pass through "
+                         f"byte for byte and the checkpoint records that profile: pass --profile "
+                         f"{deepseek_v4.SHIPPED_PROFILE} (got {profile!r})")
     config["quantization_config"] = quantization_config(profile, fmt, old)
     return config
 

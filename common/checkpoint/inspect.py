@@ -12,6 +12,7 @@ from .. import constants as C
 from ..audit import tensor_hash
 from ..errors import CheckpointError
 from ..moe.quant_config import QUANT_METHOD
+from . import deepseek_v4
 from .packed import iter_packed_experts, read_quantization_config
 from .safetensors_io import CheckpointReader
 from .validate import read_config
@@ -44,7 +45,9 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
         total_bytes, by_dtype = _tensor_totals(reader)
         n_files = len(reader.files)
     experts, hist, packed_params, packed_bytes = [], Counter(), 0, 0
-    if qc.get("quant_method") == QUANT_METHOD:  # validated as the learner and the engine validate it
+    # validated as the loaders validate it; DeepSeek-V4-Flash as shipped reads as mxfp4_rl (format deepseek-v4,
+    # profile deepseek_v4, its FP8 config as the delegate)
+    if qc.get("quant_method") == QUANT_METHOD or deepseek_v4.is_shipped_checkpoint(ckpt_dir):
         qc = read_quantization_config(ckpt_dir)[1]
         for (layer, expert, proj), q in iter_packed_experts(ckpt_dir):
             h = _exponent_hist(q.scales)
@@ -77,7 +80,14 @@ def format_report(report: dict, max_rows: int = 64) -> str:
     lines = [f"checkpoint  {report['path']}", f"model_type  {report['model_type']}",
              f"quantization {qc.get('quant_method', 'none')}"
              + (f"  profile={qc.get('profile')} format={qc.get('format')} block_size={qc.get('block_size')} "
-                f"codec_version={qc.get('codec_version')}" if qc.get("quant_method") == "mxfp4_rl" else ""),
+                f"codec_version={qc.get('codec_version')}" if qc.get("quant_method") == "mxfp4_rl" else "")]
+    if qc.get("source_format") == deepseek_v4.SHIPPED_FORMAT:
+        d = qc.get("delegate") or {}
+        lines.append(f"format      {deepseek_v4.SHIPPED_FORMAT} (as DeepSeek ships it: MXFP4 routed experts int8 + "
+                     f"float8_e8m0fnu .scale, read byte for byte; dense layers FP8 {d.get('fmt')} block "
+                     f"{d.get('weight_block_size')} scale_fmt {d.get('scale_fmt')}, delegated to "
+                     f"{d.get('quant_method')!r})")
+    lines += [
              f"files       {report['files']} safetensors, {report['bytes'] / 2**20:.2f} MiB "
              f"({', '.join(f'{k} {v / 2**20:.2f} MiB' for k, v in sorted(report['bytes_by_dtype'].items()))})"]
     if report["experts"]:

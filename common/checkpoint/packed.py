@@ -17,15 +17,27 @@ from ..layouts import deepseek_v4 as dsv4_layout
 from ..layouts import gpt_oss as gpt_oss_layout
 from ..tensor import MXFP4Tensor
 from .safetensors_io import CheckpointReader
-from .validate import PackedEntry, check_decoded_range, check_scale_bytes, read_config, validate_checkpoint
+from .validate import (PackedEntry, ValidatedCheckpoint, check_decoded_range, check_scale_bytes, read_config,
+                       validate_checkpoint)
 
 ExpertKey = tuple[int, int, str]  # (layer, expert, proj) with proj in gate / up / down
 
 
+def validated(ckpt_dir: str | Path) -> ValidatedCheckpoint:
+    """validate.validate_checkpoint for an mxfp4_rl checkpoint; for DeepSeek-V4-Flash as DeepSeek ships it (FP8
+    dense config, MXFP4 experts), the same header checks with the quantization_config it reads as
+    (deepseek_v4.effective_quant_config: format deepseek-v4, profile deepseek_v4, the FP8 config as delegate)."""
+    from . import deepseek_v4
+
+    if deepseek_v4.is_shipped_checkpoint(ckpt_dir):
+        return deepseek_v4.validate_shipped(ckpt_dir)
+    return validate_checkpoint(ckpt_dir)
+
+
 def read_quantization_config(ckpt_dir: str | Path) -> tuple[dict, dict]:
     """(config.json, its validated quantization_config) of an mxfp4_rl checkpoint (validate.validate_checkpoint:
-    the same checks as the engine's and inspect's, headers included)."""
-    v = validate_checkpoint(ckpt_dir)
+    the same checks as the engine's and inspect's, headers included), or of a shipped DeepSeek-V4-Flash one."""
+    v = validated(ckpt_dir)
     return v.config, v.quant_config
 
 
@@ -42,7 +54,7 @@ def iter_packed_experts(ckpt_dir: str | Path) -> Iterator[tuple[ExpertKey, MXFP4
 
     proj is "gate", "up" or "down" whatever the checkpoint calls them (DeepSeek w1 / w3 / w2).
     """
-    v = validate_checkpoint(ckpt_dir)
+    v = validated(ckpt_dir)
     profile = v.profile
     with CheckpointReader(ckpt_dir) as reader:
         if v.fmt == "gpt-oss":  # per layer: fused gate_up then down
