@@ -140,6 +140,8 @@ def _add_plugin_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="One MXFP4 codec for the RL learner and the vLLM engine.")
+    parser.add_argument("-q", "--quiet", dest="quiet_logs", action="store_true",
+                        help="only warnings and errors on stderr (results still go to stdout)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_core_commands(sub)
     _add_plugin_commands(sub)
@@ -164,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from .checkpoint.convert import Terminated
+    from .log import setup_command_logging
 
     args = build_parser().parse_args(argv)
+    # Results are printed on stdout; progress and messages go through logging on stderr (common/log.py).
+    # `mxfp4-rl -q CMD` is `CMD -q` too: no progress bars either.
+    args.quiet = args.quiet_logs or getattr(args, "quiet", False)
+    setup_command_logging(quiet=args.quiet)
     try:
         rc = args.func(args)
         sys.stdout.flush()

@@ -115,6 +115,12 @@ GG_AUTOTUNE = _declare(
     "MXFP4_GG_AUTOTUNE", "bool", True,
     "1: autotune the grouped GEMMs per shape bucket; 0: first candidate tile of the bucket (fast start, tests)")
 
+# ---- logging (common.log) ----
+LOG_LEVEL = _declare(
+    "MXFP4_RL_LOG_LEVEL", "choice", None,
+    "level of the common / mxfp4_serve / mxfp4_train loggers, printed on stderr (also inside a vLLM server); unset: "
+    "our commands log INFO (WARNING with --quiet) and library use leaves logging to the host application",
+    ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 # ---- tests ----
 FUZZ_CASES = _declare(

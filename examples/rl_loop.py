@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+# Per-step records are this example's results (stdout); progress goes to stderr through logging.
+log = logging.getLogger("mxfp4_train.examples.rl_loop")
 SYNC_EXTENSION = "mxfp4_serve.sync.worker.MXFP4SyncExtension"
 PROFILE = "flashinfer"
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                          "mxfp4_train.sync.connect over HTTP + Gloo")
     ap.add_argument("--checkpoint", type=Path, default=None, help="the MXFP4 checkpoint the server serves")
     args = ap.parse_args(argv)
+    from common.log import setup_command_logging
+
+    setup_command_logging()  # vLLM's own INFO lines (an in-process engine here) stay out of the results
     cfg = LoopConfig()
     records = []
     if args.engine_url:
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = build_checkpoint(args.workdir)
     t0 = time.monotonic()
     llm = start_engine(ckpt, cfg.seed, cuda_graphs=args.cuda_graphs)
-    print(f"engine up in {time.monotonic() - t0:.0f} s", flush=True)
+    log.info("engine up in %.0f s", time.monotonic() - t0)
     for mode in args.modes.split(","):
         records += run_mode(llm, ckpt, mode.strip(), args.steps, cfg)
     return _finish(records, args.json)

@@ -5,7 +5,7 @@ vLLM calls it in every process it starts (API server, engine core, workers), so 
 
 from __future__ import annotations
 
-import logging
+import os
 
 from .settings import QUANT_METHOD
 
@@ -15,13 +15,11 @@ MODEL_OVERRIDES = {"GptOssForCausalLM": "mxfp4_serve.models.gpt_oss:MXFP4GptOssF
 
 
 def _configure_logging() -> None:
-    log = logging.getLogger("mxfp4_serve")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    """Our loggers in a vLLM process: MXFP4_RL_LOG_LEVEL, else the level vLLM logs at (VLLM_LOGGING_LEVEL, INFO by
+    default), so an engine told to be quiet (our demo's, `mxfp4-rl -q`) is quiet about the plugin too."""
+    from common.log import apply_env
+
+    apply_env(default=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
 
 
 def register() -> None:

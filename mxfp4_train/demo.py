@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ ROWS = ("bf16 learner vs bf16 engine (floor)", "MXFP4 learner vs MXFP4 engine (o
 # distributions over 256 tokens, where any weight change barely moves log-probs; x6 gives peaked ones (a few
 # likely tokens per step, like a trained LM), so the effect of quantized experts on the sampled tokens is visible.
 LOGIT_SCALE = 6.0
+# Steps go to stderr through logging; the parity table and the byte check are the results, printed on stdout.
+log = logging.getLogger(__name__)
 
 
 def build_models(root: Path, profile: str, seed: int) -> tuple[Path, Path]:
@@ -37,7 +40,8 @@ def build_models(root: Path, profile: str, seed: int) -> tuple[Path, Path]:
     tensors = load_file(str(bf16 / "model.safetensors"))
     tensors["lm_head.weight"] = (tensors["lm_head.weight"].float() * LOGIT_SCALE).to(torch.bfloat16)
     save_file(tensors, str(bf16 / "model.safetensors"), metadata={"format": "pt"})
-    mx = quantize_checkpoint(bf16, root / f"tiny-qwen3-moe-mxfp4-{profile}", profile=profile, progress=True)
+    mx = quantize_checkpoint(bf16, root / f"tiny-qwen3-moe-mxfp4-{profile}", profile=profile,
+                             progress=log.isEnabledFor(logging.INFO))
     return bf16, mx
 
 
@@ -99,15 +103,15 @@ def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", 
 
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mxfp4-rl-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] tiny Qwen3-MoE (seed {seed}) and its MXFP4 checkpoint (profile {profile}) in {root}")
+    log.info("[1/4] tiny Qwen3-MoE (seed %d) and its MXFP4 checkpoint (profile %s) in %s", seed, profile, root)
     bf16_ckpt, mx_ckpt = build_models(root, profile, seed)
     ps = make_prompts(prompts, prompt_len, seed)
-    print(f"[2/4] rollouts: {prompts} prompts x {max_tokens} sampled tokens from each engine")
+    log.info("[2/4] rollouts: %d prompts x %d sampled tokens from each engine", prompts, max_tokens)
     ro_bf16 = sample_rollouts(str(bf16_ckpt), ps, quantization=None, max_tokens=max_tokens, seed=seed,
                               label="bf16 engine", engine_kwargs=engine_kwargs)
     ro_mx = sample_rollouts(str(mx_ckpt), ps, quantization="mxfp4_rl", max_tokens=max_tokens, seed=seed,
                             read_params=True, label="MXFP4 engine (mxfp4_rl)", engine_kwargs=engine_kwargs)
-    print("[3/4] learner forward on the same tokens (bf16, and MXFP4 fake-QAT)")
+    log.info("[3/4] learner forward on the same tokens (bf16, and MXFP4 fake-QAT)")
     bf16_learner, mx_learner = _load_learners(bf16_ckpt, profile)
     lp1, _ = learner_logprobs(bf16_learner, ro_bf16.prompts, ro_bf16.completions)
     lp2, experts = learner_logprobs(mx_learner, ro_mx.prompts, ro_mx.completions)
@@ -119,7 +123,7 @@ def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", 
               # per-token log-ratios, for tests that need the spread and not only the means
               "dlogp": dict(zip(ROWS, (lp1 - eng1.double(), lp2 - eng_mx.double(), lp3 - eng_mx.double()))),
               "per_expert": {"ours": per_expert(eng_mx, lp2, experts, 8), "common": per_expert(eng_mx, lp3, experts, 8)}}
-    print("[4/4] parity (tokens sampled by the engine; KL estimators of KL(engine || learner))")
+    log.info("[4/4] parity (tokens sampled by the engine; KL estimators of KL(engine || learner))")
     print(format_table(rows))
     print(_per_expert_table(result["per_expert"]))
     print(f"expert bytes identical: {'YES' if same else 'NO'} ({how})")
@@ -169,4 +173,6 @@ def register(subparsers) -> None:
     p.add_argument("--engine-kwargs", type=_json_object, default=None, metavar="JSON",
                    help='extra vllm.LLM arguments for both engines, e.g. \'{"attention_config": {"backend": '
                         '"TRITON_ATTN"}}\' where a vLLM build lacks FlashAttention')
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="results only: no steps or progress on stderr, engines log errors only")
     p.set_defaults(func=_cmd)

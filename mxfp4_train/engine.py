@@ -9,6 +9,7 @@ while an engine starts (about a minute on CPU).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -19,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from common.moe import served_expert_params
+
+log = logging.getLogger(__name__)
 
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # This child already isolates the engine, so vLLM runs its engine core in this process, and any worker process
@@ -101,7 +104,8 @@ def sample_rollouts(ckpt: str, prompts: list[list[int]], *, quantization: str | 
                                             read_params, dict(engine_kwargs or {})), daemon=False)
     proc.start()
     t0 = time.monotonic()
-    bar = tqdm(total=None, desc=f"vLLM {label}", bar_format="{desc}{postfix} [{elapsed}]", postfix="spawning")
+    bar = tqdm(total=None, desc=f"vLLM {label}", bar_format="{desc}{postfix} [{elapsed}]", postfix="spawning",
+               disable=not log.isEnabledFor(logging.INFO))  # progress is INFO: --quiet hides it
     try:
         while True:
             try:
