@@ -2,7 +2,7 @@
 """The engine's MoE layer against vLLM's own MXFP4 MoE on Hopper (Marlin), same GPU, same process, same weight
 bytes and routing: each timed eagerly and replayed from a CUDA graph (as vLLM runs decode), outputs compared.
 
-Needs vLLM 0.25 (../shared/vllm_device/ recipe on the lent GPU). Shape: DeepSeek-V4-Flash per GPU at EP=8 (hidden
+Needs vLLM 0.25 on a Hopper GPU. Shape: DeepSeek-V4-Flash per GPU at EP=8 (hidden
 4096, moe intermediate 2048, 32 local experts, top-6, silu). Marlin gets the same canonical bytes repacked by
 vLLM's own prepare_moe_mxfp4_layer_for_marlin; ours reads them in the engine's kb-major code layout (what the
 hopper_triton backend serves, with its one-multiply decode when every scale byte is <= 128), and once more

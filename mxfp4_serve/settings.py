@@ -18,12 +18,12 @@ from common.moe.quant_config import QUANT_METHOD, ExpertLoRAConfig, delegate_con
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint expert layouts (see DESIGN "The native MXFP4 checkpoint format"). "bf16" = unquantized experts that the
+# Checkpoint expert layouts (docs/serve.md, "What it serves"). "bf16" = unquantized experts that the
 # plugin quantizes at load with the codec (online mode).
 FORMATS = ("native", "gpt-oss", "deepseek-v4", "bf16")
 # quant_method names of other tools' MXFP4 checkpoints, claimed only when the user passes --quantization mxfp4_rl.
 FOREIGN_MXFP4_METHODS = ("mxfp4", "gpt_oss_mxfp4")
-# Model types whose routed experts this plugin serves (DESIGN "The engine plugin").
+# Model types whose routed experts this plugin serves.
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3")
 # Model types whose other-tool MXFP4 checkpoints (quant_method "mxfp4") we claim, and the layout they use.
 # DeepSeek-V4 checkpoints say quant_method "deepseek_v4_fp8" and need the FP8 delegate: not claimed yet.

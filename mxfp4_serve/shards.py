@@ -1,10 +1,11 @@
 """Shapes and tensor/expert-parallel shard arithmetic of one MoE layer's packed expert parameters.
 
-vLLM's MoE parameters (DESIGN "Layouts"): w13_weight uint8 [E, 2I, H/2] = [w1; w3] rows, w13_weight_scale uint8
-[E, 2I, H/32], w2_weight uint8 [E, H, I/2], w2_weight_scale uint8 [E, H, I/32], optional biases w13_bias [E, 2I] and
-w2_bias [E, H]. Under TP, w1/w3 (column parallel) are split along their output rows N = I, and w2 (row parallel)
-along its reduction axis K = I, i.e. (I/tp)/2 code bytes and (I/tp)/32 scale bytes per rank, which is only possible
-when I/tp is a multiple of the 32-element block. Under EP each rank holds E_local whole experts.
+vLLM's MoE parameters (docs/serve.md "Parameters, sharding, errors"): w13_weight uint8 [E, 2I, H/2] = [w1; w3] rows,
+w13_weight_scale uint8 [E, 2I, H/32], w2_weight uint8 [E, H, I/2], w2_weight_scale uint8 [E, H, I/32], optional
+biases w13_bias [E, 2I] and w2_bias [E, H]. Under TP, w1/w3 (column parallel) are split along their output rows N =
+I, and w2 (row parallel) along its reduction axis K = I, i.e. (I/tp)/2 code bytes and (I/tp)/32 scale bytes per
+rank, which is only possible when I/tp is a multiple of the 32-element block. Under EP each rank holds E_local whole
+experts.
 Pure torch: the unit tests drive it for TP=2 / EP=2 without an engine.
 """
 

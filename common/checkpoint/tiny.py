@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..moe.activations import SWIGLU_LIMIT
 
-# Shared tiny dims (see DESIGN): head_dim 64 because vLLM's CPU attention rejects smaller heads.
+# Shared tiny dims: head_dim 64 because vLLM's CPU attention rejects smaller heads.
 TINY_DIMS = {
     "vocab_size": 256,
     "hidden_size": 128,

@@ -2,7 +2,7 @@
 
 Documented disagreements, pinned here:
 - fp32 input: torchao's RCEIL takes ceil(float log2(amax/6)), which is one too small for amax just above 6 * 2^k
-  (the bit rule of DESIGN.md is exact; torchao's later fix uses bits too).
+  (the bit rule of docs/codec.md is exact; torchao's later fix uses bits too).
 - profile 'even' vs torchao EVEN: torchao multiplies code-0 blocks by 2^126, vLLM/Quark (our 'even') by 2^127.
 """
 

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import DOCKERFILE, REPO, missing_tool
 
-SUPPORTED_VLLM = "v0.25.0"  # the vLLM release that runs on our GPUs (see shared/vllm_device/README.md)
+SUPPORTED_VLLM = "v0.25.0"  # the vLLM release that runs on GPUs (docs/serve.md, "Version matrix")
 
 
 def instructions(path: Path, keyword: str) -> list[str]:
