@@ -105,6 +105,11 @@ HOPPER_ONE_MUL = _declare(
     "MXFP4_RL_HOPPER_ONE_MUL", "bool", True,
     "1: hopper_triton layers whose scale bytes are all <= 128 at load use the one-multiply decode (a later sync "
     "bringing a larger byte is refused); 0: always two multiplies")
+FINITE_GUARD = _declare(
+    "MXFP4_RL_FINITE_GUARD", "choice", "auto",
+    "a MoE layer whose output holds NaN/Inf stops the engine with an error naming the layer (HTTP 500, not NaN "
+    "log-probs): auto checks CPU engines; 1 also CUDA layers run eagerly (a host sync per layer; CUDA graphs are "
+    "never checked); 0 never", ("auto", "0", "1"))
 
 # ---- kernels (common.kernels, common.grouped_gemm) ----
 FAST_LAUNCH = _declare(

@@ -8,6 +8,7 @@ from common import moe
 
 from . import compat
 from .backends import DeviceInfo, select_backend
+from .finite_guard import checked as finite_checked
 from .loader import ExpertWeightLoader
 from .settings import ServeSettings
 from .shards import ExpertGeometry
@@ -97,5 +98,7 @@ class MXFP4MoEMethodMixin:
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               *args, **kwargs) -> torch.Tensor:
-        return self.backend.apply(layer, x, topk_weights, topk_ids, compat.activation_spec(layer),
-                                  compat.expert_map(layer), compat.apply_router_weight_on_input(layer))
+        out = self.backend.apply(layer, x, topk_weights, topk_ids, compat.activation_spec(layer),
+                                 compat.expert_map(layer), compat.apply_router_weight_on_input(layer))
+        # issue 26: NaN/Inf stops the engine naming this layer instead of reaching clients as NaN log-probs
+        return finite_checked(out, x, compat.layer_name(layer), self.backend.name)
