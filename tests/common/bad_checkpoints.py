@@ -74,6 +74,13 @@ CASES = {
     "expert_beyond_config": (_extra_expert, None,
                              r"tensor 'model\.layers\.0\.mlp\.experts\.8\.gate_proj\.weight': expert id 8 is not "
                              r"below the 8 routed experts of .*config\.json"),
+    "unknown_profile": (None, _qc(profile="flashinfer_v2"),
+                        r"quantization_config: unknown MXFP4 profile 'flashinfer_v2'; known profiles: "),
+    # every expert consistent with its siblings, but not with config.json (moe_intermediate_size 32, tensors 64)
+    "config_contradicts_experts": (None, lambda cfg: cfg.update(moe_intermediate_size=32),
+                                   r"tensor 'model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight': layer 0 gate "
+                                   r"must be \[N, K\] = \(32, 128\) per expert \(hidden_size 128, intermediate size 32 "
+                                   r"from .*config\.json\), got \(64, 128\)"),
     "transposed_header": (_transposed, None,
                           rf"tensor '{GATE2}\.weight': layer 0 gate must be \[N, K\] = \(64, 128\) per expert .*"
                           r"got \(128, 64\) \(transposed\?\)"),
