@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import common
-from common.checkpoint import CheckpointReader, iter_packed_experts, read_quantization_config, save_tensors
+from common.checkpoint import CheckpointReader, deepseek_v4, iter_packed_experts, read_quantization_config, save_tensors
 from common.checkpoint.convert import quantization_config
 from common.layouts import gpt_oss as gpt_oss_layout
 
@@ -77,7 +77,7 @@ def load_mxfp4_model(path: str | Path, mode: str = "lora", *, dtype: torch.dtype
     if by_layer:
         raise ValueError(f"checkpoint '{path}' holds packed experts for layers {sorted(by_layer)} that the model has no "
                          f"experts block for")
-    _load_dense(model, path, dtype)
+    _load_dense(model, path, dtype, model_type=config.get("model_type"))
     if mode == "lora":
         model.requires_grad_(False)
         if lora is not None:  # same adapters as convert(..., "lora"): routed experts and shared experts
@@ -97,29 +97,66 @@ def _to_qat(packed: MXFP4Experts) -> MXFP4Experts:
     return qat
 
 
-def _load_dense(model: nn.Module, path, dtype: torch.dtype) -> None:
+def _checkpoint_tensors(path, dtype: torch.dtype, model_type: str | None):
+    """(transformers name, loader, keep the stored dtype) of the checkpoint's tensors.
+
+    DeepSeek-V4 checkpoints use DeepSeek's own names and (as shipped) FP8 block-quantized dense weights:
+    deepseek_v4.iter_dense maps the names as transformers' conversion mapping does and decodes FP8 exactly (e4m3 x
+    2^(e-127) per 128x128 block) into the model dtype; its routed experts come from iter_packed_experts. A tensor
+    not decoded from FP8 keeps its stored dtype (fp32 hyper-connections and sinks, bf16 norms, int32 tid2eid), as
+    transformers' loader does for the shipped checkpoint: every DeepSeek name is renamed (the 'model.' prefix
+    included), and core_model_loading loads a renamed key of a pre-quantized checkpoint "with the same dtype from
+    the checkpoint"."""
+    if model_type == deepseek_v4.MODEL_TYPE:
+        for name, t, _, from_fp8 in deepseek_v4.iter_dense(path, dtype):
+            yield name, (lambda t=t: t), not from_fp8
+        return
+    with CheckpointReader(path) as reader:
+        for name in reader.names():
+            yield name, (lambda name=name: reader.get(name)), False
+
+
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype):
+    """The regex transformers' from_pretrained uses to keep `_keep_in_fp32_modules_strict` (and, for fp16,
+    `_keep_in_fp32_modules`) in fp32 (DeepSeek-V3/V4: hyper-connections, sinks, norms, the router bias), or None.
+    from_config builds every module in `dtype`; without this the learner's model would not be transformers'."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return None
+    from transformers.core_model_loading import build_glob_alternation
+
+    return build_glob_alternation(list(plan))[0]
+
+
+def _load_dense(model: nn.Module, path, dtype: torch.dtype, model_type: str | None = None) -> None:
     """Materialise every meta tensor left (non-expert weights, biases) and read them from the checkpoint."""
     model._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
     targets = dict(model.state_dict(keep_vars=True))
     packed_suffixes = (".weight", ".weight_scale")
     expert_prefixes = tuple(n + "." for n, _ in experts_modules(model))
     loaded = set()
-    with CheckpointReader(path) as reader:
-        for name in reader.names():
-            if name.startswith(expert_prefixes):
-                rest = name[len(next(p for p in expert_prefixes if name.startswith(p))):]
-                if rest in ("gate_up_proj_bias", "down_proj_bias"):  # gpt-oss biases live on the experts block
-                    name_in_model = name.rsplit(".", 1)[0] + (".b13" if rest.startswith("gate") else ".b2")
-                    targets[name_in_model].data.copy_(reader.get(name))
-                    loaded.add(name_in_model)
-                    continue
-                if (rest.split(".", 1)[0].isdigit() and rest.endswith(packed_suffixes)) or \
-                        rest.endswith(("_blocks", "_scales")):
-                    continue  # packed tensors (native per-expert or gpt-oss fused): already in the experts buffers
-            if name not in targets:
-                raise ValueError(f"checkpoint tensor '{name}' has no place in {type(model).__name__}")
-            targets[name].data.copy_(reader.get(name).to(targets[name].dtype))
-            loaded.add(name)
+    fp32 = _keep_in_fp32(model, dtype)
+    for name, get, keep_dtype in _checkpoint_tensors(path, dtype, model_type):
+        if name.startswith(expert_prefixes):
+            rest = name[len(next(p for p in expert_prefixes if name.startswith(p))):]
+            if rest in ("gate_up_proj_bias", "down_proj_bias"):  # gpt-oss biases live on the experts block
+                name_in_model = name.rsplit(".", 1)[0] + (".b13" if rest.startswith("gate") else ".b2")
+                targets[name_in_model].data.copy_(get())
+                loaded.add(name_in_model)
+                continue
+            if (rest.split(".", 1)[0].isdigit() and rest.endswith(packed_suffixes)) or \
+                    rest.endswith(("_blocks", "_scales")):
+                continue  # packed tensors (native per-expert or gpt-oss fused): already in the experts buffers
+        if name not in targets:
+            raise ValueError(f"checkpoint tensor '{name}' has no place in {type(model).__name__}")
+        t = targets[name]
+        if keep_dtype:
+            t.data = get()
+        elif fp32 is not None and t.is_floating_point() and fp32.search(name):
+            t.data = get().to(torch.float32)  # as from_pretrained: these modules stay fp32 in a bf16 model
+        else:
+            t.data.copy_(get().to(t.dtype))
+        loaded.add(name)
     # everything but the packed buffers / masters (filled from the packed experts) must come from the checkpoint
     filled = tuple(f"{p}{b}" for p in expert_prefixes for b in ("w13_codes", "w13_scales", "w2_codes", "w2_scales",
                                                                  "w13", "w2"))

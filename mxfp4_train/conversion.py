@@ -30,7 +30,16 @@ def is_hf_experts(module: nn.Module) -> bool:
 
 def activation_of(module: nn.Module) -> Activation:
     if getattr(module, "is_concatenated", True):
-        return Activation("glu", act_fn=module.act_fn)
+        # DeepSeek-V4's experts (and the models built on them) clamp gate / up at `limit` = config.swiglu_limit in
+        # their _apply_gate; gpt-oss's `limit` belongs to its interleaved clamp-swiglu (the branch below)
+        limit = getattr(module, "limit", None) if hasattr(module, "_apply_gate") else None
+        act = Activation("glu", act_fn=module.act_fn, clamp=None if limit is None else float(limit))
+        if hasattr(module, "_apply_gate"):  # other models' gates differ: compare behaviour, never guess
+            probe = torch.linspace(-3 * (act.clamp or 8), 3 * (act.clamp or 8), 64).view(2, 32)
+            if not torch.equal(module._apply_gate(probe), act(probe)):
+                raise ValueError(f"{type(module).__name__}._apply_gate is not act(gate) * up with gate/up clamped "
+                                 f"at {act.clamp}: this experts block's activation is not supported")
+        return act
     return Activation("clamp_swiglu", alpha=float(module.alpha), limit=float(module.limit))
 
 

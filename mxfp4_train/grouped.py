@@ -34,6 +34,9 @@ class Activation:
     act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     alpha: float = SWIGLU_ALPHA
     limit: float = SWIGLU_LIMIT
+    # glu only: DeepSeek-V4's swiglu_limit, gate clamped above and up to [-clamp, clamp] before act_fn(gate) * up
+    # (transformers DeepseekV4Experts._apply_gate, op for op); None = no clamp (Qwen3-MoE, DeepSeek-V3)
+    clamp: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("glu", "clamp_swiglu"):
@@ -49,6 +52,8 @@ class Activation:
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = split_gate_up(gate_up, self.gate_up)
         if self.kind == "glu":
+            if self.clamp is not None:
+                gate, up = gate.clamp(max=self.clamp), up.clamp(min=-self.clamp, max=self.clamp)
             return self.act_fn(gate) * up
         return clamp_swiglu(gate, up, self.alpha, self.limit)
 

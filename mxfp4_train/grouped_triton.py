@@ -21,6 +21,8 @@ def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
     """(kernel activation, w13 row layout, "") or (None, "", why the kernels cannot run it)."""
     act = ops.activation
     if act.kind == "glu":
+        if act.clamp is not None:
+            return None, "", f"glu clamped at swiglu_limit {act.clamp} (DeepSeek-V4): the kernels fuse plain silu only"
         probe = torch.linspace(-8, 8, 33)  # transformers' ACT2FN["silu"] is its own class: compare behaviour
         if torch.equal(act.act_fn(probe), nn.functional.silu(probe)):
             return "silu", act.gate_up.value, ""

@@ -205,9 +205,11 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
-def iter_dense(ckpt_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) of every non-expert tensor of a DeepSeek-V4 checkpoint (shipped, or mxfp4_rl in
-    DeepSeek's names): FP8 weights decoded with their block scales into `dtype`, everything else as stored."""
+def iter_dense(ckpt_dir: str | Path,
+               dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
+    """(transformers name, tensor, checkpoint name, decoded from FP8) of every non-expert tensor of a DeepSeek-V4
+    checkpoint (shipped, or mxfp4_rl in DeepSeek's names): FP8 weights decoded with their block scales into
+    `dtype`, everything else as stored."""
     with CheckpointReader(ckpt_dir) as reader:
         names = set(reader.names())
         for name in reader.names():
@@ -222,6 +224,6 @@ def iter_dense(ckpt_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Ite
                 if not name.endswith(".weight") or sname not in names:
                     raise CheckpointError(f"tensor '{name}' is FP8 (float8_e4m3fn) but has no block scale '{sname}' "
                                           f"in '{ckpt_dir}'")
-                yield hf_name(name), dequantize_fp8_block(reader.get(name), reader.get(sname), name, dtype)
+                yield hf_name(name), dequantize_fp8_block(reader.get(name), reader.get(sname), name, dtype), name, True
                 continue
-            yield hf_name(name), reader.get(name)
+            yield hf_name(name), reader.get(name), name, False
