@@ -48,7 +48,9 @@ def tiny_config(d: dict, *, shipped: bool = True) -> dict:
     cfg = {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "dtype": "bfloat16",
         **{k: v for k, v in d.items()}, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0,
+        # topk_method: vLLM 0.32's DeepSeek-V4 registers the router's score-correction bias only for noaux_tc
+        "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5, "swiglu_limit": 10.0,
         "hc_eps": 1e-6, "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "num_nextn_predict_layers": 0,
         "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "initializer_range": 0.02,
     }
