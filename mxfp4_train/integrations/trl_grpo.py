@@ -34,6 +34,7 @@ import logging
 import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration
 
 from ..checkpoint_io import load_mxfp4_model
@@ -74,15 +75,24 @@ class SyncRecord:
 
 
 class MXFP4VLLMGeneration(VLLMGeneration):
-    """TRL's in-process ("colocate") generation on an engine built by the caller; the weight push is our sync."""
+    """TRL's generation on an engine the caller started: an in-process vllm.LLM (TRL's "colocate" path) or the URL of
+    a `vllm serve` (TRL's "server" path, /v1/completions); the weight push is our sync either way."""
 
     def __init__(self, *, engine, refit, trainer: "MXFP4GRPOTrainer", audit: bool, **kwargs) -> None:
         self._engine, self.refit, self._trainer, self.audit = engine, refit, trainer, audit
         self.records: list[SyncRecord] = []
         self.last_rollout: dict | None = None
+        # "colocate" is TRL's name for an in-process vllm.LLM; _init_vllm switches to "server" for a URL
         super().__init__(mode="colocate", tensor_parallel_size=1, enable_sleep_mode=False, **kwargs)
 
     def _init_vllm(self) -> None:
+        if isinstance(self._engine, str):
+            # a running `vllm serve`: TRL's server mode samples through its /v1/completions (token ids in and out).
+            # TRL would also call init_communicator(), which opens vLLM's NCCL weight-transfer backend on the server;
+            # the server runs ours ("mxfp4_rl"), joined by `refit` (connect(url)) instead
+            self.mode = "server"
+            self.vllm_client = VLLMClient(base_url=self._engine, connection_timeout=self.server_timeout)
+            return
         # TRL would build LLM(model=model.name_or_path) here (no mxfp4_rl engine, no sync extension): use ours
         self.llm = self._engine
         if self._engine.model_config.skip_tokenizer_init:
@@ -114,19 +124,18 @@ class MXFP4VLLMGeneration(VLLMGeneration):
 
 
 class MXFP4GRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose rollouts come from `engine` (a vllm.LLM serving mxfp4_rl with the sync extension) and whose
-    weight sync is `refit.sync(model)` (`refit = mxfp4_train.sync.connect(engine)`, or `mxfp4_train.sync.WeightSync`
-    for an engine started without the weight-transfer config). `audit`: re-read the engine's hashes after each sync.
-    """
+    """GRPOTrainer whose rollouts come from `engine` and whose weight sync is `refit.sync(model)`.
+
+    engine: a vllm.LLM serving mxfp4_rl with the sync extension, or the URL of such a `vllm serve` (dev mode, for
+    the weight-transfer endpoints). refit: `mxfp4_train.sync.connect(engine)` (or `mxfp4_train.sync.WeightSync(llm)`
+    for an in-process engine started without the weight-transfer config). audit: re-read the engine's hashes after
+    each sync."""
 
     def __init__(self, model: nn.Module, reward_funcs, *, engine, refit, args: GRPOConfig, audit: bool = True,
                  **kwargs) -> None:
         if getattr(model, "mxfp4_rl", None) is None:
             raise TypeError("MXFP4GRPOTrainer: the model must be an MXFP4 learner (load_learner(ckpt, mode) or "
                             "mxfp4_train.load_mxfp4_model); the sync carries its packed experts")
-        if isinstance(engine, str):
-            raise TypeError("MXFP4GRPOTrainer: pass an in-process vllm.LLM; for a running `vllm serve` see "
-                            "docs/frameworks.md (TRL's rollout_func + connect(url))")
         # With use_vllm on, GRPOTrainer.__init__ builds its own vllm.LLM (or a client of `trl vllm-serve`): build
         # the trainer without it, then attach generation on our engine. Restored at once: TRL reads args later.
         args.use_vllm = False
