@@ -10,18 +10,20 @@
     trainer.train()          # before each rollout after an optimizer step: [merge_lora +] refit.sync(model)
 
 What changes against a stock GRPOTrainer(use_vllm=True), and why:
-- the engine is passed in, not built by TRL: TRL's colocate mode builds `LLM(model=model.name_or_path)` without our
-  quantization, weight-transfer engine or worker extension, and its server mode needs `trl vllm-serve`;
+- the engine is passed in (an in-process vllm.LLM, or the URL of a `vllm serve` for TRL's server path), not built
+  or joined by TRL: TRL's colocate mode builds `LLM(model=model.name_or_path)` without our quantization,
+  weight-transfer engine or worker extension, and its server mode opens vLLM's NCCL weight-transfer backend;
 - the weight push is ours: TRL pushes `named_parameters()` through `load_weights` (colocate) or an NCCL broadcast
-  (server), i.e. bf16 tensors under transformers names. Our learner's experts are packed codes + scales (LoRA mode)
-  or fp32 masters (QAT mode) under names vLLM's model does not have, and the engine serves MXFP4 bytes that only
-  the codec may write. `sync_weights` therefore merges LoRA adapters into the packed bytes (vLLM cannot serve MoE
-  LoRA on our method) and calls `refit.sync(model)`, which raises unless the engine's audit hashes equal the
-  learner's; every SyncReport is kept in `trainer.sync_records`;
+  through vLLM's weight-transfer API (server), i.e. bf16 tensors under transformers names. Our learner's experts
+  are packed codes + scales (LoRA mode) or fp32 masters (QAT mode) under names vLLM's model does not have, and the
+  engine serves MXFP4 bytes that only the codec may write. `sync_weights` therefore merges LoRA adapters into the
+  packed bytes (vLLM cannot serve MoE LoRA on our method) and calls `refit.sync(model)`, which raises unless the
+  engine's audit hashes equal the learner's; every SyncReport is kept in `trainer.sync_records`;
 - everything else is TRL's: sampling, rewards, advantages, loss, its importance-sampling correction with the engine's
   log-probs, and its metric `sampling/sampling_logp_difference/max` (rollout vs learner |dlogp| on the sampled
   tokens), which is at the fp32 floor when the sync is exact.
-Tested with trl 1.16 (tests/e2e/test_framework_trl.py); the subclassed hooks (`VLLMGeneration._init_vllm`,
+One training process (no DDP/FSDP/DeepSpeed learner). Tested with trl 1.16 (tests/e2e/test_framework_trl.py;
+the server path by hand, docs/frameworks.md); the subclassed hooks (`VLLMGeneration._init_vllm`,
 `sync_weights`, `generate`; `GRPOTrainer.vllm_generation`, `_last_loaded_step`) are TRL internals, hence the pin in
 the `rl` extra.
 """
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 __all__ = ["MXFP4GRPOTrainer", "MXFP4VLLMGeneration", "SyncRecord", "load_learner"]
 
 
-def load_learner(ckpt, mode: str, *, dtype: torch.dtype = torch.float32, lora: LoRASpec | None = LoRASpec()) -> nn.Module:
+def load_learner(ckpt, mode: str, *, dtype: torch.dtype = torch.float32,
+                 lora: LoRASpec | None = LoRASpec()) -> nn.Module:
     """The learner as the sync can carry it: only what the payload holds is trainable.
 
     lora: the per-expert adapters (load_mxfp4_model freezes the rest). qat: the expert masters only, in `dtype`: the
@@ -136,13 +139,19 @@ class MXFP4GRPOTrainer(GRPOTrainer):
         if getattr(model, "mxfp4_rl", None) is None:
             raise TypeError("MXFP4GRPOTrainer: the model must be an MXFP4 learner (load_learner(ckpt, mode) or "
                             "mxfp4_train.load_mxfp4_model); the sync carries its packed experts")
-        # With use_vllm on, GRPOTrainer.__init__ builds its own vllm.LLM (or a client of `trl vllm-serve`): build
-        # the trainer without it, then attach generation on our engine. Restored at once: TRL reads args later.
+        # With use_vllm on, GRPOTrainer.__init__ builds its own vllm.LLM (or joins the server's weight-transfer engine
+        # over NCCL): build the trainer without it, then attach generation on our engine. Restored at once: TRL reads
+        # args later.
         args.use_vllm = False
         try:
             super().__init__(model, reward_funcs, args=args, **kwargs)
         finally:
             args.use_vllm = True
+        if self.accelerator.num_processes > 1:
+            # refit.sync sends the whole model from this process; a sharded (DDP/FSDP/DeepSpeed) learner would need
+            # one sender gathering the experts, which this adapter does not do
+            raise NotImplementedError("MXFP4GRPOTrainer: one training process only (got "
+                                      f"{self.accelerator.num_processes}); see docs/frameworks.md")
         self.use_vllm = True
         self.vllm_generation = MXFP4VLLMGeneration(
             engine=engine, refit=refit, trainer=self, audit=audit,
