@@ -3,6 +3,7 @@
     pip install -e '.[rl]'                                # trl
     python examples/trl_grpo.py --modes qat,lora --steps 3 [--json out.json]
     python examples/trl_grpo.py --engine-url http://127.0.0.1:8000 --checkpoint CKPT   # a running vllm serve
+    python examples/trl_grpo.py --transport nccl     # on GPUs: learner and engine workers on different devices
 
 Runs on CPU in about two minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download) and a word-level
 tokenizer built here ("<0>" .. "<255>" = token ids, so TRL's text prompts are token ids). One vLLM engine serves the
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--weight-transfer-config '{\"backend\": \"mxfp4_rl\"}', the sync worker extension; "
                          "docs/frameworks.md) instead of starting an engine")
     ap.add_argument("--checkpoint", type=Path, default=None, help="the MXFP4 checkpoint the server serves")
+    ap.add_argument("--transport", default="gloo", choices=("gloo", "nccl"),
+                    help="sync data plane: gloo (CPU, or learner and engine on one GPU: NCCL cannot put two ranks "
+                         "on one device) or nccl (learner and engine workers on different GPUs)")
     args = ap.parse_args(argv)
     cfg = TrainConfig()
     # vLLM logs INFO lines to stdout, between the table's rows: keep its warnings and errors, on stderr
@@ -229,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine up in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     from mxfp4_train.sync import connect
 
-    # NCCL when the learner and the engine workers hold GPUs; Gloo moves CPU tensors
-    refit = connect(engine, transport="nccl" if torch.cuda.is_available() else "gloo")
+    refit = connect(engine, transport=args.transport)
     rows = []
     for mode in args.modes.split(","):
         rows += train(engine, refit, ckpt, mode.strip(), args.steps, cfg, workdir)
