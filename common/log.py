@@ -7,7 +7,8 @@ shown (Python's last-resort handler prints our warnings on stderr when nobody co
 - `MXFP4_RL_LOG_LEVEL` (common.envs) sets that level there, and when `mxfp4_train` is imported, as vLLM's
   `VLLM_LOGGING_LEVEL` does for its own logger;
 - our commands (`mxfp4-rl`, the demo, the examples) call `setup_command_logging`: results go to stdout (print),
-  everything else (progress, info, warnings) to stderr through logging; `--quiet` keeps warnings and errors only.
+  everything else (progress, info, warnings) to stderr through logging; `--quiet` keeps warnings and errors only;
+  the vLLM engines they start log errors only, on stderr (`VLLM_LOGGING_LEVEL` / `VLLM_LOGGING_STREAM` override).
 """
 
 from __future__ import annotations
@@ -59,11 +60,17 @@ def apply_env(default: str | None = None) -> None:
         configure(level)
 
 
+# What the vLLM engines our commands start (in process, or children inheriting the environment) log, unless the
+# user set these: errors only, on stderr. vLLM logs to stdout by default, between our results; its warnings there
+# are about its own CPU set-up (tcmalloc, oneDNN, Triton), ~40 lines per engine, none actionable by our command.
+QUIET_VLLM = {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+
+
 def setup_command_logging(quiet: bool = False) -> str:
-    """For our own commands. Level: WARNING with --quiet, else `MXFP4_RL_LOG_LEVEL`, else INFO. Engines these
-    commands start (child processes inherit the environment) log at WARNING (ERROR with --quiet) unless the user
-    set `VLLM_LOGGING_LEVEL`: vLLM's INFO lines are not our command's results. Returns the level."""
+    """For our own commands. Level: WARNING with --quiet, else `MXFP4_RL_LOG_LEVEL`, else INFO; vLLM engines they
+    start: QUIET_VLLM unless the user set those variables. Returns our level."""
     level = "WARNING" if quiet else (envs.LOG_LEVEL.get() or "INFO")
     configure(level)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if quiet else "WARNING")
+    for k, v in QUIET_VLLM.items():
+        os.environ.setdefault(k, v)
     return level

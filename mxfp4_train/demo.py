@@ -174,5 +174,5 @@ def register(subparsers) -> None:
                    help='extra vllm.LLM arguments for both engines, e.g. \'{"attention_config": {"backend": '
                         '"TRITON_ATTN"}}\' where a vLLM build lacks FlashAttention')
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="results only: no steps or progress on stderr, engines log errors only")
+                   help="results only: no steps or progress bars on stderr")
     p.set_defaults(func=_cmd)

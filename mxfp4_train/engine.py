@@ -19,6 +19,7 @@ import traceback
 import torch
 from tqdm.auto import tqdm
 
+from common.log import QUIET_VLLM
 from common.moe import served_expert_params
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def _child(q, ckpt: str, quantization: str | None, prompts, max_tokens: int, see
                 os.environ.setdefault(k, v)
         for k, v in CHILD_ENV.items():
             os.environ.setdefault(k, v)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's output readable
+        for k, v in QUIET_VLLM.items():  # the demo's results on stdout stay readable (also when run as a library)
+            os.environ.setdefault(k, v)
         q.put(("status", "importing vllm"))
         from vllm import LLM, SamplingParams
 

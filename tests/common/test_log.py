@@ -31,23 +31,25 @@ def test_library_code_logs_instead_of_printing():
 
 def test_cli_results_on_stdout_and_quiet_stderr(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
     assert cli.main(["-q", "example", "--out", str(tmp_path / "a")]) == 0
     out, err = capsys.readouterr()
     assert "verified: all" in out and "MXFP4 checkpoint" in out
     assert err == ""  # no progress bar, no info lines
-    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"  # for any engine a command starts (the demo's children)
+    # for any engine a command starts (the demo's children): errors only, and on stderr (vLLM's default is stdout)
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
 
 
 def test_a_level_the_user_set_for_vllm_is_kept(monkeypatch):
     from common.log import setup_command_logging
 
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stdout")
     assert setup_command_logging(quiet=True) == "WARNING"
-    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
-    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    assert (os.environ["VLLM_LOGGING_LEVEL"], os.environ["VLLM_LOGGING_STREAM"]) == ("DEBUG", "ext://sys.stdout")
     monkeypatch.setenv("MXFP4_RL_LOG_LEVEL", "ERROR")
     assert setup_command_logging() == "ERROR"
-    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
 
 
 def _learner_logs(level: str | None) -> subprocess.CompletedProcess:
