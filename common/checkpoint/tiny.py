@@ -42,7 +42,7 @@ DEEPSEEK_DIMS = {
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
 }
-ARCHS = ("qwen3_moe", "gpt_oss", "deepseek_v3")
+ARCHS = ("qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
 # Large enough that the routed experts visibly change the logits (so parity tests measure something), small enough
 # that activations stay far from bf16 overflow through 2 layers.
 DEFAULT_INIT_STD = 0.05
@@ -170,14 +170,45 @@ def _deepseek_v3(d: dict, dtype: torch.dtype):
     return cfg, tensors
 
 
-_BUILDERS = {"qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek_v3}
+def _glm4_moe(d: dict, dtype: torch.dtype):
+    """GLM-4.5 / 4.6 / 4.7 MoE (Glm4MoeForCausalLM): GQA attention with q/k/v biases and partial rotary, layer 0
+    dense (first_k_dense_replace), then sigmoid-routed experts with a score-correction bias and a shared expert:
+    DeepSeek-V3's MoE block under Qwen-style attention. Names as the released checkpoints (zai-org/GLM-4.5-Air)."""
+    cfg = _base_config(d, "glm4_moe", "Glm4MoeForCausalLM", dtype)
+    cfg.update(head_dim=d["head_dim"], n_routed_experts=d["num_experts"],
+               moe_intermediate_size=d["moe_intermediate_size"], intermediate_size=d["intermediate_size"],
+               n_shared_experts=d["n_shared_experts"],
+               first_k_dense_replace=d["first_k_dense_replace"], n_group=1, topk_group=1, norm_topk_prob=True,
+               routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0,
+               partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                           "partial_rotary_factor": 0.5})
+    h = d["hidden_size"]
+    tensors = _common_tensors(d)
+    for layer in range(d["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        tensors += [t for t in _gqa_attention(d, layer, bias=True) if not t[0].endswith("o_proj.bias")]
+        if layer < d["first_k_dense_replace"]:
+            tensors += _per_expert_mlp(f"{p}.mlp", h, d["intermediate_size"])
+            continue
+        tensors += [(f"{p}.mlp.gate.weight", (d["num_experts"], h), "w"),
+                    (f"{p}.mlp.gate.e_score_correction_bias", (d["num_experts"],), "zero")]
+        tensors += _per_expert_mlp(f"{p}.mlp.shared_experts", h, d["moe_intermediate_size"] * d["n_shared_experts"])
+        for e in range(d["num_experts"]):
+            tensors += _per_expert_mlp(f"{p}.mlp.experts.{e}", h, d["moe_intermediate_size"])
+    return cfg, tensors
+
+
+_BUILDERS = {"qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe}
+# GLM-4 MoE: the DeepSeek-V3 MoE keys it shares (dense first layer, shared expert); no MLA
+GLM4_DIMS = {"intermediate_size": 128, "n_shared_experts": 1, "first_k_dense_replace": 1}
 
 
 def tiny_dims(arch: str, **overrides) -> dict:
     """The dims write_tiny_checkpoint uses for arch, with overrides applied (unknown keys are refused)."""
     if arch not in _BUILDERS:
         raise ValueError(f"unknown tiny arch {arch!r}; supported: {', '.join(ARCHS)}")
-    dims = {**TINY_DIMS, **(DEEPSEEK_DIMS if arch == "deepseek_v3" else {})}
+    extra = {"deepseek_v3": DEEPSEEK_DIMS, "glm4_moe": GLM4_DIMS}.get(arch, {})
+    dims = {**TINY_DIMS, **extra}
     bad = sorted(set(overrides) - set(dims))
     if bad:
         raise ValueError(f"unknown dim override(s) {bad} for tiny {arch}; allowed: {sorted(dims)}")

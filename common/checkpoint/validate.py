@@ -37,6 +37,7 @@ DIM_KEYS = {
     "qwen3_moe": ("num_experts", "moe_intermediate_size"),
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v4": ("n_routed_experts", "moe_intermediate_size"),
+    "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
     "gpt_oss": ("num_local_experts", "intermediate_size"),
 }
 QUANT_CONFIG_WHERE = "mxfp4_rl quantization_config"
