@@ -68,7 +68,6 @@ _HF_PROJS = {v: k for k, v in HF_PROJ_NAMES.items()}
 ARCHS: dict[str, ArchSpec] = {
     "qwen3_moe": ArchSpec("qwen3_moe", _PER_EXPERT_HF, _HF_PROJS, ("native",)),
     "deepseek_v3": ArchSpec("deepseek_v3", _PER_EXPERT_HF, _HF_PROJS, ("native",)),
-    "glm4_moe": ArchSpec("glm4_moe", _PER_EXPERT_HF, _HF_PROJS, ("native",)),  # GLM-4.5/4.6/4.7 MoE
     "gpt_oss": ArchSpec("gpt_oss", r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)",
                         {v: k for k, v in GPT_OSS_FUSED_NAMES.items()}, ("native", "gpt-oss"), fused=True),
     "deepseek_v4": ArchSpec("deepseek_v4", r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight",
@@ -76,6 +75,7 @@ ARCHS: dict[str, ArchSpec] = {
                             native_template="layers.{layer}.ffn.experts.{expert}.{proj}",
                             native_pattern=r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.(weight|weight_scale)",
                             native_proj_names=dict(DEEPSEEK_V4_PROJ_NAMES)),
+    "glm4_moe": ArchSpec("glm4_moe", _PER_EXPERT_HF, _HF_PROJS, ("native",)),  # GLM-4.5/4.6/4.7 MoE
 }
 
 
