@@ -21,20 +21,67 @@ def _rand(seed: int, *shape: int) -> MXFP4Tensor:
                        torch.randint(0, 255, (*lead, n, k // 32), generator=g, dtype=torch.uint8), PROFILE)
 
 
+def _fingerprint_by_the_spec(data: bytes) -> bytes:
+    """common/fingerprint.py's definition in plain Python integers (no torch, no Triton)."""
+    from common.fingerprint import LANES
+
+    m64 = (1 << 64) - 1
+    padded = data + bytes((-len(data)) % 8)
+    sums = [0, 0]
+    for i in range(len(padded) // 8):
+        w = int.from_bytes(padded[8 * i:8 * i + 8], "little")
+        for lane, (a, b, m1, m2) in enumerate(LANES):
+            x = (((i * a + b) & m64) ^ w) * m1 & m64
+            x ^= x >> 32
+            sums[lane] = (sums[lane] + (x * m2 & m64)) & m64
+    return b"".join(s.to_bytes(8, "little") for s in sums) + len(data).to_bytes(8, "little")
+
+
 def test_hash_follows_its_documented_definition():
-    """Recompute the digest from the spec (domain, JSON header, codes, scales) without calling common.audit."""
+    """Recompute the digest from the spec (domain, JSON header, fingerprints of codes and scales) with plain Python
+    integers, without calling common.audit or common.fingerprint's code."""
     q = _rand(0, 3, 4, 64)
     header = json.dumps({"block_size": 32, "dtype": "uint8", "format": "mxfp4", "profile": PROFILE,
                          "shape": [3, 4, 64]}, sort_keys=True, separators=(",", ":")).encode()
-    want = hashlib.sha256(b"mxfp4_rl/audit/v1\0" + header + q.codes.numpy().tobytes() + q.scales.numpy().tobytes())
+    want = hashlib.sha256(b"mxfp4_rl/audit/v2\0" + header + _fingerprint_by_the_spec(q.codes.numpy().tobytes())
+                          + _fingerprint_by_the_spec(q.scales.numpy().tobytes()))
     assert tensor_hash(q) == want.hexdigest()
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 8, 9, 4096 * 8 + 3])
+def test_fingerprint_kernel_torch_and_spec_agree(nbytes):
+    """The Triton kernel (interpreter on CPU, native on a GPU) and the torch loop give the spec's value; odd lengths
+    and an unaligned start (a slice at byte offset 3) included."""
+    from common.fingerprint import _lanes_torch, fingerprint, words_of
+    from common.kernels.fingerprint import lanes_triton
+
+    g = torch.Generator().manual_seed(nbytes)
+    base = torch.randint(0, 256, (nbytes + 3,), generator=g, dtype=torch.uint8)
+    t = base[3:]
+    want = _fingerprint_by_the_spec(t.numpy().tobytes())
+    assert fingerprint(t) == want
+    if nbytes:
+        words = words_of(t.cuda() if torch.cuda.is_available() else t)
+        assert lanes_triton(words) == _lanes_torch(words.cpu())
+
+
+def test_fingerprint_sees_moved_and_flipped_words():
+    from common.fingerprint import fingerprint
+
+    t = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    swapped = t.view(-1, 8).flip(0).reshape(-1)  # the same words in another order
+    flipped = t.clone()
+    flipped[517] ^= 0x40
+    zeros = torch.zeros(1024, dtype=torch.uint8)
+    prints = {fingerprint(x) for x in (t, swapped, flipped, zeros, zeros[:1016])}
+    assert len(prints) == 5
 
 
 def test_hash_golden_value_is_stable_across_releases():
     codes = torch.arange(32, dtype=torch.uint8).reshape(2, 16)
     q = MXFP4Tensor(codes, torch.tensor([[127], [130]], dtype=torch.uint8), "ocp")
-    # Pinned: a change here breaks hash comparisons between mixed learner/engine versions.
-    assert tensor_hash(q) == "fea14142435da6ad1c71c1a9bc902864e230a5e63ee3423e34443b57bd58b2b0"
+    # Pinned: a change here breaks hash comparisons between mixed learner/engine versions (bump HASH_DOMAIN).
+    assert tensor_hash(q) == "5538e7c645185f08c2b0437e04d89537a1beaec22e7623d5fe8d24f248a82e5a"
 
 
 def test_hash_ignores_strides_and_sees_every_field():
