@@ -2,7 +2,7 @@
 
     llm = vllm.LLM(model=ckpt, weight_transfer_config={"backend": "mxfp4_rl"},
                    worker_extension_cls="mxfp4_serve.sync.worker.MXFP4SyncExtension", ...)
-    refit = mxfp4_train.sync.connect(llm, transport="gloo")      # "nccl" when learner and engine hold GPUs
+    refit = mxfp4_train.sync.connect(llm, transport="gloo")      # "nccl" / "ipc" (colocated) on GPUs
     report = refit.sync(model)                                   # raises unless the engine serves the learner's bytes
 
 What goes where:
@@ -110,7 +110,7 @@ class TransferSync(WeightSync):
         if not self._started:
             self._start()
         # every chunk names all weights of the sync: an update that stops early is dropped at finish, never served
-        header = {**transport.header_of(payload), "expect": getattr(self, "_expect", None)}
+        header = {**self.channel.header(payload), "expect": getattr(self, "_expect", None)}
         receiving = _Background(lambda: self.llm.update_weights({"update_info": {"header": header}}),
                                 "update_weights")
         try:
@@ -128,7 +128,8 @@ class TransferSync(WeightSync):
             except TypeError:  # vLLM 0.25's LLM.finish_weight_update takes no version
                 self.llm.finish_weight_update()
         infos = self.engine.rpc("mxfp4_sync_info")
-        return [{"version": i["version"], "hashes": {n: w["hash"] for n, w in i["weights"].items()}} for i in infos]
+        return [{"version": i["version"], "hashes": {**{n: w["hash"] for n, w in i["weights"].items()},
+                                                     **(i.get("params") or {})}} for i in infos]
 
     def _abort(self, sync_id: str) -> None:
         # the engine drops an unfinished update at the next start_weight_update; nothing of it was served
@@ -146,6 +147,7 @@ def connect(engine, *, transport: str = "gloo", master_address: str = "127.0.0.1
             timeout_s: float = 300.0) -> TransferSync:
     """Join `engine` (a vllm.LLM started with weight_transfer_config={"backend": "mxfp4_rl"} and the
     MXFP4SyncExtension worker extension) for syncs through vLLM's weight-update protocol. `transport`: "gloo"
-    (CPU tensors, any machine) or "nccl" (learner and engine workers on GPUs)."""
+    (CPU tensors, any machine), "nccl" (learner and engine workers on GPUs) or "ipc" (learner colocated with the
+    engine on one GPU: the payload is shared through a CUDA IPC handle, no copy through a group)."""
     return TransferSync(EngineHandle.of(engine), transport_name=transport, master_address=master_address,
                         master_port=master_port, timeout_s=timeout_s)

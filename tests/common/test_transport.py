@@ -90,7 +90,7 @@ def test_bad_transfer_headers_are_refused_before_anything_is_received():
         ch.receive_tensors({"entries": [{"name": "w", "kind": "packed", "fields": {"codes": ["float4", [2]]}}]})
     with pytest.raises(RuntimeError, match="only rank 0 \\(the learner\\) sends; this is rank 1"):
         ch.send_tensors({"entries": []})
-    with pytest.raises(ValueError, match=r"unknown weight-transfer transport 'tcp'; expected one of \('gloo', 'nccl'\)"):
+    with pytest.raises(ValueError, match=r"unknown weight-transfer transport 'tcp'; expected one of \('gloo', 'nccl', 'ipc'\)"):
         transport.open_channel("tcp", "127.0.0.1", 1, 0, 2)
 
 
