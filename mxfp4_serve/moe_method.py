@@ -6,7 +6,7 @@ import torch
 
 from common import moe
 
-from . import compat
+from . import compat, expert_lora
 from .backends import DeviceInfo, select_backend
 from .finite_guard import checked as finite_checked
 from .loader import ExpertWeightLoader
@@ -47,6 +47,10 @@ class MXFP4MoEMethodMixin:
         if hasattr(self.backend, "activations"):  # backends with several modes (sm100_flashinfer) take the choice
             self.backend.activations = settings.activations
             self.backend.profile = settings.profile
+        if settings.expert_lora is not None and not self.backend.serves_lora:
+            raise ValueError(f"mxfp4_rl: the checkpoint asks for expert LoRA served unmerged (quantization_config "
+                             f"'expert_lora') but MoE backend {self.backend.name!r} cannot apply it: "
+                             f"{self.backend.lora_refusal}")
 
     # ---- weights ----
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
@@ -74,6 +78,10 @@ class MXFP4MoEMethodMixin:
         for p in params.values():
             # "block": vLLM's own loaders narrow such scales like their weights; ours ignores the tag.
             compat.set_weight_attrs(p, {"weight_loader": loader, "quant_method": "block"})
+        if self.settings.expert_lora is not None:
+            device = next(iter(params.values())).device
+            expert_lora.add_buffers(layer, num_experts, hidden_size, geometry.intermediate_local,
+                                    self.settings.expert_lora, device)
         layer.mxfp4_rl_loader = loader
         layer.mxfp4_rl_profile = self.settings.profile  # W4A8 backends quantize activations with it
         # the contract's record: name, layout (canonical until the backend's prepare), profile

@@ -93,18 +93,34 @@ def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Pac
 
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
-                      bias2: torch.Tensor | None = None, max_scale_byte: int | None = None) -> torch.Tensor:
+                      bias2: torch.Tensor | None = None, max_scale_byte: int | None = None,
+                      lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+                      ) -> torch.Tensor:
     """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H].
 
     The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
     the second GEMM's epilogue (each (token, slot) row lands in its own row, times its router weight); the k rows
-    of a token are then summed in fp32, in slot order (combine.sum_slots). max_scale_byte: see grouped_mm_mxfp4."""
+    of a token are then summed in fp32, in slot order (combine.sum_slots). max_scale_byte: see grouped_mm_mxfp4.
+    lora = (A13 [E, R, H], B13 [E, 2I, R], A2 [E, R, I], B2 [E, H, R], scaling): the engine's unmerged expert
+    adapters, computed with the learner's kernels (the rank-R projections of MXFP4GroupedMLP, its fused B terms);
+    the intermediate activation then stays in natural column order, which the A2 projection reads."""
     t, k = topk_ids.shape
     routing = route(topk_ids, w13[0].shape[0])
+    rows = topk_weights.reshape(-1).float()
+    if lora is not None:
+        a13, b13, a2, b2, scaling = lora
+        xs = x.index_select(0, routing.token.long())  # the sorted rows the A13 projection reads
+        act, _ = grouped_mm_mxfp4_gated(xs, routing.offsets, *w13, activation=activation, bias=bias13,
+                                        lora=(_down(xs, routing.offsets, a13, scaling), _bf16(b13)),
+                                        max_scale_byte=max_scale_byte)
+        y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2,
+                             lora=(_down(act, routing.offsets, a2, scaling), _bf16(b2)),
+                             scatter_rows=routing.source, row_weights=rows, max_scale_byte=max_scale_byte)
+        return sum_slots(y, k, x.dtype)
     order = reduction_order(w2[0], t * k)  # the intermediate activation in the down GEMM's K order
     act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13,
                                     gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte)
     y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, scatter_rows=routing.source,
-                         row_weights=topk_weights.reshape(-1).float(), x_order=order,
+                         row_weights=rows, x_order=order,
                          max_scale_byte=max_scale_byte)
     return sum_slots(y, k, x.dtype)

@@ -41,6 +41,9 @@ class MoEBackend(abc.ABC):
     # Expert-input activation formats the backend can run: "bf16" (W4A16) and/or "mxfp8" (W4A8, quantized by the
     # codec with the model's profile). The MoE method refuses a configuration its backend cannot honour.
     activation_modes: tuple[str, ...] = ("bf16",)
+    # Whether apply() adds the layer's expert LoRA terms (mxfp4_serve.expert_lora), and why not where it cannot.
+    serves_lora: bool = False
+    lora_refusal: str = "it does not implement expert LoRA"
 
     @classmethod
     @abc.abstractmethod

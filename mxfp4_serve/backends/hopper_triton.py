@@ -16,6 +16,7 @@ import torch
 from common import envs, moe
 from common.moe import params as P
 
+from .. import expert_lora
 from .base import ActivationSpec, DeviceInfo, MoEBackend
 
 # set on a layer whose scale bytes were all <= 128 at load: the word decode then applies 2^126 and the scale with
@@ -32,6 +33,7 @@ def one_mul_enabled() -> bool:
 
 class HopperTritonBackend(MoEBackend):
     name = "hopper_triton"
+    serves_lora = True  # the learner's LoRA kernels (common/grouped_gemm/lora.py) around the same GEMMs
     min_capability = (9, 0)
 
     @classmethod
@@ -114,5 +116,13 @@ class HopperTritonBackend(MoEBackend):
             x.to(torch.bfloat16), ids, weights.float(), (w13, layer.w13_weight_scale),
             (w2, layer.w2_weight_scale), activation=activation.kernel_name,
             max_scale_byte=ONE_MUL_MAX_SCALE_BYTE if getattr(layer, _ONE_MUL, False) else None,
-            bias13=getattr(layer, P.W13_BIAS, None), bias2=getattr(layer, P.W2_BIAS, None))
+            bias13=getattr(layer, P.W13_BIAS, None), bias2=getattr(layer, P.W2_BIAS, None),
+            lora=self._lora(layer))
         return out.to(x.dtype)
+
+    @staticmethod
+    def _lora(layer: torch.nn.Module):
+        # the full max-rank factors, always (zero until a sync): the same kernels run before and after the first
+        # adapter arrives, so captured CUDA graphs stay valid; the zero rank columns add exact zeros
+        lora = expert_lora.factors(layer)
+        return None if lora is None else (lora.a13, lora.b13, lora.a2, lora.b2, lora.scaling)

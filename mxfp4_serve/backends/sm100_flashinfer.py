@@ -93,6 +93,9 @@ class SM100FlashInferBackend(MoEBackend):
     or with `layer.mxfp4_rl_profile` when profile is None)."""
 
     name = "sm100_flashinfer"
+    lora_refusal = ("FlashInfer's TRT-LLM MoE computes both expert GEMMs and the activation in one kernel, so the "
+                    "gate/up adapter term (added before the nonlinear activation) has no place to go; serve expert "
+                    "LoRA with MXFP4_RL_MOE_BACKEND=hopper_triton (Triton, runs on sm90 and sm100)")
 
     activation_modes = ACTIVATION_MODES
 

@@ -1,0 +1,119 @@
+"""Expert LoRA served unmerged: per-expert adapter factors kept next to the packed experts, applied by every backend.
+
+The engine computes what the learner computes, y_e = act(x W13_e^T + b13 + s (x A13_e^T) B13_e^T) W2_e^T + b2 +
+s (h A2_e^T) B2_e^T, from the same packed bytes and the same adapter factors (fp32, as the learner's masters), so an
+RL learner's LoRA updates reach the rollouts however small they are (merging them into MXFP4 bytes rounds away any
+update below half a quantization step).
+
+A layer served with quantization_config "expert_lora" {max_rank R, scaling s} holds buffers A [E, R, K] and
+B [E, N, R] per packed weight (common.moe.params.LORA_FACTORS), zero at start: adding the zero terms leaves every
+output bitwise the base. A sync writes the factors in place (same storage: captured CUDA graphs see them), padded
+with zeros beyond the adapter's rank, and records the active rank in a one-element tensor, which the reference
+backend reads at run time (a Python int would be baked into vLLM's compiled graph). The scaling is fixed at engine
+start (the fused kernels take it as a constant when graphs are captured); a learner with another one is refused.
+Under TP each rank holds w13's B rows of its shard and all of A, and w2's A columns (K) of its shard and all of B
+(common.moe.wire.lora_shard): the row-parallel partial sums then add up to the full term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from common.moe import params as P
+from common.moe.quant_config import ExpertLoRAConfig
+from common.moe.wire import SyncPayloadError
+
+RANK_ATTR = "mxfp4_rl_lora_rank"  # int64 [1] buffer: the adapters' active rank (0 = none yet)
+CONFIG_ATTR = "mxfp4_rl_lora"  # the layer's ExpertLoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLoRA:
+    """The factors of one layer as the backends take them (full max-rank buffers) and the fixed scaling."""
+
+    a13: torch.Tensor
+    b13: torch.Tensor
+    a2: torch.Tensor
+    b2: torch.Tensor
+    rank: torch.Tensor
+    scaling: float
+
+
+def add_buffers(layer: torch.nn.Module, num_local_experts: int, hidden: int, intermediate_local: int,
+                config: ExpertLoRAConfig, device: torch.device | str | None = None) -> None:
+    """Create the layer's zero adapter buffers (not parameters: no checkpoint brings them, and vLLM's loader
+    reports parameters that no checkpoint tensor filled)."""
+    shapes = P.lora_shapes(num_local_experts, hidden, intermediate_local, config.max_rank)
+    for name, shape in shapes.items():
+        layer.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
+    layer.register_buffer(RANK_ATTR, torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+    setattr(layer, CONFIG_ATTR, config)
+
+
+def config_of(layer: torch.nn.Module) -> ExpertLoRAConfig | None:
+    cfg = getattr(layer, CONFIG_ATTR, None)
+    return cfg if isinstance(cfg, ExpertLoRAConfig) else None
+
+
+def factors(layer: torch.nn.Module) -> LayerLoRA | None:
+    """The layer's adapters for a backend's apply, or None when the engine serves no expert LoRA."""
+    cfg = config_of(layer)
+    if cfg is None:
+        return None
+    return LayerLoRA(getattr(layer, P.W13_LORA_A), getattr(layer, P.W13_LORA_B), getattr(layer, P.W2_LORA_A),
+                     getattr(layer, P.W2_LORA_B), getattr(layer, RANK_ATTR), float(cfg.scaling))
+
+
+def active_rank(layer: torch.nn.Module) -> int:
+    return int(getattr(layer, RANK_ATTR).item())
+
+
+def read(layer: torch.nn.Module, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [E_local, r, K], B [E_local, N, r]) of packed `weight` at the active rank r (copies)."""
+    a_name, b_name = P.LORA_FACTORS[weight]
+    r = active_rank(layer)
+    return getattr(layer, a_name)[:, :r].clone(), getattr(layer, b_name)[..., :r].clone()
+
+
+def check_factors(layer: torch.nn.Module, weight: str, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    """Refuse factors this layer cannot serve: no expert LoRA configured, rank above max_rank, shapes of another
+    layer or shard, non-fp32 dtype, NaN/Inf."""
+    cfg = config_of(layer)
+    if cfg is None:
+        raise SyncPayloadError(f"{where}: this engine serves no expert LoRA (start it from a checkpoint whose "
+                               f"quantization_config has \"expert_lora\": {{\"max_rank\": R, \"scaling\": s}})")
+    a_name, b_name = P.LORA_FACTORS[weight]
+    a_buf, b_buf = getattr(layer, a_name), getattr(layer, b_name)
+    for field, t in (("a", a), ("b", b)):
+        if t.dtype != torch.float32:
+            raise SyncPayloadError(f"{where}: LoRA factor '{field}' must be float32 (the learner's masters), got "
+                                   f"{t.dtype}")
+    r = a.shape[1] if a.dim() == 3 else -1
+    if r > cfg.max_rank:
+        raise SyncPayloadError(f"{where}: adapter rank {r} exceeds the engine's expert_lora max_rank "
+                               f"{cfg.max_rank}; restart the engine with a larger max_rank")
+    want_a = (a_buf.shape[0], r, a_buf.shape[2])
+    want_b = (b_buf.shape[0], b_buf.shape[1], r)
+    if a.dim() != 3 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        raise SyncPayloadError(f"{where}: LoRA factors of this rank's shard must be a {list(want_a)} and b "
+                               f"{list(want_b)}, got a {list(a.shape)} and b {list(b.shape)}")
+    for field, t in (("a", a), ("b", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise SyncPayloadError(f"{where}: LoRA factor '{field}' holds NaN or Inf")
+
+
+def write(layer: torch.nn.Module, weight: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Set the adapters of packed `weight` for every local expert in place, zero beyond their rank."""
+    a_name, b_name = P.LORA_FACTORS[weight]
+    a_buf, b_buf = getattr(layer, a_name), getattr(layer, b_name)
+    r = a.shape[1]
+    a_buf[:, r:].zero_()
+    b_buf[..., r:].zero_()
+    a_buf[:, :r].copy_(a)
+    b_buf[..., :r].copy_(b)
+
+
+def set_rank(layer: torch.nn.Module, rank: int) -> None:
+    getattr(layer, RANK_ATTR).fill_(int(rank))
