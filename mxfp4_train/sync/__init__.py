@@ -1,5 +1,6 @@
-"""Learner side of the learner -> engine weight sync (protocol mxfp4_rl.sync/1): `sync(engine, model)`, block
-deltas, and the LoRA merge that decides what a LoRA-mode learner serves. Talks to vLLM through its public API only
+"""Learner side of the learner -> engine weight sync (protocol mxfp4_rl.sync/1): `connect(engine).sync(model)` and
+`sync(engine, model)`, block deltas, the non-expert parameters and adapters of the policy, and the explicit LoRA
+merge (opt-in: engines serve expert adapters unmerged, enable_expert_lora). Talks to vLLM through its public API only
 (collective_rpc, sleep/wake_up); never imports mxfp4_serve."""
 
 from common.moe.wire import SyncProfileError
@@ -9,6 +10,7 @@ from .delta import BlockDelta, block_delta
 from .engine import EngineBusyError, EngineHandle
 from .lora_merge import MergeReport, merge_lora
 from .refit import TransferSync, connect
+from .serve_lora import enable_expert_lora
 
 __all__ = [
     "BlockDelta",
@@ -23,6 +25,7 @@ __all__ = [
     "WeightSync",
     "block_delta",
     "connect",
+    "enable_expert_lora",
     "merge_lora",
     "sync",
 ]

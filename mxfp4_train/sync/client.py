@@ -1,10 +1,12 @@
-"""`sync(engine, model)`: send the learner's expert bytes to a vLLM engine and prove it serves them.
+"""`sync(engine, model)`: send the learner's policy to a vLLM engine and prove it serves it.
 
-Built on `export_for_engine` (the bytes the learner computes with, named as vLLM names them). Per weight it sends
-the packed bytes (4.25 bits/param), only the changed 32-element blocks since the last sync (delta), or, in QAT mode
-on request, the master weights for the engine to quantize with its profile (dense). The engine stages and verifies
-everything, commits in one RPC while paused, and returns the hashes of what it serves; any difference raises
-SyncMismatchError naming the weight, the expert, row and block of the first differing byte.
+Built on `export_for_engine` (the bytes the learner computes with, named as vLLM names them). Per packed expert
+weight it sends the packed bytes (4.25 bits/param), only the changed 32-element blocks since the last sync (delta),
+or, in QAT mode on request, the master weights for the engine to quantize with its profile (dense). Besides the
+experts, one sync carries everything else the learner's forward uses (policy.py): expert biases, unmerged expert
+adapters (engines serving expert LoRA), and the non-expert parameters the learner changed. The engine stages and
+verifies everything, commits in one RPC while paused, and returns the hashes of what it serves; any difference
+raises SyncMismatchError naming the weight, the expert, row and block of the first differing byte.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ from ..conversion import experts_modules
 from ..export import export_for_engine
 from .delta import block_delta, choose_kind
 from .engine import EngineHandle
+from .policy import (
+    PARAM_CHUNK_BYTES,
+    ParamTracker,
+    current_params,
+    expert_extras,
+    extra_hashes,
+    param_entries,
+    whole_layers,
+)
 from .wire import expected_hashes
 
 MODES = ("packed", "dense")
@@ -48,7 +59,7 @@ SyncProfileMismatch = SyncProfileError
 @dataclasses.dataclass
 class SyncReport:
     sync_id: str
-    kinds: dict[str, str]  # weight -> "packed" | "delta" | "dense"
+    kinds: dict[str, str]  # entry -> "packed" | "delta" | "dense" | "bias" | "lora" | "param"
     payload_bytes: int  # tensor bytes sent
     packed_bytes: int  # what a full packed sync sends (4.25 bits/param)
     bf16_bytes: int  # what a bf16 sync sends (16 bits/param)
@@ -62,6 +73,7 @@ class SyncReport:
     scales_changed: int | None
     engine_version: int
     hashes: dict[str, str]  # weight -> learner hash (full tensor), equal to the engine's
+    param_bytes: int = 0  # of payload_bytes: non-expert parameters
 
     @property
     def code_flip_rate(self) -> float | None:
@@ -74,8 +86,6 @@ class SyncReport:
 def learner_weights(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor]]:
     """(profile, {vLLM weight name: packed full weight}) of every MXFP4 experts block."""
     blocks = experts_modules(model)
-    if any(m.b13 is not None for _, m in blocks):
-        raise NotImplementedError("sync: expert biases (gpt-oss) are not supported by mxfp4_rl.sync/1 yet")
     tensors = {name: t for name, t, _ in export_for_engine(model)}
     profiles = {m.profile for _, m in blocks}
     if len(profiles) != 1:
@@ -99,24 +109,11 @@ def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name of a LoRA B factor: tensor} of every adapter in the model (per-expert and dense, PEFT names)."""
-    out = {}
-    for name, mod in model.named_modules():
-        b = getattr(mod, "B", None) if hasattr(mod, "apply_expert") else getattr(getattr(mod, "lora_B", None),
-                                                                              "weight", None)
-        if isinstance(b, torch.Tensor):
-            out[name] = b
-    return out
-
-
-def _unsynced_params(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{name: (storage pointer, in-place version)} of every parameter the payload does not carry: all but the experts'
-    QAT masters and the LoRA factors (whose effect the adapter check covers). An optimizer step bumps the version."""
-    synced = {id(t) for _, mod in experts_modules(model) for t in (getattr(mod, "w13", None), getattr(mod, "w2", None))
-              if isinstance(t, torch.Tensor)}
-    lora = {id(p) for name in _lora_factors(model) for p in model.get_submodule(name).parameters()}
-    return {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if id(p) not in synced | lora}
+def _expert_adapters(model: nn.Module) -> list[str]:
+    """Names of the per-expert adapters with a nonzero B (part of the learner's forward)."""
+    return [name for name, mod in experts_modules(model)
+            if mod.lora_gate_up is not None and any(bool(lora.B.detach().ne(0).any())
+                                                    for lora in (mod.lora_gate_up, mod.lora_down))]
 
 
 class WeightSync:
@@ -125,30 +122,69 @@ class WeightSync:
     def __init__(self, engine) -> None:
         self.engine = EngineHandle.of(engine)
         self.last: dict[str, MXFP4Tensor] = {}
-        # per learner model (one WeightSync may serve several in turn): its non-expert parameters at its first sync
-        self._unsynced: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # per learner model (one WeightSync may serve several in turn): its non-expert parameters' versions at its
+        # last successful sync, to send exactly those that changed
+        self._params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _check_payload_is_the_forward(self, model: nn.Module) -> None:
-        """Refuse a sync after which the engine would compute another function than the learner: an adapter with
-        a nonzero B that the payload does not carry (merge it first, merge_lora), or a parameter outside the
-        experts that changed since the first sync of this learner (the payload carries routed experts only)."""
-        active = [n for n, b in _lora_factors(model).items() if bool(b.detach().ne(0).any())]
-        if active:
-            raise SyncError(f"sync refused: {len(active)} LoRA adapter(s) with nonzero B ({', '.join(active[:3])}"
-                            f"{', ...' if len(active) > 3 else ''}) are part of the learner's forward but not of the "
-                            f"sync payload, so the engine would keep serving the base; fold them in first "
-                            f"(mxfp4_train.sync.merge_lora) or keep them at zero")
-        now = _unsynced_params(model)
-        first = self._unsynced.get(model)
-        if first is None:
-            self._unsynced[model] = now  # the first sync's learner is the engine's checkpoint outside the experts
+    def _check_payload_is_the_forward(self, model: nn.Module, info: dict) -> None:
+        """Refuse a sync after which the engine would compute another function than the learner: expert adapters
+        with a nonzero B on an engine that does not serve expert LoRA (merge them first, merge_lora, or start the
+        engine with quantization_config "expert_lora"), or with another scaling than the engine's."""
+        lora = info.get("expert_lora")
+        if lora is None:
+            active = _expert_adapters(model)
+            if active:
+                raise SyncError(f"sync refused: {len(active)} expert LoRA adapter(s) with nonzero B "
+                                f"({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}) are part of the "
+                                f"learner's forward, but this engine serves no expert LoRA, so it would keep serving "
+                                f"the base; start it from a checkpoint with quantization_config \"expert_lora\" "
+                                f"(mxfp4_train.sync.enable_expert_lora), or fold them in (mxfp4_train.sync.merge_lora)")
             return
-        changed = sorted(n for n, v in now.items() if first.get(n) != v)
-        if changed:
-            raise SyncError(f"sync refused: {len(changed)} parameter(s) outside the routed experts changed since the "
-                            f"first sync ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); the payload "
-                            f"carries routed experts only, so the engine would serve the old ones. Freeze them "
-                            f"(requires_grad_(False)) or train experts only")
+        for name, mod in experts_modules(model):
+            spec = None if mod.lora_gate_up is None else mod.lora_gate_up.spec
+            if spec is not None and (spec.r > lora["max_rank"] or spec.scaling != lora["scaling"]):
+                raise SyncError(f"sync refused: '{name}' has LoRA rank {spec.r}, scaling {spec.scaling}, but the "
+                                f"engine serves expert LoRA up to rank {lora['max_rank']} with scaling "
+                                f"{lora['scaling']} (fixed at engine start); restart the engine with the learner's "
+                                f"values (mxfp4_train.sync.enable_expert_lora)")
+
+    @staticmethod
+    def _diverged_params(model: nn.Module, info: dict, sending: set[str]) -> list[dict]:
+        """Entries for the parameters an earlier sync (maybe another learner's) loaded into the engine that this
+        learner holds other values of: a fresh learner resets them instead of computing against a stale engine."""
+        synced = {n: h for n, h in (info.get("params") or {}).items() if n not in sending}
+        if not synced:
+            return []
+        tensors, _ = current_params(model)
+        unknown = sorted(set(synced) - set(tensors))
+        if unknown:
+            raise SyncError(f"sync refused: the engine serves synced values of {unknown[:3]}, which this learner does "
+                            f"not have; restart the engine from the checkpoint or load a learner with them")
+        entries = param_entries({n: tensors[n] for n in synced}, info["dtype"])
+        return [e for e in entries if e["hashes"]["full"] != synced[e["name"]]]
+
+    def _extra_entries(self, model: nn.Module, infos: list[dict]) -> list[dict]:
+        """Bias and adapter entries, with each engine rank's expected hash."""
+        wanted = {n for n, w in infos[0]["weights"].items() if w.get("kind") in ("bias", "lora")}
+        extras = expert_extras(model)
+        if infos[0].get("expert_lora") is None:
+            extras = {n: e for n, e in extras.items() if e["kind"] != "lora"}
+        missing = sorted(n for n, w in infos[0]["weights"].items() if w.get("kind") == "bias" and n not in extras)
+        unknown = sorted(set(extras) - wanted)
+        if missing or unknown:
+            raise ValueError(f"sync: learner and engine expert biases/adapters differ: engine only {missing[:4]}, "
+                             f"learner only {unknown[:4]}")
+        entries = []
+        for name, e in extras.items():
+            w = infos[0]["weights"][name]
+            weight = w["weight"].rpartition(".")[2]
+            descs = [info["weights"][name]["descriptor"] for info in infos]
+            if e["kind"] == "bias":
+                e = {**e, "tensor": e["tensor"].to(getattr(torch, w["dtype"])).contiguous()}
+            entry = {"name": name, "kind": e["kind"], **{k: e[k] for k in ("tensor", "a", "b") if k in e}}
+            entry["hashes"] = extra_hashes(e["kind"], entry, weight, descs)
+            entries.append(entry)
+        return entries
 
     def _info(self, profile: str, names: set[str]) -> list[dict]:
         infos = self.engine.rpc("mxfp4_sync_info")
@@ -157,8 +193,9 @@ class WeightSync:
                 raise SyncProfileError(
                     f"sync refused: the learner's experts use MXFP4 profile {profile!r}, the engine (rank {rank}) "
                     f"serves {info['profile']!r}; convert/load the learner with the engine checkpoint's profile")
-            if set(info["weights"]) != names:
-                only_l, only_e = sorted(names - set(info["weights"])), sorted(set(info["weights"]) - names)
+            packed = {n for n, w in info["weights"].items() if w.get("kind", "packed") == "packed"}
+            if packed != names:
+                only_l, only_e = sorted(names - packed), sorted(packed - names)
                 raise ValueError(f"sync: learner and engine expert weights differ: learner only {only_l[:4]}, "
                                  f"engine only {only_e[:4]}")
         return infos
@@ -179,14 +216,18 @@ class WeightSync:
                             "hashes": hashes, "base_hashes": base}
         return {"name": name, "kind": "packed", "codes": q.codes, "scales": q.scales, "hashes": hashes}
 
-    def sync(self, model: nn.Module, *, mode: str = "packed", delta: bool = True) -> SyncReport:
+    def sync(self, model: nn.Module, *, mode: str = "packed", delta: bool = True,
+             trainable: bool = False) -> SyncReport:
+        """Send the learner's policy: packed experts (delta when cheaper; mode="dense": QAT masters), expert biases
+        and adapters, and every non-expert parameter changed since the last sync (trainable=True: also every one
+        that requires grad, for a learner that trained before its first sync)."""
         if mode not in MODES:
             raise ValueError(f"sync mode must be one of {MODES}, got {mode!r}")
         t0 = time.perf_counter()
-        self._check_payload_is_the_forward(model)
         profile, weights = learner_weights(model)
         dense = dense_weights(model) if mode == "dense" else None
         infos = self._info(profile, set(weights))
+        self._check_payload_is_the_forward(model, infos[0])
         sync_id = uuid.uuid4().hex
         stats: dict = {}
         delta_ok = delta and bool(self.last) and all(n in self.last for n in weights)
@@ -194,6 +235,14 @@ class WeightSync:
         for name, q in weights.items():
             descs = [info["weights"][name]["descriptor"] for info in infos]
             entries.append(self._entry(name, q, descs, infos, dense, delta_ok, stats))
+        entries += self._extra_entries(model, infos)
+        tracker = self._params.setdefault(model, ParamTracker())
+        changed, versions = tracker.changed(model, trainable)
+        if changed:
+            changed = whole_layers(changed, current_params(model)[0], infos[0].get("fused") or {})
+        params = param_entries(changed, infos[0]["dtype"])
+        params += self._diverged_params(model, infos[0], set(changed))
+        entries += params
         stage_s = self._stage(sync_id, profile, entries)
         t1 = time.perf_counter()
         try:
@@ -202,9 +251,10 @@ class WeightSync:
             self._abort(sync_id)
             raise
         commit_s = time.perf_counter() - t1
-        self._verify(weights, infos, results)
+        self._verify(weights, infos, results, [e for e in entries if e["kind"] in ("bias", "lora", "param")])
         self.last = {n: MXFP4Tensor(q.codes.detach().clone(), q.scales.detach().clone(), q.profile)
                      for n, q in weights.items()}
+        tracker.last = versions
         n_codes = sum(q.shape.numel() for q in weights.values())
         return SyncReport(
             sync_id=sync_id, kinds={e["name"]: e["kind"] for e in entries},
@@ -215,7 +265,8 @@ class WeightSync:
             blocks_total=sum(q.scales.numel() for q in weights.values()),
             scales_changed=stats.get("scales_changed") if delta_ok else None,
             engine_version=int(results[0]["version"]),
-            hashes={n: expected_hashes(q, [None])["full"] for n, q in weights.items()})
+            hashes={n: expected_hashes(q, [None])["full"] for n, q in weights.items()},
+            param_bytes=sum(payload_bytes(e) for e in params))
 
     def _stage(self, sync_id: str, profile: str, entries: list[dict]) -> float:
         """One stage call per MoE layer (bounded message size); an error aborts the whole sync."""
@@ -245,18 +296,30 @@ class WeightSync:
             pass
 
     def audit(self, model: nn.Module) -> None:
-        """Check, without syncing, that the engine serves exactly the learner's bytes (raises SyncMismatchError)."""
+        """Check, without syncing, that the engine serves exactly the learner's experts, biases and adapters, and
+        that every non-expert parameter a sync loaded still equals the learner's (raises SyncMismatchError)."""
         profile, weights = learner_weights(model)
         infos = self._info(profile, set(weights))
-        self._verify(weights, infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")])
+        extras = self._extra_entries(model, infos)
+        synced = infos[0].get("params") or {}
+        current = current_params(model)[0]
+        params = param_entries({n: current[n] for n in synced if n in current}, infos[0]["dtype"])
+        self._verify(weights, infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")], extras + params)
 
-    def _verify(self, weights: dict[str, MXFP4Tensor], infos: list[dict], results: list[dict]) -> None:
+    def _verify(self, weights: dict[str, MXFP4Tensor], infos: list[dict], results: list[dict],
+                others: list[dict] = ()) -> None:
         for rank, (info, res) in enumerate(zip(infos, results)):
             for name, q in weights.items():
                 desc = info["weights"][name]["descriptor"]
                 want = expected_hashes(q, [desc])[shard_key(desc)]
                 if res["hashes"].get(name) != want:
                     raise SyncMismatchError(self._explain(name, rank, shard_of(q, desc)))
+            for e in others:
+                key = shard_key(info["weights"][e["name"]]["descriptor"]) if e["kind"] != "param" else "full"
+                if res["hashes"].get(e["name"]) != e["hashes"][key]:
+                    raise SyncMismatchError(f"after sync the engine (rank {rank}) reports another hash for "
+                                            f"{e['kind']} '{e['name']}' than the learner sent: "
+                                            f"{str(res['hashes'].get(e['name']))[:16]}... vs {e['hashes'][key][:16]}...")
 
     def _explain(self, name: str, rank: int, want: MXFP4Tensor) -> str:
         got = self.engine.rpc("mxfp4_sync_read", name)[rank]
@@ -265,15 +328,26 @@ class WeightSync:
 
 
 def payloads_by_layer(sync_id: str, profile: str, entries: list[dict]) -> list[dict]:
-    """The sync's entries as one payload per MoE layer (its w13 and w2), the unit one stage call carries."""
-    by_layer: dict[str, list] = {}
+    """The sync's entries as the units one stage call carries: one payload per MoE layer (its w13 and w2, their
+    biases and adapters), then the non-expert parameters in chunks of at most PARAM_CHUNK_BYTES."""
+    groups: dict[str, list] = {}
+    chunk, size = 0, 0
     for e in entries:
-        by_layer.setdefault(e["name"].rpartition(".")[0], []).append(e)
+        if e["kind"] == "param":
+            nbytes = payload_bytes(e)
+            if size and size + nbytes > PARAM_CHUNK_BYTES:
+                chunk, size = chunk + 1, 0
+            size += nbytes
+            key = f"\0params/{chunk}"
+        else:
+            key = e["name"].rpartition(".")[0]
+        groups.setdefault(key, []).append(e)
     return [{"protocol": PROTOCOL, "sync_id": sync_id, "profile": profile, "entries": group}
-            for group in by_layer.values()]
+            for group in groups.values()]
 
 
-def sync(engine, model: nn.Module, *, mode: str = "packed", delta: bool = True) -> SyncReport:
+def sync(engine, model: nn.Module, *, mode: str = "packed", delta: bool = True,
+         trainable: bool = False) -> SyncReport:
     """Sync `model`'s experts into `engine` (a vllm.LLM started with the MXFP4SyncExtension worker extension).
 
     The last-synced bytes are remembered on the engine object, so consecutive calls send deltas.
@@ -285,4 +359,4 @@ def sync(engine, model: nn.Module, *, mode: str = "packed", delta: bool = True) 
             engine._mxfp4_rl_weight_sync = state
         except AttributeError:
             pass
-    return state.sync(model, mode=mode, delta=delta)
+    return state.sync(model, mode=mode, delta=delta, trainable=trainable)

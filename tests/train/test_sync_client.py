@@ -13,10 +13,27 @@ from common.audit import diff
 from mxfp4_serve.sync import EngineSync
 from mxfp4_train.experts import MXFP4Experts
 from mxfp4_train.lora import LoRASpec
-from mxfp4_train.sync import SyncMismatchError, SyncProfileMismatch, WeightSync, block_delta, merge_lora, sync
+from mxfp4_train.sync import (
+    SyncMismatchError,
+    SyncProfileMismatch,
+    WeightSync,
+    block_delta,
+    merge_lora,
+    sync,
+)
 from mxfp4_train.sync.client import learner_weights
-from tests.serve.test_sync_engine import E, H, I, LAYERS, PROFILE, LocalEngine, dense_experts, engine_model, \
-    full_weights, served
+from tests.serve.test_sync_engine import (
+    LAYERS,
+    PROFILE,
+    E,
+    H,
+    I,
+    LocalEngine,
+    dense_experts,
+    engine_model,
+    full_weights,
+    served,
+)
 from tests.train.helpers import glu_activation
 
 
@@ -172,10 +189,11 @@ def test_audit_names_the_first_differing_block():
         ws.audit(model)
 
 
-def test_sync_refuses_what_its_payload_does_not_carry():
-    # The payload carries routed experts: a sync may not report success while the learner's forward uses an adapter
-    # or a non-expert parameter the engine does not have (the engine would serve another function).
-    from common.moe.wire import SyncError
+def test_sync_refuses_what_the_engine_cannot_serve():
+    # A sync may not report success while the learner's forward uses an adapter or a non-expert parameter the engine
+    # does not serve (the engine would compute another function): expert adapters on an engine without expert LoRA,
+    # a changed parameter the engine's model does not have.
+    from common.moe.wire import SyncError, SyncPayloadError
 
     eng_model = engine_model(0)
     model = learner(0, mode="lora")
@@ -183,22 +201,25 @@ def test_sync_refuses_what_its_payload_does_not_carry():
     ws.sync(model)  # zero B: the adapter is the identity, the sync is complete
     _perturb_lora(model)
     before = served(eng_model)
-    with pytest.raises(SyncError, match=r"LoRA adapter\(s\) with nonzero B \(model\.layers\.0\.mlp\.experts\.lora_"
-                                        r"gate_up.*merge_lora"):
+    with pytest.raises(SyncError, match=r"2 expert LoRA adapter\(s\) with nonzero B \(model\.layers\.0\.mlp\.experts, "
+                                        r".*serves no expert LoRA.*enable_expert_lora.*merge_lora"):
         ws.sync(model)
     assert all(torch.equal(v, before[k]) for k, v in served(eng_model).items())
     merge_lora(model)
     ws.sync(model)
     _assert_engine_holds(model, eng_model)
-    # a parameter outside the experts that trains after the first sync
+    # a parameter outside the experts that trains after the first sync is sent; this engine's model has no such
+    # parameter, so the sync is refused naming it, before anything changes
     model.model.norm = nn.LayerNorm(4)
+    model.model.norm.requires_grad_(False)
     ws2 = WeightSync(LocalEngine(eng_model))
-    ws2.sync(model)
+    ws2.sync(model)  # frozen and unchanged: nothing to send
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
-    with pytest.raises(SyncError, match=r"1 parameter\(s\) outside the routed experts changed since the first sync "
-                                        r"\(model\.norm\.weight\)"):
+    before = served(eng_model)
+    with pytest.raises(SyncPayloadError, match=r"sync entry 'model\.norm\.weight': no parameter of the served model"):
         ws2.sync(model)
+    assert all(torch.equal(v, before[k]) for k, v in served(eng_model).items())
 
 
 def test_connect_names_what_the_engine_lacks():
