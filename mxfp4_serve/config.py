@@ -62,14 +62,23 @@ class MXFP4RLConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MXFP4RLConfig":
-        return cls(settings_from_quant_config(config))
+        out = cls(settings_from_quant_config(config))
+        out.raw_quant_config = dict(config)
+        return out
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None, **_: Any) -> None:
         """vLLM's hook with the model path, called before any weight is loaded: an mxfp4_rl checkpoint on local disk
         passes the header validation of inspect and the learner's loader (format vs model_type, codec_version,
         code/scale pairs, expert shapes and ids against config.json), so a bad one never starts an engine."""
-        if self.settings.online or not os.path.isfile(os.path.join(str(model_name), "config.json")):
-            return  # bf16 (online) or a hub id: the loader checks every tensor as it arrives
+        if self.settings.online:
+            return  # bf16 experts: the loader quantizes and checks every tensor as it arrives
+        if not os.path.isfile(os.path.join(str(model_name), "config.json")):
+            # a hub id (no local files to read ahead): what the config alone proves, format against the model's
+            # architecture included; the loader checks every tensor as it arrives
+            raw = getattr(self, "raw_quant_config", None)
+            if raw is not None and raw.get("quant_method") == QUANT_METHOD:
+                validate.check_quant_config(raw, model_type=getattr(hf_config, "model_type", None))
+            return
         config = validate.read_config(model_name)
         if (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
             validate.validate_checkpoint(model_name, strict=False)  # the loader names missing / mistyped tensors

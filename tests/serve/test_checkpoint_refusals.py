@@ -79,3 +79,20 @@ def test_settings_refuse_codec_version_with_both_versions_named():
     assert settings_from_quant_config({**qc, "codec_version": 1}).profile == "flashinfer"
     with pytest.raises(ValueError, match=r"codec_version 99 is newer than this reader's codec \(version 1\)"):
         settings_from_quant_config({**qc, "codec_version": 99})
+
+
+def test_hub_id_checks_what_the_config_proves(good):
+    """A hub id (no local config.json to read ahead): the hook still refuses a quantization_config whose format
+    contradicts the model's architecture, with the message inspect and the learner give; a consistent one passes."""
+    from types import SimpleNamespace
+
+    from common.errors import CheckpointError
+
+    _, ckpt = good
+    qc = read_config(ckpt)["quantization_config"]
+    MXFP4RLConfig.from_config(qc).maybe_update_config("some-org/some-model", hf_config=SimpleNamespace(
+        model_type="qwen3_moe"))
+    labelled = {**qc, "format": "gpt-oss"}
+    with pytest.raises(CheckpointError, match="format 'gpt-oss' is not available for model_type 'qwen3_moe'"):
+        MXFP4RLConfig.from_config(labelled).maybe_update_config("some-org/some-model", hf_config=SimpleNamespace(
+            model_type="qwen3_moe"))
