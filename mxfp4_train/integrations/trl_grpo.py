@@ -7,7 +7,7 @@
     model = load_learner(ckpt, "qat")                                # or "lora"
     trainer = MXFP4GRPOTrainer(model, reward_funcs, engine=llm, refit=refit, args=GRPOConfig(...),
                                train_dataset=..., processing_class=tokenizer)
-    trainer.train()          # before each rollout after an optimizer step: [merge_lora +] refit.sync(model)
+    trainer.train()          # before each rollout after an optimizer step: refit.sync(model)
 
 What changes against a stock GRPOTrainer(use_vllm=True), and why:
 - the engine is passed in (an in-process vllm.LLM, or the URL of a `vllm serve` for TRL's server path), not built
@@ -16,9 +16,10 @@ What changes against a stock GRPOTrainer(use_vllm=True), and why:
 - the weight push is ours: TRL pushes `named_parameters()` through `load_weights` (colocate) or an NCCL broadcast
   through vLLM's weight-transfer API (server), i.e. bf16 tensors under transformers names. Our learner's experts
   are packed codes + scales (LoRA mode) or fp32 masters (QAT mode) under names vLLM's model does not have, and the
-  engine serves MXFP4 bytes that only the codec may write. `sync_weights` therefore merges LoRA adapters into the
-  packed bytes (vLLM cannot serve MoE LoRA on our method) and calls `refit.sync(model)`, which raises unless the
-  engine's audit hashes equal the learner's; every SyncReport is kept in `trainer.sync_records`;
+  engine serves MXFP4 bytes that only the codec may write. `sync_weights` therefore calls `refit.sync(model)`, which
+  sends the packed experts, the expert adapters (unmerged, to an engine started with quantization_config
+  "expert_lora"; merged into the packed bytes first otherwise) and changed non-expert weights, and raises unless
+  the engine's audit hashes equal the learner's; every SyncReport is kept in `trainer.sync_records`;
 - everything else is TRL's: sampling, rewards, advantages, loss, its importance-sampling correction with the engine's
   log-probs, and its metric `sampling/sampling_logp_difference/max` (rollout vs learner |dlogp| on the sampled
   tokens), which is at the fp32 floor when the sync is exact.
@@ -105,9 +106,10 @@ class MXFP4VLLMGeneration(VLLMGeneration):
     def sync_weights(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
         merge = None
-        if model.mxfp4_rl["mode"] == "lora":
-            # vLLM cannot serve MoE LoRA on our method: fold the adapters into the packed bytes, B <- 0, and drop
-            # their optimizer moments (else Adam would push B off zero again at once)
+        if model.mxfp4_rl["mode"] == "lora" and not self._serves_lora():
+            # an engine without expert LoRA (quantization_config "expert_lora") cannot compute the adapters: fold
+            # them into the packed bytes, B <- 0, and drop their optimizer moments (else Adam would push B off zero
+            # again at once). Updates below half a quantization step are lost there; prefer enable_expert_lora.
             merge = merge_lora(model, self._trainer.optimizer)
         report = self.refit.sync(model)  # raises SyncMismatchError unless the engine serves the learner's bytes
         if self.audit:
@@ -116,6 +118,12 @@ class MXFP4VLLMGeneration(VLLMGeneration):
         self.records.append(SyncRecord(step, report, merge, self.audit))
         log.info("sync at step %d: version %d, %s, %d B", step, report.engine_version,
                  sorted(set(report.kinds.values())), report.payload_bytes)
+
+    def _serves_lora(self) -> bool:
+        """Whether the engine serves expert adapters unmerged (then the sync carries them as they are)."""
+        if not hasattr(self, "_lora_served"):
+            self._lora_served = self.refit.engine.rpc("mxfp4_sync_info")[0].get("expert_lora") is not None
+        return self._lora_served
 
     def generate(self, prompts, images, num_generations, profiler=None):
         out = super().generate(prompts, images, num_generations, profiler)

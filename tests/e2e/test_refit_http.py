@@ -114,3 +114,56 @@ def test_the_rl_loop_example_trains_against_a_running_server(server, tmp_path):
         floor = rs[0]["mean_abs_dlogp"]
         assert all(r["hashes_equal"] for r in rs[:-1])
         assert all(r["mean_abs_dlogp"] <= max(2 * floor, 1e-5) for r in rs[1:]), rs
+
+
+def test_requests_in_flight_finish_on_one_version(server):
+    """Completions running while a sync commits finish on the weights they started with: the commit waits for them
+    (/pause?mode=wait), so every token of a request is scored at the floor by the learner BEFORE the update, and a
+    request sent after the sync by the learner after it; none mixes the two."""
+    import copy
+    import threading
+
+    from mxfp4_train.sync import connect
+
+    ex, url = server["ex"], server["url"]
+    model = ex.load_learner(server["ckpt"], "qat")
+    refit = connect(url, timeout_s=120)
+    refit.sync(model)  # the server holds this learner's bytes (an earlier test may have left others)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ex.LoopConfig().qat_lr,
+                                 eps=1e-12)
+    gen = torch.Generator().manual_seed(11)
+    prompts = torch.randint(0, 256, (4, 8), generator=gen)
+    tokens, _ = ex.http_rollout(url, prompts, 8, seed=1)
+    ex.learner_step(model, optimizer, prompts, tokens)
+    refit.sync(model)
+    before = copy.deepcopy(model)  # what the server holds now
+    # one update ahead of it, large enough to move the served codes (a QAT step of lr 1e-3 from the grid may not)
+    ex.learner_step(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2, eps=1e-12),
+                    prompts, tokens)
+    results, started = [], threading.Event()
+
+    def request(i: int) -> None:
+        started.set()
+        results.append((i, *ex.http_rollout(url, prompts[i:i + 1], 96, seed=20 + i), time.monotonic()))
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(10)
+    time.sleep(0.3)  # the requests are decoding now
+    t_sync = time.monotonic()
+    refit.sync(model)
+    for t in threads:
+        t.join(120)
+    after_tokens, after_lp = ex.http_rollout(url, prompts[:1], 32, seed=99)
+    refit.close()
+    assert len(results) == 4
+    assert any(done > t_sync for *_, done in results), "no request was in flight while the sync ran"
+    with torch.no_grad():
+        for i, toks, lp, _ in results:
+            old = float((ex.learner_logprobs(before, prompts[i:i + 1], toks).double() - lp).abs().max())
+            new = float((ex.learner_logprobs(model, prompts[i:i + 1], toks).double() - lp).abs().max())
+            # finished on the old weights: at the floor of the learner before the update, far from the one after
+            assert old <= 1e-5 and new > 10 * old, (i, old, new)
+        new = float((ex.learner_logprobs(model, prompts[:1], after_tokens).double() - after_lp).abs().max())
+        assert new <= 1e-5, new
