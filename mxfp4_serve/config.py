@@ -8,6 +8,7 @@ the rest (embeddings, attention).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -70,6 +71,11 @@ class MXFP4RLConfig(QuantizationConfig):
         """vLLM's hook with the model path, called before any weight is loaded: an mxfp4_rl checkpoint on local disk
         passes the header validation of inspect and the learner's loader (format vs model_type, codec_version,
         code/scale pairs, expert shapes and ids against config.json), so a bad one never starts an engine."""
+        lora = self.settings.expert_lora
+        if lora is not None and lora.adapter is not None and not os.path.isabs(lora.adapter):
+            # a served adapter named relative to the checkpoint (enable_expert_lora writes it so)
+            resolved = dataclasses.replace(lora, adapter=os.path.join(str(model_name), lora.adapter))
+            self.settings = dataclasses.replace(self.settings, expert_lora=resolved)
         if self.settings.online:
             return  # bf16 experts: the loader quantizes and checks every tensor as it arrives
         if not os.path.isfile(os.path.join(str(model_name), "config.json")):

@@ -117,3 +117,67 @@ def write(layer: torch.nn.Module, weight: str, a: torch.Tensor, b: torch.Tensor)
 
 def set_rank(layer: torch.nn.Module, rank: int) -> None:
     getattr(layer, RANK_ATTR).fill_(int(rank))
+
+
+# ---- an adapter served from the start (quantization_config "expert_lora": {..., "adapter": dir}) ---------------
+_ADAPTER_FILES: dict[str, dict] = {}  # adapter dir -> its tensors (read once per process, shared by the layers)
+
+
+def _adapter_tensors(adapter_dir: str) -> dict:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if adapter_dir not in _ADAPTER_FILES:
+        path = Path(adapter_dir)
+        files = path / "adapter_model.safetensors", path / "adapter_config.json"
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"mxfp4_rl expert_lora adapter: {missing} not found (a PEFT adapter directory "
+                                    f"as mxfp4_train.adapters.save_adapters writes it)")
+        _ADAPTER_FILES[adapter_dir] = {"tensors": load_file(str(files[0])),
+                                       "config": json.loads(files[1].read_text())}
+    return _ADAPTER_FILES[adapter_dir]
+
+
+def _peft_scaling(cfg: dict) -> float:
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+
+
+def load_adapter(layer: torch.nn.Module, layer_name: str, interleaved: bool) -> None:
+    """Serve the configured PEFT adapter's factors for this layer (this rank's shard), as a sync would write them."""
+    from common.layouts import gpt_oss as gpt_oss_layout
+    from common.moe.wire import lora_shard
+
+    from .sync.layers import SyncedLayer
+
+    cfg = config_of(layer)
+    if cfg is None or cfg.adapter is None:
+        return
+    files = _adapter_tensors(cfg.adapter)
+    scaling = _peft_scaling(files["config"])
+    where = f"mxfp4_rl expert_lora adapter '{cfg.adapter}', layer '{layer_name}'"
+    if abs(scaling - cfg.scaling) > 1e-12 * abs(cfg.scaling):
+        raise ValueError(f"{where}: the adapter's scaling {scaling} (lora_alpha / r) differs from the checkpoint's "
+                         f"expert_lora scaling {cfg.scaling}")
+    synced = SyncedLayer(layer, layer.mxfp4_rl_loader, None)
+    num_experts = synced.loader.geometry.num_experts
+    ranks = set()
+    for weight, (a_name, b_name) in P.peft_expert_names(layer_name).items():
+        t = files["tensors"]
+        if a_name not in t or b_name not in t:
+            raise SyncPayloadError(f"{where}: the adapter has no '{a_name}' / '{b_name}'")
+        a, b = P.from_peft(t[a_name].float(), t[b_name].float(), num_experts)
+        if weight == P.W13 and interleaved:  # gpt-oss (gate, up) row pairs -> [gate; up]
+            gate, up = gpt_oss_layout.deinterleave_rows(b)
+            b = torch.cat((gate, up), dim=-2)
+        device = getattr(layer, RANK_ATTR).device
+        a, b = lora_shard(a.to(device), b.to(device), synced.descriptor(weight), weight)
+        check_factors(layer, weight, a, b, where)
+        write(layer, weight, a, b)
+        ranks.add(a.shape[1])
+    if len(ranks) != 1:
+        raise SyncPayloadError(f"{where}: the gate_up and down adapters have different ranks {sorted(ranks)}")
+    set_rank(layer, ranks.pop())

@@ -97,6 +97,9 @@ class MXFP4MoEMethodMixin:
         """
         if not self._first_processing_done:
             layer.mxfp4_rl_loader.check_complete()
+            if self.settings.expert_lora is not None:  # an adapter configured to be served from the start
+                expert_lora.load_adapter(layer, layer.mxfp4_rl_loader.geometry.layer_name,
+                                         interleaved=self.settings.fmt == "gpt-oss")
             self._first_processing_done = True
         self.backend.prepare(layer)
 

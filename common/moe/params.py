@@ -75,3 +75,25 @@ def lora_shapes(num_experts: int, hidden: int, intermediate: int, rank: int) -> 
     sizes: w13 (in H, out 2I rows [gate; up]) and w2 (in I, out H)."""
     e, h, i, r = num_experts, hidden, intermediate, rank
     return {W13_LORA_A: (e, r, h), W13_LORA_B: (e, 2 * i, r), W2_LORA_A: (e, r, i), W2_LORA_B: (e, h, r)}
+
+
+# PEFT's ParamWrapper keeps a projection's experts in two nn.Linear: lora_A.weight [r*E, in] with expert-major rows
+# and lora_B.weight [out, r*E] whose column j*E + e is rank j of expert e (peft/tuners/lora/layer.py,
+# ParamWrapper.get_delta_weight). The learner saves that layout (mxfp4_train/adapters.py); an engine serving the
+# adapter reads it back with this function.
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_expert_names(experts: str) -> dict[str, tuple[str, str]]:
+    """{packed weight: (lora_A name, lora_B name)} in a PEFT adapter of the experts module `experts` (PEFT nests the
+    gate_up wrapper innermost, so its adapter sits under 'base_layer')."""
+    base = f"{PEFT_PREFIX}{experts}"
+    return {W13: (f"{base}.base_layer.lora_A.weight", f"{base}.base_layer.lora_B.weight"),
+            W2: (f"{base}.lora_A.weight", f"{base}.lora_B.weight")}
+
+
+def from_peft(a, b, num_experts: int):
+    """PEFT's (lora_A [r*E, in], lora_B [out, r*E]) -> (A [E, r, in], B [E, out, r])."""
+    rank = a.shape[0] // num_experts
+    return (a.reshape(num_experts, rank, a.shape[1]),
+            b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1).contiguous())

@@ -3,7 +3,7 @@
 
     {"quant_method": "mxfp4_rl", "profile": <codec profile>, "format": "native" | "gpt-oss" | "deepseek-v4",
      "block_size": 32, "codec_version": 1, "delegate": {<the source checkpoint's own quantization_config>},
-     "expert_lora": {"max_rank": R, "scaling": s}}            # optional: serve expert adapters unmerged
+     "expert_lora": {"max_rank": R, "scaling": s[, "adapter": dir]}}   # optional: serve expert adapters unmerged
 
 `delegate` is the method every non-expert layer keeps (e.g. DeepSeek-V4's FP8 block config of its dense layers):
 the converter records the source checkpoint's config under it and the engine hands those layers to that method.
@@ -11,6 +11,8 @@ Checkpoints written before this contract recorded it as `source_quantization_con
 `expert_lora` makes the engine keep per-expert LoRA factors (rank <= max_rank, zero at start: the un-adapted engine
 is bitwise the base) that syncs update in place; `scaling` (alpha / r, or alpha / sqrt(r) with rslora) is fixed at
 engine start because the engine's captured CUDA graphs bake it in, so a learner with another scaling is refused.
+`adapter` (optional) names a PEFT adapter directory (mxfp4_train.adapters.save_adapters; relative paths are relative
+to the checkpoint) whose expert factors the engine serves from the start: `vllm serve` of base + adapter.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ExpertLoRAConfig:
 
     max_rank: int
     scaling: float
+    adapter: str | None = None  # PEFT adapter directory served from the start
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or not 0 < self.max_rank <= 1024:
@@ -68,7 +71,10 @@ class ExpertLoRAConfig:
                              f"number, got {self.scaling!r}")
 
     def as_dict(self) -> dict:
-        return {"max_rank": self.max_rank, "scaling": float(self.scaling)}
+        out = {"max_rank": self.max_rank, "scaling": float(self.scaling)}
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
+        return out
 
 
 def expert_lora_config(cfg: Mapping[str, Any]) -> ExpertLoRAConfig | None:
@@ -76,7 +82,12 @@ def expert_lora_config(cfg: Mapping[str, Any]) -> ExpertLoRAConfig | None:
     value = cfg.get(EXPERT_LORA_KEY)
     if value is None:
         return None
-    if not isinstance(value, Mapping) or set(value) != {"max_rank", "scaling"}:
+    if not isinstance(value, Mapping) or not {"max_rank", "scaling"} <= set(value) <= {"max_rank", "scaling",
+                                                                                          "adapter"}:
         raise ValueError(f"mxfp4_rl quantization_config '{EXPERT_LORA_KEY}' must be {{'max_rank': int, 'scaling': "
-                         f"float}}, got {value!r}")
-    return ExpertLoRAConfig(value["max_rank"], float(value["scaling"]))
+                         f"float[, 'adapter': str]}}, got {value!r}")
+    adapter = value.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise ValueError(f"mxfp4_rl quantization_config '{EXPERT_LORA_KEY}': 'adapter' must be a directory path, got "
+                         f"{adapter!r}")
+    return ExpertLoRAConfig(value["max_rank"], float(value["scaling"]), adapter)

@@ -17,9 +17,12 @@ from common.moe.quant_config import EXPERT_LORA_KEY, QUANT_METHOD, ExpertLoRACon
 from ..lora import LoRASpec
 
 
-def enable_expert_lora(checkpoint: str | Path, spec: LoRASpec, max_rank: int | None = None) -> ExpertLoRAConfig:
+def enable_expert_lora(checkpoint: str | Path, spec: LoRASpec, max_rank: int | None = None,
+                       adapter: str | Path | None = None) -> ExpertLoRAConfig:
     """Record in `checkpoint`'s config.json that engines serve expert adapters up to `max_rank` (default: the
-    spec's rank) with the spec's scaling. Rewrites config.json atomically; returns the recorded config."""
+    spec's rank) with the spec's scaling, and optionally serve the PEFT adapter directory `adapter`
+    (mxfp4_train.adapters.save_adapters) from the start; a path inside the checkpoint is recorded relative to it.
+    Rewrites config.json atomically; returns the recorded config."""
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"enable_expert_lora: no config.json in '{checkpoint}'")
@@ -28,7 +31,14 @@ def enable_expert_lora(checkpoint: str | Path, spec: LoRASpec, max_rank: int | N
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"enable_expert_lora: '{path}' is not an {QUANT_METHOD} checkpoint (quant_method "
                          f"{qc.get('quant_method')!r}); convert it first (mxfp4-rl quantize)")
-    cfg = ExpertLoRAConfig(int(max_rank if max_rank is not None else spec.r), float(spec.scaling))
+    if adapter is not None:
+        adapter = Path(adapter)
+        if adapter.resolve().is_relative_to(path.parent.resolve()):
+            adapter = adapter.resolve().relative_to(path.parent.resolve())
+        if not (path.parent / adapter / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"enable_expert_lora: no adapter_model.safetensors in '{path.parent / adapter}'")
+    cfg = ExpertLoRAConfig(int(max_rank if max_rank is not None else spec.r), float(spec.scaling),
+                           None if adapter is None else str(adapter))
     if spec.r > cfg.max_rank:
         raise ValueError(f"enable_expert_lora: max_rank {cfg.max_rank} is below the adapters' rank {spec.r}")
     qc[EXPERT_LORA_KEY] = cfg.as_dict()

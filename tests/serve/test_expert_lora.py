@@ -183,3 +183,22 @@ def test_sm100_backend_refuses_expert_lora_with_the_reason():
 
     assert not SM100FlashInferBackend.serves_lora
     assert "activation in one kernel" in SM100FlashInferBackend.lora_refusal
+
+
+def test_peft_layout_round_trips_the_learners_adapter():
+    """common.moe.params.from_peft (the engine's reader) inverts the learner's PEFT writer bit for bit."""
+    from common.moe.params import from_peft
+    from mxfp4_train.lora import ExpertLoRA, LoRASpec
+
+    lora = ExpertLoRA(E, H, 2 * I, LoRASpec(r=3, alpha=6.0))
+    with torch.no_grad():
+        lora.B.copy_(torch.randn(lora.B.shape))
+    a, b = from_peft(*lora.to_peft(), E)
+    assert torch.equal(a, lora.A.detach()) and torch.equal(b, lora.B.detach())
+
+
+def test_expert_lora_config_names_an_adapter():
+    cfg = expert_lora_config({"expert_lora": {"max_rank": 8, "scaling": 2.0, "adapter": "adapter"}})
+    assert cfg.adapter == "adapter" and cfg.as_dict()["adapter"] == "adapter"
+    with pytest.raises(ValueError, match="'adapter' must be a directory path"):
+        expert_lora_config({"expert_lora": {"max_rank": 8, "scaling": 2.0, "adapter": 3}})
