@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("run", "test", "needs", "output")
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)(?P<lang>[\w+-]*)\s*$")
-_MARKER = re.compile(r"^\s*<!--\s*(?P<kind>run|test|needs|output)\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$")
+_MARKER = re.compile(rf"^\s*<!--\s*(?P<kind>{'|'.join(KINDS)})\s*(?::\s*(?P<arg>.*?))?\s*-->\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
