@@ -25,7 +25,7 @@ from common.moe import params as P
 from common.moe.quant_config import ExpertLoRAConfig
 from common.moe.wire import SyncPayloadError
 
-RANK_ATTR = "mxfp4_rl_lora_rank"  # int64 [1] buffer: the adapters' active rank (0 = none yet)
+RANK_ATTR = P.LORA_RANK  # int64 [1] buffer: the adapters' active rank (0 = none yet)
 CONFIG_ATTR = "mxfp4_rl_lora"  # the layer's ExpertLoRAConfig
 
 

@@ -7,6 +7,10 @@
 4. Print three parity rows (bf16 learner vs bf16 engine = the numeric floor; MXFP4 learner vs MXFP4 engine = ours;
    bf16 learner vs MXFP4 engine = common practice today), a per-expert breakdown, and whether the expert bytes are
    identical (audit hashes of the learner's export vs the parameters the engine serves, read back from the worker).
+5. LoRA row: a LoRA learner on the packed experts with nonzero (random, seeded) expert adapters, saved as a PEFT
+   adapter next to a copy of the MXFP4 checkpoint that names it (enable_expert_lora); a third engine serves base +
+   adapter unmerged; its rollouts scored by that learner, and the adapter bytes it serves checked against the
+   learner's (expert bytes and adapter factors, hashes).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .parity import Parity, format_table, parity, per_expert, record_routing
 
 ROWS = ("bf16 learner vs bf16 engine (floor)", "MXFP4 learner vs MXFP4 engine (ours)",
         "bf16 learner vs MXFP4 engine (common practice)")
+LORA_ROW = "MXFP4+LoRA learner vs engine serving the adapter"
+DEMO_LORA_RANK = 4
 # Sharpen the tiny model's next-token distributions: a random lm_head at the tiny init std gives near-uniform
 # distributions over 256 tokens, where any weight change barely moves log-probs; x6 gives peaked ones (a few
 # likely tokens per step, like a trained LM), so the effect of quantized experts on the sampled tokens is visible.
@@ -97,8 +103,54 @@ def compare_bytes(mx_learner, served: dict | None, mx_ckpt: Path, profile: str) 
     return same, how
 
 
+def build_lora(root: Path, mx_ckpt: Path, seed: int):
+    """(checkpoint copy that serves the adapter, LoRA learner with nonzero expert adapters on the packed bytes)."""
+    import shutil
+
+    from .adapters import save_adapters
+    from .checkpoint_io import load_mxfp4_model
+    from .conversion import experts_modules
+    from .lora import LoRASpec
+    from .sync import enable_expert_lora
+
+    ckpt = root / f"{mx_ckpt.name}-lora"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    shutil.copytree(mx_ckpt, ckpt)
+    spec = LoRASpec(r=DEMO_LORA_RANK, alpha=2.0 * DEMO_LORA_RANK)
+    learner = load_mxfp4_model(ckpt, mode="lora", dtype=torch.bfloat16, lora=spec).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained adapter stands in: B drawn at a scale that moves log-probs visibly
+        for _, mod in experts_modules(learner):
+            for lora in (mod.lora_gate_up, mod.lora_down):
+                lora.B.copy_(torch.randn(lora.B.shape, generator=g) * 0.05)
+    save_adapters(learner, ckpt / "adapter")
+    enable_expert_lora(ckpt, spec, adapter=ckpt / "adapter")
+    return ckpt, learner
+
+
+def compare_adapters(learner, served: dict | None) -> bool:
+    """The expert factors the engine serves (at their active rank) equal the learner's, byte for byte (hashes)."""
+    from common.audit import dense_hash
+    from common.moe import params as P
+
+    from .conversion import experts_modules
+
+    if not served:
+        return False
+    for prefix, mod in experts_modules(learner):
+        for weight, lora in ((P.W13, mod.lora_gate_up), (P.W2, mod.lora_down)):
+            a_name, b_name = P.LORA_FACTORS[weight]
+            mine = dense_hash("lora", lora.A.detach().float(), lora.B.detach().float())
+            theirs = dense_hash("lora", served[f"{prefix}.{a_name}"], served[f"{prefix}.{b_name}"])
+            if mine != theirs:
+                return False
+    return True
+
+
 def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", prompts: int = 16,
-             prompt_len: int = 8, max_tokens: int = 16, seed: int = 0, engine_kwargs: dict | None = None) -> dict:
+             prompt_len: int = 8, max_tokens: int = 16, seed: int = 0, engine_kwargs: dict | None = None,
+             lora_row: bool = True) -> dict:
     from .engine import sample_rollouts
 
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mxfp4-rl-demo-"))
@@ -123,10 +175,24 @@ def run_demo(out_dir: str | Path | None = None, *, profile: str = "flashinfer", 
               # per-token log-ratios, for tests that need the spread and not only the means
               "dlogp": dict(zip(ROWS, (lp1 - eng1.double(), lp2 - eng_mx.double(), lp3 - eng_mx.double()))),
               "per_expert": {"ours": per_expert(eng_mx, lp2, experts, 8), "common": per_expert(eng_mx, lp3, experts, 8)}}
+    if lora_row:
+        log.info("[3b/4] LoRA: learner with nonzero expert adapters, engine serving base + saved adapter unmerged")
+        lora_ckpt, lora_learner = build_lora(root, mx_ckpt, seed)
+        ro_lora = sample_rollouts(str(lora_ckpt), ps, quantization="mxfp4_rl", max_tokens=max_tokens, seed=seed,
+                                  read_params=True, label="MXFP4 engine + adapter", engine_kwargs=engine_kwargs)
+        lp4, _ = learner_logprobs(lora_learner, ro_lora.prompts, ro_lora.completions)
+        eng4 = torch.tensor(ro_lora.logprobs).reshape(-1)
+        rows[LORA_ROW] = parity(eng4, lp4)
+        result["dlogp"][LORA_ROW] = lp4 - eng4.double()
+        same_lora, _ = compare_bytes(lora_learner, ro_lora.served_params, lora_ckpt, profile)
+        result["lora_bytes_identical"] = same_lora and compare_adapters(lora_learner, ro_lora.served_params)
     log.info("[4/4] parity (tokens sampled by the engine; KL estimators of KL(engine || learner))")
     print(format_table(rows))
     print(_per_expert_table(result["per_expert"]))
     print(f"expert bytes identical: {'YES' if same else 'NO'} ({how})")
+    if lora_row:
+        print(f"LoRA row: expert bytes and adapter factors identical: "
+              f"{'YES' if result['lora_bytes_identical'] else 'NO'} (learner vs the running engine's read-back)")
     return result
 
 

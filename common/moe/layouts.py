@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .params import ALL_PARAMS, PACKED_WEIGHTS
+from .params import ALL_PARAMS, LORA_FACTORS, LORA_RANK, PACKED_WEIGHTS
 
 RECORD_ATTR = "mxfp4_rl_experts"  # the ExpertsRecord of a layer served with mxfp4_rl
 
@@ -216,7 +216,8 @@ def served_expert_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{'<layer_name>.<param>': canonical CPU copy} for every MoE layer of the model served with mxfp4_rl, e.g.
     'model.layers.0.mlp.experts.w13_weight' (uint8 [E_local, 2I/tp, H/2], rows [w1; w3]). The engine's
     introspection and the learner's byte check both call this (through `LLM.apply_model`), so the two sides
-    compare the same canonical bytes on every backend."""
+    compare the same canonical bytes on every backend. A layer serving expert adapters adds its factors
+    ('<layer_name>.w13_lora_a' ...) at their active rank."""
     out = {}
     for module in model.modules():
         rec = record_of(module)
@@ -224,4 +225,10 @@ def served_expert_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         for name in layer_params(module):
             out[f"{rec.layer_name}.{name}"] = read_canonical(module, name).to("cpu", copy=True)
+        rank = getattr(module, LORA_RANK, None)
+        if isinstance(rank, torch.Tensor):  # expert adapters served unmerged: the factors at their active rank
+            r = int(rank.item())
+            for a_name, b_name in LORA_FACTORS.values():
+                out[f"{rec.layer_name}.{a_name}"] = getattr(module, a_name)[:, :r].to("cpu", copy=True)
+                out[f"{rec.layer_name}.{b_name}"] = getattr(module, b_name)[..., :r].to("cpu", copy=True)
     return out

@@ -32,6 +32,7 @@ W13_LORA_B = "w13_lora_b"
 W2_LORA_A = "w2_lora_a"
 W2_LORA_B = "w2_lora_b"
 LORA_FACTORS = {W13: (W13_LORA_A, W13_LORA_B), W2: (W2_LORA_A, W2_LORA_B)}
+LORA_RANK = "mxfp4_rl_lora_rank"  # int64 [1] buffer next to them: the adapters' active rank (0 = none yet)
 BIAS_OF = {W13: W13_BIAS, W2: W2_BIAS}
 
 PACKED_WEIGHTS = (W13, W2)  # each paired with its scale_name()

@@ -1,6 +1,7 @@
 """`mxfp4-rl demo` end to end: two real vLLM engines (bf16, then MXFP4 via the mxfp4_rl plugin) and the learner.
 
-One run (~1 minute on CPU): 16 prompts x 16 sampled tokens per engine on the tiny Qwen3-MoE.
+One run (~2 minutes on CPU): 16 prompts x 16 sampled tokens per engine on the tiny Qwen3-MoE, three engines (bf16,
+MXFP4, MXFP4 serving a saved expert adapter).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ def _mean_and_se(dlogp: torch.Tensor) -> tuple[float, float]:
     return a.mean().item(), (a.std() / math.sqrt(a.numel())).item()
 
 
-def test_demo_parity_rows_and_identical_bytes(tmp_path):
+@pytest.fixture(scope="module")
+def res(tmp_path_factory):
     pytest.importorskip("vllm")
-    from mxfp4_train.demo import ROWS, run_demo
+    from mxfp4_train.demo import run_demo
 
-    res = run_demo(tmp_path / "demo", prompts=16, max_tokens=16, seed=0)
+    return run_demo(tmp_path_factory.mktemp("demo"), prompts=16, max_tokens=16, seed=0)
+
+
+def test_demo_parity_rows_and_identical_bytes(res):
+    from mxfp4_train.demo import ROWS
     floor, ours, common = (res["rows"][r] for r in ROWS)
     (m1, se1), (m2, se2), (m3, se3) = (_mean_and_se(res["dlogp"][r]) for r in ROWS)
     assert floor.tokens == ours.tokens == common.tokens == 256
@@ -47,3 +53,15 @@ def test_demo_parity_rows_and_identical_bytes(tmp_path):
     pe = res["per_expert"]
     assert set(pe["ours"]) == set(pe["common"]) and len(pe["ours"]) >= 6
     assert sum(pe["common"][e].mean_abs_dlogp > pe["ours"][e].mean_abs_dlogp for e in pe["ours"]) >= len(pe["ours"]) - 1
+
+
+def test_demo_lora_row_is_at_the_floor_with_identical_adapter_bytes(res):
+    """Issue 22: the table's LoRA row (learner with nonzero expert adapters vs an engine serving the saved adapter
+    unmerged) sits at the floor row's level, with the served expert bytes and adapter factors equal to the
+    learner's (hashes of the parameters read back from the engine)."""
+    from mxfp4_train.demo import LORA_ROW, ROWS
+
+    assert res["lora_bytes_identical"]
+    (m1, se1), (m4, se4) = (_mean_and_se(res["dlogp"][r]) for r in (ROWS[0], LORA_ROW))
+    # the same "at the floor within noise" rule as row 2 (see above): not above it by 3 combined standard errors
+    assert m4 <= m1 + 3 * math.hypot(se1, se4), (m1, m4, se1, se4)
