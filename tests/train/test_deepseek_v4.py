@@ -33,7 +33,7 @@ def _transformers_model(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
 
 
-def _ids(gen, batch=2, seq=24):
+def _ids(gen, batch=2, seq=12):
     return torch.randint(2, 256, (batch, seq), generator=gen)
 
 
