@@ -77,7 +77,7 @@ def load_mxfp4_model(path: str | Path, mode: str = "lora", *, dtype: torch.dtype
     if by_layer:
         raise ValueError(f"checkpoint '{path}' holds packed experts for layers {sorted(by_layer)} that the model has no "
                          f"experts block for")
-    _load_dense(model, path, dtype, model_type=config.get("model_type"))
+    names = _load_dense(model, path, dtype, model_type=config.get("model_type"))
     if mode == "lora":
         model.requires_grad_(False)
         if lora is not None:  # same adapters as convert(..., "lora"): routed experts and shared experts
@@ -85,6 +85,8 @@ def load_mxfp4_model(path: str | Path, mode: str = "lora", *, dtype: torch.dtype
                 m.add_lora(lora)
             _wrap_shared_experts(model, lora, None)
     model.mxfp4_rl = {"mode": mode, "profile": profile, "lora": lora if mode == "lora" else None}
+    if config.get("model_type") == deepseek_v4.MODEL_TYPE:
+        model.mxfp4_rl["checkpoint_names"] = names  # transformers name -> DeepSeek name, for saving
     return model
 
 
@@ -108,12 +110,12 @@ def _checkpoint_tensors(path, dtype: torch.dtype, model_type: str | None):
     included), and core_model_loading loads a renamed key of a pre-quantized checkpoint "with the same dtype from
     the checkpoint"."""
     if model_type == deepseek_v4.MODEL_TYPE:
-        for name, t, _, from_fp8 in deepseek_v4.iter_dense(path, dtype):
-            yield name, (lambda t=t: t), not from_fp8
+        for name, t, source, from_fp8 in deepseek_v4.iter_dense(path, dtype):
+            yield name, (lambda t=t: t), not from_fp8, source
         return
     with CheckpointReader(path) as reader:
         for name in reader.names():
-            yield name, (lambda name=name: reader.get(name)), False
+            yield name, (lambda name=name: reader.get(name)), False, name
 
 
 def _keep_in_fp32(model: nn.Module, dtype: torch.dtype):
@@ -128,15 +130,18 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype):
     return build_glob_alternation(list(plan))[0]
 
 
-def _load_dense(model: nn.Module, path, dtype: torch.dtype, model_type: str | None = None) -> None:
-    """Materialise every meta tensor left (non-expert weights, biases) and read them from the checkpoint."""
+def _load_dense(model: nn.Module, path, dtype: torch.dtype, model_type: str | None = None) -> dict[str, str]:
+    """Materialise every meta tensor left (non-expert weights, biases) and read them from the checkpoint.
+    Returns {model tensor name: checkpoint tensor name}."""
     model._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
     targets = dict(model.state_dict(keep_vars=True))
     packed_suffixes = (".weight", ".weight_scale")
     expert_prefixes = tuple(n + "." for n, _ in experts_modules(model))
     loaded = set()
     fp32 = _keep_in_fp32(model, dtype)
-    for name, get, keep_dtype in _checkpoint_tensors(path, dtype, model_type):
+    sources = {}
+    for name, get, keep_dtype, source in _checkpoint_tensors(path, dtype, model_type):
+        sources[name] = source
         if name.startswith(expert_prefixes):
             rest = name[len(next(p for p in expert_prefixes if name.startswith(p))):]
             if rest in ("gate_up_proj_bias", "down_proj_bias"):  # gpt-oss biases live on the experts block
@@ -166,6 +171,7 @@ def _load_dense(model: nn.Module, path, dtype: torch.dtype, model_type: str | No
     for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in the checkpoint
         if "RotaryEmbedding" in type(module).__name__:
             model._init_weights(module)
+    return sources
 
 
 def save_mxfp4_checkpoint(model: nn.Module, out_dir: str | Path, *, max_shard_bytes: int | str | None = None) -> Path:
@@ -184,11 +190,15 @@ def save_mxfp4_checkpoint(model: nn.Module, out_dir: str | Path, *, max_shard_by
         if owner in experts or ".lora_" in name or name.endswith((".lora_A.weight", ".lora_B.weight")):
             continue
         tensors[name.replace(".base_layer.", ".")] = t.contiguous()
+    fmt = "native"
+    if model.config.model_type == deepseek_v4.MODEL_TYPE:
+        tensors, fmt = _deepseek_v4_names(tensors, info), deepseek_v4.FMT
     for name, mod in experts.items():
-        tensors.update(_packed_tensors(name, mod))
+        tensors.update(_packed_tensors(name, mod) if fmt == "native" else _packed_tensors_deepseek_v4(name, mod))
     save_tensors(out, tensors, max_shard_bytes=max_shard_bytes)
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(info["profile"], "native")
+    config.pop("expert_dtype", None)  # experts are mxfp4_rl's now; dense layers are saved decoded (bf16 / fp32)
+    config["quantization_config"] = quantization_config(info["profile"], fmt)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     return out
 
@@ -210,4 +220,35 @@ def _packed_tensors(name: str, mod: MXFP4Experts) -> dict[str, torch.Tensor]:
     if mod.b13 is not None:
         out[f"{name}.gate_up_proj_bias"] = mod.b13.detach().contiguous()
         out[f"{name}.down_proj_bias"] = mod.b2.detach().contiguous()
+    return out
+
+
+def _deepseek_v4_names(tensors: dict[str, torch.Tensor], info: dict) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4 checkpoints are read under DeepSeek's names (ARCHS["deepseek_v4"], deepseek_v4.iter_dense): the
+    dense tensors go back to the names they were loaded from (their FP8 weights saved decoded, in the model's
+    dtype: the values the learner trained, exactly)."""
+    names = info.get("checkpoint_names")
+    if names is None:
+        raise ValueError("save_mxfp4_checkpoint: a DeepSeek-V4 model is saved under DeepSeek's tensor names, which "
+                         "only a model from load_mxfp4_model records; convert() of a transformers model has none")
+    missing = [n for n in tensors if n not in names]
+    if missing:
+        raise ValueError(f"save_mxfp4_checkpoint: tensors {missing[:4]} have no DeepSeek-V4 checkpoint name")
+    return {names[n]: t for n, t in tensors.items()}
+
+
+def _packed_tensors_deepseek_v4(name: str, mod: MXFP4Experts) -> dict[str, torch.Tensor]:
+    """`layers.L.ffn.experts.E.w{1,3,2}.weight` int8 + `.scale` float8_e8m0fnu (format deepseek-v4), from the
+    canonical rows [w1; w3] and w2: byte views, no conversion."""
+    w13, w2 = mod.packed()
+    i = mod.intermediate_size
+    layer = _layer_index(name)
+    out = {}
+    for e in range(mod.num_experts):
+        for proj, codes, scales in (("gate", w13.codes[e, :i], w13.scales[e, :i]),
+                                    ("up", w13.codes[e, i:], w13.scales[e, i:]),
+                                    ("down", w2.codes[e], w2.scales[e])):
+            stem = f"layers.{layer}.ffn.experts.{e}.{deepseek_v4.PROJ_NAMES[proj]}"
+            out[f"{stem}.weight"] = codes.contiguous().view(torch.int8)
+            out[f"{stem}.scale"] = scales.contiguous().view(torch.float8_e8m0fnu)
     return out

@@ -89,7 +89,7 @@ def test_lora_step_on_routed_and_shared_experts(ckpts):
     assert all(torch.equal(m.w13_codes, b) for (_, m), b in zip(mxfp4_train.experts_modules(model), before_bytes))
 
 
-def test_qat_serves_the_shipped_bytes_until_a_step(ckpts):
+def test_qat_serves_the_shipped_bytes_until_a_step(ckpts, tmp_path):
     model = mxfp4_train.load_mxfp4_model(ckpts["shipped"], "qat")
     exp = model.model.layers[1].mlp.experts
     raw = load_file(str(ckpts["shipped"] / "model.safetensors"))
@@ -103,6 +103,12 @@ def test_qat_serves_the_shipped_bytes_until_a_step(ckpts):
     w13_after, _ = exp.packed()
     assert not w13_after.equal(w13)
     assert w13_after.equal(common.quantize(exp.w13.detach(), profile="deepseek_v4"))
+    # saved under DeepSeek's names (format deepseek-v4) and read back: the trained bytes, the same logits
+    saved = mxfp4_train.save_mxfp4_checkpoint(model, tmp_path / "saved")
+    back = mxfp4_train.load_mxfp4_model(saved, "lora", lora=None).eval()
+    assert back.model.layers[1].mlp.experts.packed()[0].equal(w13_after)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model.eval()(ids).logits)
 
 
 def test_convert_a_bf16_transformers_model(ckpts):
