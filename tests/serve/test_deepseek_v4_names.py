@@ -5,7 +5,8 @@ accept head_dim 512 / indexer head 128 only. What can be checked here: every ten
 has a vLLM name, routed experts reach the fused-MoE expert mapping with the contract's shard ids (w1 = gate rows
 [0, I) of w13, w3 = up rows [I, 2I), w2 = down) and their E8M0 `.scale` becomes the MoE layer's `weight_scale`
 (raw bytes: vLLM's loader views float8_e8m0fnu as uint8, as our layouts do), while FP8 dense scales go to the FP8
-method's `weight_scale_inv`."""
+method's `weight_scale_inv`; and this plugin's MoE weight loader, driven by vLLM's DeepSeek-V4 expert loop, ends
+with the checkpoint's bytes in the contract's parameters."""
 
 from __future__ import annotations
 
@@ -64,3 +65,49 @@ def test_expert_mapping_is_the_contract():
                 got, expert_id, shard = hits[0]
                 assert got == f"model.layers.1.ffn.experts.routed_experts.{want}", got
                 assert (expert_id, shard) == (expert, P.VLLM_SHARD[proj])
+
+
+def test_our_loader_takes_the_shipped_experts_through_vllms_mapping(shipped):
+    """vLLM's DeepSeek-V4 expert loop (cpu/model.py load_weights: mapper, float8_e8m0fnu scales viewed as uint8,
+    the expert mapping's name replacement and shard ids) driving this plugin's MoE weight loader: the parameters
+    hold the checkpoint's bytes, w13 rows [w1; w3], every expert of every layer loaded (check_complete)."""
+    from safetensors.torch import load_file
+
+    from common.checkpoint import load_packed_experts
+    from mxfp4_serve.loader import ExpertWeightLoader
+    from mxfp4_serve.settings import ServeSettings
+    from mxfp4_serve.shards import ExpertGeometry
+
+    e, h, i, layers = 8, 128, 64, 3
+    mapper = cpu_model._make_deepseek_v4_weights_mapper("fp4")
+    mapping = RoutedExperts.build_expert_params_mapping("w1", "w2", "w3", e)
+    settings = ServeSettings(profile=ds.SHIPPED_PROFILE, fmt=ds.FMT, delegate=ds.SHIPPED_QUANT_CONFIG)
+    layer_params, loaders = {}, {}
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}.ffn.experts.routed_experts"
+        geom = ExpertGeometry(prefix, h, i, e, e)
+        params = {f"{prefix}.{n}": torch.zeros(s, dtype=torch.uint8) for n, s in geom.param_shapes().items()}
+        loader = ExpertWeightLoader(geom, settings, {n.rsplit(".", 1)[1]: p for n, p in params.items()},
+                                    lambda g: g, list(range(e)))
+        layer_params.update(params)
+        loaders[layer] = loader
+    for name, tensor in load_file(str(shipped / "model.safetensors")).items():
+        if not ds.is_expert_tensor(name):
+            continue
+        mapped = mapper._map_name(name)
+        if "weight_scale" in mapped and tensor.dtype == torch.float8_e8m0fnu:
+            tensor = tensor.view(torch.uint8)  # what vLLM's loader does before calling ours
+        hits = [(mapped.replace(w, p), x, s) for p, w, x, s in mapping if w in mapped]
+        assert len(hits) == 1, (name, hits)
+        pname, expert, shard = hits[0]
+        layer = int(pname.split(".")[2])
+        assert loaders[layer](layer_params[pname], tensor, pname, shard_id=shard, expert_id=expert,
+                              return_success=True)
+    for loader in loaders.values():
+        loader.check_complete()
+    for (layer, x, proj), q in load_packed_experts(shipped).items():
+        p = f"model.layers.{layer}.ffn.experts.routed_experts"
+        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}[proj]
+        packed = P.W2 if proj == "down" else P.W13
+        assert torch.equal(layer_params[f"{p}.{packed}"][x, rows], q.codes), (layer, x, proj)
+        assert torch.equal(layer_params[f"{p}.{P.scale_name(packed)}"][x, rows], q.scales), (layer, x, proj)
