@@ -178,24 +178,38 @@ def test_user_docs_point_only_inside_the_repository():
     assert not bad, "\n".join(bad)
 
 
+def _demo_printed_rows() -> list[str]:
+    """The parity rows `mxfp4-rl demo` prints by default: ROWS, plus the LoRA row when run_demo makes it."""
+    import inspect
+
+    from mxfp4_train import demo
+
+    lora = inspect.signature(demo.run_demo).parameters.get("lora_row")
+    return [*demo.ROWS, *([demo.LORA_ROW] if lora is not None and lora.default else [])]
+
+
 def test_demo_output_samples_have_the_demo_format():
-    """The sample outputs of `mxfp4-rl demo` in the docs are what its code prints: format_table's header and rule,
-    its row labels, and the byte-check line (values differ per machine; their layout must not)."""
-    from mxfp4_train.demo import ROWS
+    """The sample outputs of `mxfp4-rl demo` in the docs are what its code prints now: format_table's header and
+    rule, every row it prints by default in its order, and the byte-check lines (values differ per run; the
+    layout must not). The per-expert table may be left out of a sample."""
     from mxfp4_train.parity import Parity, format_table
 
+    rows = _demo_printed_rows()
     fake = Parity(tokens=256, mismatch_kl=1e-3, k3_kl=1e-3, mean_abs_dlogp=1e-2, max_abs_dlogp=1e-1, pearson=0.99)
-    printed = format_table(dict.fromkeys(ROWS, fake)).splitlines()
-    samples = [b for b in BLOCKS if b.kind == "output" and ROWS[0] in b.code]
+    printed = format_table(dict.fromkeys(rows, fake)).splitlines()
+    samples = [b for b in BLOCKS if b.kind == "output" and rows[0] in b.code]
     assert samples, "no demo output sample found in the docs"
+    tail = [r"expert bytes identical: (YES|NO) \(.+\)"]
+    if len(rows) > 3:  # the LoRA row's own byte and adapter check
+        tail.append(r"LoRA row: expert bytes and adapter factors identical: (YES|NO) \(.+\)")
     for b in samples:
         lines = b.code.splitlines()
         assert lines[:2] == printed[:2], f"{b.where}: header differs from format_table's:\n{printed[0]}"
-        assert [ln[:48].rstrip() for ln in lines[2:2 + len(ROWS)]] == list(ROWS), b.where
-        for ln, want in zip(lines[2:2 + len(ROWS)], printed[2:]):
+        assert [ln[:48].rstrip() for ln in lines[2:2 + len(rows)]] == rows, f"{b.where}: rows are not {rows}"
+        for ln, want in zip(lines[2:2 + len(rows)], printed[2:]):
             assert len(ln.split()) == len(want.split()), f"{b.where}: columns of {ln!r}"
-        # (the demo prints a per-expert table before this line; samples may leave it out)
-        assert re.fullmatch(r"expert bytes identical: (YES|NO) \(.+\)", lines[-1]), b.where
+        got = lines[-len(tail):]
+        assert all(re.fullmatch(t, ln) for t, ln in zip(tail, got)), f"{b.where}: last lines {got} vs {tail}"
 
 
 def test_kernel_signatures_match_the_code():
