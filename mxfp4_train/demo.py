@@ -206,6 +206,15 @@ def _per_expert_table(pe: dict[str, dict[int, Parity]]) -> str:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    if args.model == "deepseek_v4":  # learner side only: no CPU engine runs DeepSeek-V4 (deepseek_v4_demo.py says why)
+        from .deepseek_v4_demo import format_result, run_deepseek_v4_demo
+
+        res = run_deepseek_v4_demo(seed=args.seed, tokens=args.max_tokens)
+        print(format_result(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": {k: v.as_dict() for k, v in res["rows"].items()},
+                                                   "identical": res["identical"]}, indent=2) + "\n")
+        return 0 if res["identical"] else 1
     res = run_demo(args.out, profile=args.profile, prompts=args.prompts, prompt_len=args.prompt_len,
                    max_tokens=args.max_tokens, seed=args.seed, engine_kwargs=args.engine_kwargs)
     if args.json:
@@ -229,6 +238,9 @@ def register(subparsers) -> None:
     """Entry point `mxfp4_rl.commands: demo = mxfp4_train.demo:register`."""
     p = subparsers.add_parser("demo", help="train/serve parity demo: tiny Qwen3-MoE, bf16 and MXFP4 vLLM engines",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("qwen3_moe", "deepseek_v4"), default="qwen3_moe",
+                   help="qwen3_moe: engines and learner; deepseek_v4: the learner side for a tiny DeepSeek-V4 in its "
+                        "shipped format (MXFP4 learner vs transformers' decode, bf16 learner)")
     p.add_argument("--out", default=None, help="working directory (default: a new temporary directory)")
     p.add_argument("--profile", default="flashinfer", help="codec profile for the checkpoint and the engine")
     p.add_argument("--prompts", type=int, default=16)

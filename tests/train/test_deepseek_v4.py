@@ -128,3 +128,14 @@ def test_convert_a_bf16_transformers_model(ckpts):
                 hf.mlp.experts.gate_up_proj.copy_(w13)
                 hf.mlp.experts.down_proj.copy_(w2)
             assert torch.equal(model(ids).logits, ref(ids).logits), mode
+
+
+def test_demo_deepseek_v4_learner_rows():
+    """`mxfp4-rl demo --model deepseek_v4`: the MXFP4 learner row is exact, the bf16 (common practice) row is not."""
+    from mxfp4_train.deepseek_v4_demo import format_result, run_deepseek_v4_demo
+
+    res = run_deepseek_v4_demo(seed=int(torch.randint(0, 2**31 - 1, (1,))), tokens=8)
+    ours, common_row = res["rows"].values()
+    assert res["identical"] and ours.max_abs_dlogp == 0.0 and ours.mismatch_kl == 0.0
+    assert common_row.mean_abs_dlogp > 0.0
+    assert "identical to transformers' decode of the shipped bytes: YES" in format_result(res)
