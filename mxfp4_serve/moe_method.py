@@ -34,6 +34,19 @@ def _method_class() -> type:
     return _CLASS
 
 
+def _refuse_unimplemented_activation(moe_config) -> None:
+    """DeepSeek-V4 clamps silu's gate/up at swiglu_limit; our contract's activations (common.moe.activations) do not
+    have that yet, and serving without the clamp would compute another function silently: refused."""
+    limit = getattr(moe_config, "swiglu_limit", None)
+    act = getattr(moe_config, "activation", "silu")
+    name = str(getattr(act, "value", act))
+    if limit is not None and name == "silu":
+        raise NotImplementedError(f"mxfp4_rl: this model clamps its silu experts at swiglu_limit={limit} "
+                                  f"(DeepSeek-V4); the mxfp4_rl MoE backends do not implement the clamped silu yet, "
+                                  f"so they would serve another function. Serve it without --quantization mxfp4_rl "
+                                  f"(vLLM's own MXFP4 MoE) until then")
+
+
 class MXFP4MoEMethodMixin:
     """Routed experts kept packed: w13_weight/w2_weight uint8 codes + *_weight_scale uint8 E8M0 (+ biases)."""
 
@@ -47,6 +60,7 @@ class MXFP4MoEMethodMixin:
         if hasattr(self.backend, "activations"):  # backends with several modes (sm100_flashinfer) take the choice
             self.backend.activations = settings.activations
             self.backend.profile = settings.profile
+        _refuse_unimplemented_activation(moe_config)
         if settings.expert_lora is not None and not self.backend.serves_lora:
             raise ValueError(f"mxfp4_rl: the checkpoint asks for expert LoRA served unmerged (quantization_config "
                              f"'expert_lora') but MoE backend {self.backend.name!r} cannot apply it: "

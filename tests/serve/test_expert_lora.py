@@ -202,3 +202,16 @@ def test_expert_lora_config_names_an_adapter():
     assert cfg.adapter == "adapter" and cfg.as_dict()["adapter"] == "adapter"
     with pytest.raises(ValueError, match="'adapter' must be a directory path"):
         expert_lora_config({"expert_lora": {"max_rank": 8, "scaling": 2.0, "adapter": 3}})
+
+
+def test_moe_method_refuses_a_clamped_silu_it_would_not_compute():
+    """DeepSeek-V4's experts clamp silu at swiglu_limit; no backend implements that yet: refused at engine start
+    rather than served unclamped. gpt-oss's clamped swigluoai (implemented) passes."""
+    from types import SimpleNamespace
+
+    from mxfp4_serve.moe_method import _refuse_unimplemented_activation
+
+    with pytest.raises(NotImplementedError, match="clamps its silu experts at swiglu_limit=10.0"):
+        _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=10.0, activation="silu"))
+    _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=7.0, activation="swigluoai"))
+    _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=None, activation="silu"))
