@@ -30,8 +30,12 @@ def test_library_code_logs_instead_of_printing():
 
 
 def test_cli_results_on_stdout_and_quiet_stderr(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
-    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    for k in ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM"):
+        # setenv first so that monkeypatch records the variable's absence and removes what the command sets:
+        # a delenv of an absent variable records nothing, and the command's setdefault would outlive the test
+        # (later tests' engine subprocesses would inherit errors-only logging)
+        monkeypatch.setenv(k, "unset-by-test")
+        monkeypatch.delenv(k)
     assert cli.main(["-q", "example", "--out", str(tmp_path / "a")]) == 0
     out, err = capsys.readouterr()
     assert "verified: all" in out and "MXFP4 checkpoint" in out
