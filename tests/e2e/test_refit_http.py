@@ -102,12 +102,8 @@ def test_learner_refits_a_running_vllm_serve_over_http(server):
     refit.close()
 
 
-def test_the_rl_loop_example_trains_against_a_running_server(server, tmp_path, monkeypatch):
+def test_the_rl_loop_example_trains_against_a_running_server(server, tmp_path):
     """examples/rl_loop.py --engine-url: QAT and LoRA(+merge) steps, rollouts over HTTP, syncs through connect."""
-    for k in ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM"):  # main() sets them for its engines: not beyond this test
-        monkeypatch.setenv(k, os.environ.get(k, "unset-by-test"))
-        if os.environ[k] == "unset-by-test":
-            monkeypatch.delenv(k)
     ex, out = server["ex"], tmp_path / "records.json"
     rc = ex.main(["--engine-url", server["url"], "--checkpoint", str(server["ckpt"]), "--modes", "qat,lora",
                   "--steps", "2", "--json", str(out)])
