@@ -59,10 +59,15 @@ def test_ipc_in_the_learners_process_reads_the_buffer():
     learner.close()
 
 
-def _worker(header: dict, q) -> None:
+def _worker(header: dict, q, done) -> None:
     ch = transport.open_channel("ipc", "127.0.0.1", 0, 1, 2)
     got = ch.receive_tensors(header)
+    torch.cuda.synchronize()
     q.put({e["name"]: {k: v.cpu() for k, v in e.items() if isinstance(v, torch.Tensor)} for e in got["entries"]})
+    # stay alive until the learner has read the result: on the H100 run a worker that exited right after put() (its
+    # IPC mapping torn down while the queue's feeder thread was still flushing) reached the learner as a reset pipe
+    done.wait(120)
+    ch.close()
 
 
 @gpu
@@ -71,10 +76,11 @@ def test_ipc_to_another_process_copies_every_byte():
     p = _payload(2)
     header = learner.header(p)
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(header, q))
+    q, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_worker, args=(header, q, done))
     proc.start()
     got = q.get(timeout=120)
+    done.set()
     proc.join(60)
     assert proc.exitcode == 0
     assert _same(p, {"entries": [got[e["name"]] for e in p["entries"]]})
