@@ -65,7 +65,14 @@ def expert_extras(model: nn.Module) -> dict[str, dict]:
                 b13 = _deinterleave(b13.unsqueeze(-1)).squeeze(-1)
             out[f"{prefix}.{P.W13_BIAS}"] = {"kind": "bias", "tensor": b13.contiguous()}
             out[f"{prefix}.{P.W2_BIAS}"] = {"kind": "bias", "tensor": mod.b2.detach().contiguous()}
-        if mod.lora_gate_up is not None:
+        if mod.lora_gate_up is None:
+            # no adapters in the learner's forward: rank-0 (empty) factors, so an engine serving expert LoRA clears
+            # whatever an earlier learner left there (sent only to such an engine, client._extra_entries)
+            e, h, i = mod.num_experts, mod.hidden_size, mod.intermediate_size
+            for weight, (k, n) in ((P.W13, (h, 2 * i)), (P.W2, (i, h))):
+                out[lora_entry_name(f"{prefix}.{weight}")] = {
+                    "kind": "lora", "a": torch.zeros(e, 0, k), "b": torch.zeros(e, n, 0), "scaling": None}
+        else:
             b13 = mod.lora_gate_up.B.detach()
             if interleaved:
                 b13 = _deinterleave(b13)
