@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from tests.common.bad_checkpoints import good_checkpoint, variant
+from tests.e2e.serve_process import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
-START_TIMEOUT_S = 300
 LAYER = "model.layers.1.mlp.experts"
 
 
@@ -39,26 +37,6 @@ def _overflowing_checkpoint(root: Path) -> Path:
             assert int(t[f"{LAYER}.{e}.down_proj.weight_scale"].max()) < 0xFD  # a byte every loader accepts
 
     return variant(good_checkpoint(root), root / "overflow", edit)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {proc.returncode}: {log.read_text()[-4000:]}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vllm serve not healthy in {START_TIMEOUT_S} s") from None
-            time.sleep(1)
 
 
 def _complete(url: str) -> tuple[int, dict]:
@@ -75,7 +53,7 @@ def _complete(url: str) -> tuple[int, dict]:
 
 def test_non_finite_log_probs_are_a_server_error_naming_the_layer(tmp_path):
     ckpt = _overflowing_checkpoint(tmp_path)
-    port, log_path = _free_port(), tmp_path / "server.log"
+    port, log_path = free_port(), tmp_path / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--quantization",
            "mxfp4_rl", "--dtype", "float16", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
            "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1", "--host", "127.0.0.1", "--port", str(port),
@@ -86,7 +64,7 @@ def test_non_finite_log_probs_are_a_server_error_naming_the_layer(tmp_path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(proc, url, log_path)
+            wait_healthy(proc, url, log_path)
             status, body = _complete(url)
             try:  # the engine core is dead: vLLM's server shuts itself down
                 proc.wait(timeout=60)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.e2e.serve_process import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
-START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -40,7 +34,7 @@ def server(tmp_path_factory):
     import rl_loop as ex
 
     ckpt = ex.build_checkpoint(tmp_path_factory.mktemp("refit-http"))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--quantization",
            "mxfp4_rl", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8",
@@ -50,18 +44,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited with {proc.returncode}: {Path(log.name).read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"vllm serve not healthy in {START_TIMEOUT_S} s") from None
-                time.sleep(2)
+        wait_healthy(proc, url, Path(log.name))
         yield {"url": url, "ckpt": ckpt, "ex": ex}
     finally:
         proc.terminate()
