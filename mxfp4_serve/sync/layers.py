@@ -94,6 +94,12 @@ class SyncedLayer:
             return moe.read_canonical(self.module, pname)
         return self.backend.read_canonical(self.module, pname)
 
+    def _write(self, pname: str, experts: torch.Tensor, values: torch.Tensor) -> None:
+        if self.backend is None:
+            moe.write_canonical(self.module, pname, experts, values)
+        else:
+            self.backend.write_experts(self.module, pname, experts, values)
+
     def read(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) in the canonical layout (copies)."""
         return self._read(weight), self._read(moe.scale_name(weight))
@@ -104,10 +110,7 @@ class SyncedLayer:
             return
         # scales first: a backend that refuses them (hopper_triton's one-multiply bound) leaves the layer unchanged
         for pname, values in ((moe.scale_name(weight), scales), (weight, codes)):
-            if self.backend is None:
-                moe.write_canonical(self.module, pname, experts, values)
-            else:
-                self.backend.write_experts(self.module, pname, experts, values)
+            self._write(pname, experts, values)
 
     def hash(self, weight: str) -> str:
         codes, scales = self.read(weight)
@@ -121,11 +124,7 @@ class SyncedLayer:
         return self._read(name).detach().clone()
 
     def write_bias(self, name: str, values: torch.Tensor) -> None:
-        experts = self.all_experts()
-        if self.backend is None:
-            moe.write_canonical(self.module, name, experts, values)
-        else:
-            self.backend.write_experts(self.module, name, experts, values)
+        self._write(name, self.all_experts(), values)
 
     def bias_hash(self, name: str) -> str:
         return dense_hash("bias", self._read(name))
@@ -133,6 +132,11 @@ class SyncedLayer:
     # ---- expert adapters --------------------------------------------------------------------------------------------
     def lora_hash(self, weight: str) -> str:
         return dense_hash("lora", *expert_lora.read(self.module, weight))
+
+    def extra_hash(self, suffix: str) -> str:
+        """The audit hash of one of extra_weights() (a bias, or a packed weight's adapter), read back now."""
+        kind, weight = self.extra_weights()[suffix]
+        return self.bias_hash(suffix) if kind == "bias" else self.lora_hash(weight)
 
 
 def find_layers(model: nn.Module) -> dict[str, SyncedLayer]:

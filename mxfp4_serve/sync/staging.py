@@ -24,6 +24,7 @@ from common.audit import dense_hash, tensor_hash
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
+from common.moe import params as P
 from common.moe.wire import (
     DENSE_DTYPES,
     FULL_KEY,
@@ -117,18 +118,28 @@ class EngineSync:
         self.version = 0
         self.param_hashes: dict[str, str] = {}  # checkpoint name -> hash of the bytes last loaded by a sync
         self._staged: dict[str, dict[str, Staged | StagedExtra | StagedParam]] = {}
+        self._committed: dict | None = None  # {"version", "hashes"} as the last commit read them back
 
     # ---- read-only ------------------------------------------------------------------------------------------------
-    def _extra_hash(self, layer: SyncedLayer, kind: str, suffix: str, weight: str) -> str:
-        return layer.bias_hash(suffix) if kind == "bias" else layer.lora_hash(weight)
-
-    def hashes(self) -> dict[str, str]:
-        out = {f"{n}.{w}": layer.hash(w) for n, layer in self.layers.items() for w in WEIGHTS}
+    def hashes(self, known: dict[str, str] | None = None) -> dict[str, str]:
+        """The audit hash of everything served, read back now; `known`: hashes just read back (a commit's), not
+        read again (a hopper_triton read converts a whole kb-major tensor: each one costs)."""
+        known = known or {}
+        out = {}
         for n, layer in self.layers.items():
-            for suffix, (kind, weight) in layer.extra_weights().items():
-                out[f"{n}.{suffix}"] = self._extra_hash(layer, kind, suffix, weight)
+            for w in WEIGHTS:
+                out[f"{n}.{w}"] = known.get(f"{n}.{w}") or layer.hash(w)
+            for suffix in layer.extra_weights():
+                out[f"{n}.{suffix}"] = known.get(f"{n}.{suffix}") or layer.extra_hash(suffix)
         out.update(self.param_hashes)
         return out
+
+    def committed(self) -> dict:
+        """{"version", "hashes"} of the last commit, read back when it wrote (what a learner verifies right after
+        its commit, without reading every weight again); the current hashes before any commit."""
+        if self._committed is None or self._committed["version"] != self.version:
+            return {"version": self.version, "hashes": self.hashes()}
+        return self._committed
 
     def dtype(self) -> torch.dtype:
         """The dtype the engine serves its unquantized parameters in (the input embedding's)."""
@@ -150,7 +161,7 @@ class EngineSync:
                                        "descriptor": layer.descriptor(w), "key": layer.key(w), "hash": layer.hash(w)}
             for suffix, (kind, w) in layer.extra_weights().items():
                 weights[f"{n}.{suffix}"] = {"kind": kind, "weight": f"{n}.{w}", "descriptor": layer.descriptor(w),
-                                            "key": layer.key(w), "hash": self._extra_hash(layer, kind, suffix, w)}
+                                            "key": layer.key(w), "hash": layer.extra_hash(suffix)}
                 if kind == "bias":
                     weights[f"{n}.{suffix}"]["dtype"] = str(layer.read_bias(suffix).dtype).removeprefix("torch.")
             cfg = expert_lora.config_of(layer.module)
@@ -330,10 +341,11 @@ class EngineSync:
             raise SyncStateError(f"commit of sync {sync_id!r} refused: {stale[:4]} were staged against version "
                                  f"{staged[stale[0]].base_version}, the engine now serves version {self.version}")
         self._check_lora_ranks(staged)
-        changed_experts = self._write_all(staged)
+        changed_experts, read_back = self._write_all(staged)
         self.version += 1
-        return {"sync_id": str(sync_id), "version": self.version, "hashes": self.hashes(),
-                "changed_experts": changed_experts, "seconds": time.perf_counter() - t0}
+        self._committed = {"version": self.version, "hashes": self.hashes(known=read_back)}
+        return {"sync_id": str(sync_id), **self._committed, "changed_experts": changed_experts,
+                "seconds": time.perf_counter() - t0}
 
     @staticmethod
     def _check_lora_ranks(staged: dict) -> None:
@@ -347,9 +359,11 @@ class EngineSync:
                 raise SyncPayloadError(f"sync of expert LoRA for layer '{layer}': expected the adapters of "
                                        f"{list(WEIGHTS)} at one rank, got {ranks}; nothing was changed")
 
-    def _write_all(self, staged: dict) -> dict[str, int]:
+    def _write_all(self, staged: dict) -> tuple[dict[str, int], dict[str, str]]:
+        """Write everything staged, then read each entry back and check its hash; returns (experts changed per
+        packed weight, {entry name: hash read back}). Any failure restores the previous values and re-raises."""
         undo: list = []  # callables restoring what was written, in write order
-        changed = {}
+        changed, read_back = {}, {}
         try:
             for name, s in staged.items():
                 if isinstance(s, Staged):
@@ -359,11 +373,16 @@ class EngineSync:
             params = [s for s in staged.values() if isinstance(s, StagedParam)]
             undo += load_params(self.targets, params)
             for name, s in staged.items():
-                if isinstance(s, Staged) and s.layer.hash(s.weight) != s.hash:
-                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged "
-                                    f"(backend layout conversion is not a byte permutation?)")
-                if isinstance(s, StagedExtra) and self._extra_hash(s.layer, s.kind, s.name, s.name) != s.hash:
-                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged")
+                if isinstance(s, Staged):
+                    read_back[name] = s.layer.hash(s.weight)
+                elif isinstance(s, StagedExtra):
+                    read_back[name] = s.layer.extra_hash(_split_name(name)[1])
+                else:
+                    continue
+                if read_back[name] != s.hash:
+                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged"
+                                    + (" (backend layout conversion is not a byte permutation?)"
+                                       if isinstance(s, Staged) else ""))
             for s in params:
                 self.param_hashes[s.name] = s.hash
         except BaseException as err:
@@ -377,7 +396,7 @@ class EngineSync:
                 raise SyncError(f"sync commit failed ({err}) and restoring the previous values failed ({failed[:2]}): "
                                 f"the engine state is unknown; send a full sync") from err
             raise
-        return changed
+        return changed, read_back
 
     @staticmethod
     def _write_packed(s: Staged, undo: list) -> int:
@@ -398,7 +417,7 @@ class EngineSync:
             return
         module = s.layer.module
         old_rank = expert_lora.active_rank(module)
-        a_name, b_name = expert_lora.P.LORA_FACTORS[s.name]
+        a_name, b_name = P.LORA_FACTORS[s.name]
         old_a, old_b = getattr(module, a_name).clone(), getattr(module, b_name).clone()
 
         def back() -> None:

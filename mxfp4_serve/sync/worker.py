@@ -30,6 +30,9 @@ class MXFP4SyncExtension:
     def mxfp4_sync_hashes(self) -> dict:
         return self._mxfp4_sync_state().hashes()
 
+    def mxfp4_sync_committed(self) -> dict:
+        return self._mxfp4_sync_state().committed()
+
     def mxfp4_sync_stage(self, payload: dict) -> dict:
         return self._mxfp4_sync_state().stage(payload)
 

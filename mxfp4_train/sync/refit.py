@@ -127,9 +127,9 @@ class TransferSync(WeightSync):
                 self.llm.finish_weight_update(weight_version=sync_id)
             except TypeError:  # vLLM 0.25's LLM.finish_weight_update takes no version
                 self.llm.finish_weight_update()
-        infos = self.engine.rpc("mxfp4_sync_info")
-        return [{"version": i["version"], "hashes": {**{n: w["hash"] for n, w in i["weights"].items()},
-                                                     **(i.get("params") or {})}} for i in infos]
+        # the hashes each rank read back when its commit wrote (an update dropped at finish left the previous
+        # commit's, which then differ from the learner's): no second read of every weight
+        return self.engine.rpc("mxfp4_sync_committed")
 
     def _abort(self, sync_id: str) -> None:
         # the engine drops an unfinished update at the next start_weight_update; nothing of it was served
