@@ -149,13 +149,13 @@ class WeightSync:
                                 f"values (mxfp4_train.sync.enable_expert_lora)")
 
     @staticmethod
-    def _diverged_params(model: nn.Module, info: dict, sending: set[str]) -> list[dict]:
+    def _diverged_params(tensors: dict[str, torch.Tensor], info: dict, sending: set[str]) -> list[dict]:
         """Entries for the parameters an earlier sync (maybe another learner's) loaded into the engine that this
-        learner holds other values of: a fresh learner resets them instead of computing against a stale engine."""
+        learner holds other values of (tensors: the learner's current_params): a fresh learner resets them instead
+        of computing against a stale engine."""
         synced = {n: h for n, h in (info.get("params") or {}).items() if n not in sending}
         if not synced:
             return []
-        tensors, _ = current_params(model)
         unknown = sorted(set(synced) - set(tensors))
         if unknown:
             raise SyncError(f"sync refused: the engine serves synced values of {unknown[:3]}, which this learner does "
@@ -237,11 +237,12 @@ class WeightSync:
             entries.append(self._entry(name, q, descs, infos, dense, delta_ok, stats))
         entries += self._extra_entries(model, infos)
         tracker = self._params.setdefault(model, ParamTracker())
-        changed, versions = tracker.changed(model, trainable)
+        current = current_params(model)  # merges each dense adapter once, for the three uses below
+        changed, versions = tracker.changed(model, trainable, current)
         if changed:
-            changed = whole_layers(changed, current_params(model)[0], infos[0].get("fused") or {})
+            changed = whole_layers(changed, current[0], infos[0].get("fused") or {})
         params = param_entries(changed, infos[0]["dtype"])
-        params += self._diverged_params(model, infos[0], set(changed))
+        params += self._diverged_params(current[0], infos[0], set(changed))
         entries += params
         stage_s = self._stage(sync_id, profile, entries)
         t1 = time.perf_counter()

@@ -119,16 +119,16 @@ class ParamTracker:
 
     last: dict[str, tuple[int, int, bool]] | None = None
 
-    def changed(self, model: nn.Module, trainable: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    def changed(self, model: nn.Module, trainable: bool = False, current=None) -> tuple[dict[str, torch.Tensor], dict]:
         """({checkpoint name: tensor to send, learner dtype}, the versions to record once the sync succeeded).
         Dense adapters are resolved to their merged base weight. trainable: also every parameter that requires
-        grad."""
+        grad. current: current_params(model), when the caller has it already (it merges every dense adapter)."""
         now = _versions(model)
         if self.last is None:
             moved = {n for n, v in now.items() if v[2]} if trainable else set()
         else:
             moved = {n for n, v in now.items() if self.last.get(n, (None, None))[:2] != v[:2] or (trainable and v[2])}
-        tensors, owners = current_params(model)
+        tensors, owners = current if current is not None else current_params(model)
         out = {}
         for checkpoint, own in owners.items():
             adapter = len(own) > 1
