@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -29,3 +30,12 @@ def wait_healthy(proc, url: str, log: Path, timeout_s: float = START_TIMEOUT_S) 
             if time.monotonic() > deadline:
                 raise AssertionError(f"vllm serve not healthy in {timeout_s:.0f} s") from None
             time.sleep(1)
+
+
+def stop(proc, timeout_s: float = 60) -> None:
+    """Terminate the server process; kill it if it does not exit within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

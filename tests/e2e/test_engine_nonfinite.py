@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.common.bad_checkpoints import good_checkpoint, variant
-from tests.e2e.serve_process import free_port, wait_healthy
+from tests.e2e.serve_process import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
@@ -71,11 +71,7 @@ def test_non_finite_log_probs_are_a_server_error_naming_the_layer(tmp_path):
             except subprocess.TimeoutExpired:
                 pass
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     text = log_path.read_text()
     assert status == 500 and body["error"]["type"] == "InternalServerError", (status, body, text[-3000:])
     assert "Out of range float values" not in text

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.serve_process import free_port, wait_healthy
+from tests.e2e.serve_process import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
@@ -48,11 +48,7 @@ def server(tmp_path_factory):
         wait_healthy(proc, url, Path(log.name))
         yield {"url": url, "ckpt": ckpt, "ex": ex}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
