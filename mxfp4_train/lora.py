@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from common.moe.params import from_peft
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
@@ -82,9 +84,10 @@ class ExpertLoRA(nn.Module):
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(f"expert LoRA: expected lora_A {want_a} and lora_B {want_b}, got {tuple(a.shape)} and "
                              f"{tuple(b.shape)}")
+        a, b = from_peft(a, b, e)  # the contract's reader, which the engine uses for a served adapter too
         with torch.no_grad():
-            self.A.copy_(a.reshape(e, r, self.in_features))
-            self.B.copy_(b.reshape(self.out_features, r, e).permute(2, 0, 1))
+            self.A.copy_(a)
+            self.B.copy_(b)
 
 
 class LoRALinear(nn.Module):

@@ -159,15 +159,22 @@ def _deepseek_v3(d: dict, dtype: torch.dtype):
                     (f"{a}.kv_b_proj.weight", (heads * (d["qk_nope_head_dim"] + d["v_head_dim"]), d["kv_lora_rank"]),
                      "w"),
                     (f"{a}.o_proj.weight", (h, heads * d["v_head_dim"]), "w")]
-        if layer < d["first_k_dense_replace"]:
-            tensors += _per_expert_mlp(f"{p}.mlp", h, d["intermediate_size"])
-            continue
-        tensors += [(f"{p}.mlp.gate.weight", (d["num_experts"], h), "w"),
-                    (f"{p}.mlp.gate.e_score_correction_bias", (d["num_experts"],), "zero")]
-        tensors += _per_expert_mlp(f"{p}.mlp.shared_experts", h, d["moe_intermediate_size"] * d["n_shared_experts"])
-        for e in range(d["num_experts"]):
-            tensors += _per_expert_mlp(f"{p}.mlp.experts.{e}", h, d["moe_intermediate_size"])
+        tensors += _deepseek_style_mlp(d, layer)
     return cfg, tensors
+
+
+def _deepseek_style_mlp(d: dict, layer: int) -> list:
+    """The MLP of one DeepSeek-V3-style layer (also GLM-4.x MoE's): dense below first_k_dense_replace, else the
+    sigmoid router with its score-correction bias, the shared expert and the routed experts."""
+    p, h = f"model.layers.{layer}", d["hidden_size"]
+    if layer < d["first_k_dense_replace"]:
+        return _per_expert_mlp(f"{p}.mlp", h, d["intermediate_size"])
+    tensors = [(f"{p}.mlp.gate.weight", (d["num_experts"], h), "w"),
+               (f"{p}.mlp.gate.e_score_correction_bias", (d["num_experts"],), "zero")]
+    tensors += _per_expert_mlp(f"{p}.mlp.shared_experts", h, d["moe_intermediate_size"] * d["n_shared_experts"])
+    for e in range(d["num_experts"]):
+        tensors += _per_expert_mlp(f"{p}.mlp.experts.{e}", h, d["moe_intermediate_size"])
+    return tensors
 
 
 def _glm4_moe(d: dict, dtype: torch.dtype):
@@ -182,19 +189,10 @@ def _glm4_moe(d: dict, dtype: torch.dtype):
                routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0,
                partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                            "partial_rotary_factor": 0.5})
-    h = d["hidden_size"]
     tensors = _common_tensors(d)
     for layer in range(d["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
         tensors += [t for t in _gqa_attention(d, layer, bias=True) if not t[0].endswith("o_proj.bias")]
-        if layer < d["first_k_dense_replace"]:
-            tensors += _per_expert_mlp(f"{p}.mlp", h, d["intermediate_size"])
-            continue
-        tensors += [(f"{p}.mlp.gate.weight", (d["num_experts"], h), "w"),
-                    (f"{p}.mlp.gate.e_score_correction_bias", (d["num_experts"],), "zero")]
-        tensors += _per_expert_mlp(f"{p}.mlp.shared_experts", h, d["moe_intermediate_size"] * d["n_shared_experts"])
-        for e in range(d["num_experts"]):
-            tensors += _per_expert_mlp(f"{p}.mlp.experts.{e}", h, d["moe_intermediate_size"])
+        tensors += _deepseek_style_mlp(d, layer)
     return cfg, tensors
 
 
