@@ -13,22 +13,28 @@ from ._tiles import _mma, _tile_rows
 
 
 @triton.jit
-def _lora_project_kernel(x_ptr, w_ptr, offsets_ptr, out_ptr, K, E, R, scaling,
+def _lora_project_kernel(x_ptr, w_ptr, offsets_ptr, src_ptr, out_ptr, K, E, R, scaling,
                          stride_xm, stride_we, stride_wr, stride_wk, stride_om,
-                         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         GATHER: tl.constexpr, E_POW2: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out [M, R] = scaling * x_e [rows_e, K] @ W_e^T for each expert's sorted rows; W_e [R, K] at any strides
     (an A factor [E, R, K] as stored, or a B factor [E, K, R] read transposed). Row tiles map to experts as in
-    the MXFP4 GEMMs (_tile_rows); grid axis 1 tiles R."""
+    the MXFP4 GEMMs (_tile_rows); grid axis 1 tiles R. GATHER reads sorted row r from x[src[r]] (the MoE
+    permutation fused into the loads, as the gated GEMM's GATHER: the engine's layer then never copies its
+    tokens into expert order)."""
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
     rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < row_end
+    if GATHER:
+        src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     kk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    x_ptrs = x_ptr + src[:, None] * stride_xm + kk[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + r[None, :] * stride_wr + kk[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -14,6 +14,7 @@ from ..errors import ShapeError
 from ..kernels import fast_launch, interpreting
 from ._lora_kernels import _lora_project_kernel, _lora_wgrad_kernel
 from .configs import cdiv, next_pow2
+from .interleave import reorder_k
 
 _MAX_BLOCK_R = 64
 
@@ -36,16 +37,27 @@ def _check(offsets: torch.Tensor, rows: int, *named: tuple[str, torch.Tensor]) -
                          f"{tuple(offsets.shape)}")
 
 
-def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+# The projection's K step and pipeline depth on a GPU (the interpreter runs BLOCK_K 64): the values the learner's
+# profiles ran with (bench/RESULTS.md, eighth round); bench/lora_layer.py --project-tiles times alternatives.
+PROJECT_BLOCK_K = 128
+PROJECT_STAGES = 3
+
+
+def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scaling: float = 1.0, *,
+            gather_rows: torch.Tensor | None = None) -> torch.Tensor:
     """h [M, R] bf16 = scaling * x_e @ factor_e^T per expert's rows, factor [E, R, K] at any strides (an A factor
     as stored, or B.transpose(1, 2) of a B factor [E, K, R]); x [M, K] is bf16 or wider (rounded to bf16 first,
-    as the factor is, by torch's round to nearest)."""
-    _check(offsets, x.shape[0], ("x", x))
+    as the factor is, by torch's round to nearest; a bf16 factor is used as it is, no copy).
+    With gather_rows [M] (int32/int64), x is the unsorted [T, K] and sorted row r reads x[gather_rows[r]]: the
+    same bits as project(x[gather_rows], ...) without the copy (the engine's MoE layer, as its gated GEMM)."""
+    m = x.shape[0] if gather_rows is None else gather_rows.shape[0]
+    _check(offsets, m, *(() if gather_rows is not None else (("x", x),)))
+    if gather_rows is not None:
+        _check_gather(x, gather_rows, m, offsets.device)
     e, r, k = factor.shape
     if x.shape[1] != k or offsets.numel() != e + 1:
         raise ShapeError(f"LoRA projection: x {tuple(x.shape)} against factor [E, R, K] {tuple(factor.shape)} "
                          f"with {offsets.numel()} offsets: expected x [M, {k}] and {e + 1} offsets")
-    m = x.shape[0]
     out = torch.empty(m, r, dtype=torch.bfloat16, device=x.device)
     if m == 0:
         return out
@@ -56,11 +68,31 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
     block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
     block_r = _rank_block(r)
     grid = (cdiv(m, block_m) + e, cdiv(r, block_r))
-    fast_launch.launch(_lora_project_kernel, grid, x, factor, offsets, out, k, e, r, float(scaling), x.stride(0),
-                       factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
-                       E_POW2=max(2, next_pow2(e)), F32_DOT=interp, BLOCK_M=block_m, BLOCK_R=block_r,
-                       BLOCK_K=64 if interp else 128, num_warps=4, num_stages=3)
+    fast_launch.launch(_lora_project_kernel, grid, x, factor, offsets,
+                       gather_rows.contiguous() if gather_rows is not None else offsets, out, k, e, r, float(scaling),
+                       x.stride(0), factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
+                       GATHER=gather_rows is not None, E_POW2=max(2, next_pow2(e)), F32_DOT=interp,
+                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else PROJECT_BLOCK_K, num_warps=4,
+                       num_stages=PROJECT_STAGES)
     return out
+
+
+def _check_gather(x: torch.Tensor, rows: torch.Tensor, m: int, device: torch.device) -> None:
+    if x.dim() != 2 or x.device != device:
+        raise ShapeError(f"tensor 'x': expected [T, K] on {device}, got {tuple(x.shape)} on {x.device}")
+    if rows.dtype not in (torch.int32, torch.int64) or rows.shape != (m,) or rows.device != device:
+        raise ShapeError(f"tensor 'gather_rows': expected int32/int64 [{m}] on {device}, got {rows.dtype} "
+                         f"{tuple(rows.shape)} on {rows.device}")
+
+
+def factor_in_order(a: torch.Tensor, order: str) -> torch.Tensor:
+    """A [E, R, K] with its K columns in column order `order` (interleave.ORDERS): the factor that projects an
+    activation given in that order (the gated GEMM's out_order) to the same h, so that the activation can stay in
+    the order the down GEMM reduces in. A itself for "natural" (kb-major codes: the engine's order); else a copy."""
+    if order == "natural":
+        return a
+    e, r, k = a.shape
+    return reorder_k(a.reshape(e * r, k), "natural", order).view(e, r, k)
 
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,

@@ -32,32 +32,33 @@ def _down(x: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor | None, scalin
 class MXFP4GroupedMLP(torch.autograd.Function):
     """apply(x [M, H] bf16 sorted, offsets int32 [E+1], w13_codes, w13_scales, w2_codes, w2_scales,
     lora13_a [E, R, H] | None, lora13_b [E, 2I, R] | None, lora2_a [E, R, I] | None, lora2_b [E, H, R] | None,
-    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None, gate_up = "halves") -> y [M, H] bf16.
-    gate_up "interleaved": w13's rows, bias13 and lora13_b's rows are gpt-oss's (gate, up) pairs (ops.py)."""
+    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None, gate_up = "halves", limit = None) -> y [M, H]
+    bf16. gate_up "interleaved": w13's rows, bias13 and lora13_b's rows are gpt-oss's (gate, up) pairs (ops.py).
+    limit: the clamp limit of activation "silu_clamp" (the model's swiglu_limit), forward and backward."""
 
     @staticmethod
     def forward(ctx, x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, lora13_a, lora13_b, lora2_a,
-                lora2_b, scaling, activation, bias13, bias2, gate_up="halves"):
+                lora2_b, scaling, activation, bias13, bias2, gate_up="halves", limit=None):
         a13, b13, a2, b2 = (_bf16(t) for t in (lora13_a, lora13_b, lora2_a, lora2_b))
         if (a13 is None) != (b13 is None) or (a2 is None) != (b2 is None):
             raise ValueError("MXFP4GroupedMLP: give both LoRA factors (A and B) of a projection, or neither")
         hs13 = _down(x, offsets, a13, scaling)
         act, pre = grouped_mm_mxfp4_gated(x, offsets, w13_codes, w13_scales, activation=activation, bias=bias13,
                                           lora=None if a13 is None else (hs13, b13), save_pre=True,
-                                          gate_up=gate_up)
+                                          gate_up=gate_up, limit=limit)
         hs2 = _down(act, offsets, a2, scaling)
         y = grouped_mm_mxfp4(act, offsets, w2_codes, w2_scales, bias=bias2,
                              lora=None if a2 is None else (hs2, b2))
         ctx.save_for_backward(x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, pre, act, hs13, hs2,
                               a13, b13, a2, b2)
-        ctx.meta = (scaling, activation, gate_up, [t.dtype if t is not None else None
+        ctx.meta = (scaling, activation, gate_up, limit, [t.dtype if t is not None else None
                                                    for t in (lora13_a, lora13_b, lora2_a, lora2_b)])
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, c13, s13, c2, s2, pre, act, hs13, hs2, a13, b13, a2, b2 = ctx.saved_tensors
-        scaling, activation, gate_up, dtypes = ctx.meta
+        scaling, activation, gate_up, limit, dtypes = ctx.meta
         dy = dy.to(torch.bfloat16).contiguous()
         grads = [None, None, None, None]  # each written once, in its master's dtype
         lora2 = None
@@ -67,7 +68,7 @@ class MXFP4GroupedMLP(torch.autograd.Function):
             grads[2] = L.grouped_wgrad(dh2, act, offsets, dtypes[2])               # dA2_e = dh2_e^T a_e
             lora2 = (dh2, a2)
         dpre = grouped_mm_mxfp4_dx(dy, offsets, c2, s2, lora=lora2, pre=pre, activation=activation,
-                                   gate_up=gate_up)
+                                   gate_up=gate_up, limit=limit)
         lora13 = None
         if a13 is not None:
             grads[1] = L.grouped_wgrad(dpre, hs13, offsets, dtypes[1])
@@ -77,50 +78,54 @@ class MXFP4GroupedMLP(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grouped_mm_mxfp4_dx(dpre, offsets, c13, s13, lora=lora13)
-        return (dx, None, None, None, None, None, *grads, None, None, None, None, None)
+        return (dx, None, None, None, None, None, *grads, None, None, None, None, None, None)
 
 
 def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Packed, *, activation: str,
                     bias13: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
-                    max_scale_byte: int | None = None) -> torch.Tensor:
+                    max_scale_byte: int | None = None, limit: float | None = None) -> torch.Tensor:
     """Inference forward of the expert MLP on sorted rows (no LoRA, nothing saved): the engine's grouped path.
-    The intermediate activation passes between the GEMMs in the K order the down GEMM reduces in (interleave.py)."""
+    The intermediate activation passes between the GEMMs in the K order the down GEMM reduces in (interleave.py).
+    limit: silu_clamp's (ops.grouped_mm_mxfp4_gated)."""
     order = reduction_order(w2[0], x.shape[0])
     act, _ = grouped_mm_mxfp4_gated(x, offsets, *w13, activation=activation, bias=bias13, out_order=order,
-                                    max_scale_byte=max_scale_byte)
+                                    max_scale_byte=max_scale_byte, limit=limit)
     return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2, x_order=order, max_scale_byte=max_scale_byte)
 
 
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
                       bias2: torch.Tensor | None = None, max_scale_byte: int | None = None,
-                      lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
-                      ) -> torch.Tensor:
+                      lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+                      limit: float | None = None) -> torch.Tensor:
     """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H].
 
     The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
     the second GEMM's epilogue (each (token, slot) row lands in its own row, times its router weight); the k rows
     of a token are then summed in fp32, in slot order (combine.sum_slots). max_scale_byte: see grouped_mm_mxfp4.
     lora = (A13 [E, R, H], B13 [E, 2I, R], A2 [E, R, I], B2 [E, H, R], scaling): the engine's unmerged expert
-    adapters, computed with the learner's kernels (the rank-R projections of MXFP4GroupedMLP, its fused B terms);
-    the intermediate activation then stays in natural column order, which the A2 projection reads."""
+    adapters, computed with the learner's kernels (the rank-R projections of MXFP4GroupedMLP, its B terms fused
+    into the GEMMs' epilogues): two launches more than without. Give the factors in bf16, contiguous, with R a
+    power of two >= 16 (mxfp4_serve.expert_lora keeps such copies): other factors are converted on every call,
+    to the same bits (torch's round to nearest, zero rank columns). The A13 projection gathers the token rows as
+    the gated GEMM does; the A2 projection reads the activation in the down GEMM's K order with A2's columns in
+    that order (lora.factor_in_order; the natural order, no copy, for kb-major codes). limit: the clamp limit of
+    activation "silu_clamp" (DeepSeek-V4's swiglu_limit, from the model's config)."""
     t, k = topk_ids.shape
     routing = route(topk_ids, w13[0].shape[0])
     rows = topk_weights.reshape(-1).float()
+    order = reduction_order(w2[0], t * k)  # the intermediate activation in the down GEMM's K order
+    lora13 = lora2 = None
     if lora is not None:
         a13, b13, a2, b2, scaling = lora
-        xs = x.index_select(0, routing.token.long())  # the sorted rows the A13 projection reads
-        act, _ = grouped_mm_mxfp4_gated(xs, routing.offsets, *w13, activation=activation, bias=bias13,
-                                        lora=(_down(xs, routing.offsets, a13, scaling), _bf16(b13)),
-                                        max_scale_byte=max_scale_byte)
-        y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2,
-                             lora=(_down(act, routing.offsets, a2, scaling), _bf16(b2)),
-                             scatter_rows=routing.source, row_weights=rows, max_scale_byte=max_scale_byte)
-        return sum_slots(y, k, x.dtype)
-    order = reduction_order(w2[0], t * k)  # the intermediate activation in the down GEMM's K order
-    act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13,
-                                    gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte)
-    y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, scatter_rows=routing.source,
-                         row_weights=rows, x_order=order,
-                         max_scale_byte=max_scale_byte)
+        # the A13 projection gathers the sorted rows itself, as the gated GEMM does (no copy of the tokens)
+        lora13 = (L.project(x, routing.offsets, a13, scaling, gather_rows=routing.token), _bf16(b13))
+    act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13, lora=lora13,
+                                    gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte,
+                                    limit=limit)
+    if lora is not None:
+        # act's columns are in `order`: A2's are put in the same one (the same sum, in another order)
+        lora2 = (L.project(act, routing.offsets, L.factor_in_order(a2, order), scaling), _bf16(b2))
+    y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, lora=lora2, scatter_rows=routing.source,
+                         row_weights=rows, x_order=order, max_scale_byte=max_scale_byte)
     return sum_slots(y, k, x.dtype)

@@ -126,3 +126,78 @@ def test_empty_batch_and_errors():
         L.grouped_wgrad(_rand(m, 64, seed=14), _rand(m - 1, 16, seed=15), offs)
     with pytest.raises(ShapeError, match="'expert_offsets': expected int32"):
         L.project(_rand(m, 64, seed=16), offs.long(), _rand(5, 16, 64, seed=17))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_project_gathers_rows_bit_exactly(index_dtype):
+    """gather_rows (the engine layer's A13 projection reads the tokens in place) gives the bits of the projection of
+    the gathered copy: the same values reach the same MMA. A token read by several rows, and one by none."""
+    e, m, t, k = len(COUNTS), sum(COUNTS), 11, 64
+    x = _rand(t, k, seed=20)
+    rows = (torch.arange(m) * 7 % (t - 1)).to(index_dtype).to(DEVICE)  # token t - 1 never read
+    factor = _rand(e, 16, k, seed=21)
+    offs = _offsets(COUNTS)
+    got = L.project(x, offs, factor, 0.5, gather_rows=rows)
+    assert torch.equal(got, L.project(x.index_select(0, rows.long()), offs, factor, 0.5))
+    with pytest.raises(ShapeError, match=r"'gather_rows': expected int32/int64 \[26\] on .*, got torch.float32"):
+        L.project(x, offs, factor, gather_rows=rows.float())
+
+
+def test_factor_in_order_projects_a_reordered_activation():
+    """An activation kept in the down GEMM's K order ("interleaved" for canonical codes) projected by A2 with its
+    columns in that order is the same sum in another order: within the loop's bound of the natural projection;
+    "natural" returns the factor itself (kb-major codes: no copy)."""
+    from common.grouped_gemm.interleave import interleave_k
+
+    e, m, k = len(COUNTS), sum(COUNTS), 96
+    x, a = _rand(m, k, seed=22), _rand(e, 16, k, seed=23, dtype=torch.float32)
+    assert L.factor_in_order(a, "natural") is a
+    got = L.project(interleave_k(x), _offsets(COUNTS), L.factor_in_order(a, "interleaved"), 2.0)
+    ref, mag = _project_ref(x, a, COUNTS, 2.0)
+    _assert_within(got, ref, mag, k, 2.0**-7)
+
+
+@pytest.mark.parametrize("kb_major", [True, False], ids=["kb_major", "canonical"])
+def test_engine_layer_lora_equals_the_unfused_composition(kb_major):
+    """moe_layer_forward(lora=...) with the engine's bf16 kernel copies (rank padded to 16) against the composition
+    it replaced (token copy, fp32 factors rounded on every call, natural-order activation): the same bits on
+    kb-major codes (the engine's layout, whose K order is the natural one); on canonical codes the activation stays
+    in the word decode's order and only the A2 projection's sum order changes (<= one bf16 step of h2)."""
+    import common
+    from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, moe_layer_forward, route
+    from common.grouped_gemm.combine import sum_slots
+    from common.grouped_gemm.layout import to_kb_major
+
+    t, topk, e, h, i, r = 10, 2, 4, 64, 64, 8
+    g = torch.Generator().manual_seed(24)
+    ids = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)]).to(DEVICE)
+    tw = torch.softmax(torch.randn(t, topk, generator=g), -1).to(DEVICE)
+    x = _rand(t, h, seed=25)
+    w13, w2 = (common.quantize(torch.randn(e, n, kk, generator=g) * 0.15, profile="flashinfer")
+               for n, kk in ((2 * i, h), (h, i)))
+    w13, w2 = ((to_kb_major(q.codes) if kb_major else q.codes, q.scales) for q in (w13, w2))
+    w13, w2 = tuple(t_.to(DEVICE) for t_ in w13), tuple(t_.to(DEVICE) for t_ in w2)
+    fp32 = [_rand(e, r, h, seed=26, dtype=torch.float32) / 8, _rand(e, 2 * i, r, seed=27, dtype=torch.float32) / 4,
+            _rand(e, r, i, seed=28, dtype=torch.float32) / 8, _rand(e, h, r, seed=29, dtype=torch.float32) / 4]
+    kernel = []  # as mxfp4_serve.expert_lora.refresh writes them: bf16, rank padded by zero columns to 16
+    for f, dim in zip(fp32, (1, 2, 1, 2)):
+        pad = torch.zeros(*(16 if d == dim else s for d, s in enumerate(f.shape)), dtype=torch.bfloat16,
+                          device=DEVICE)
+        pad.narrow(dim, 0, r).copy_(f)
+        kernel.append(pad)
+    got = moe_layer_forward(x, ids, tw, w13, w2, activation="silu", lora=(*kernel, 2.0))
+    # the replaced composition, step by step
+    rt = route(ids, e)
+    xs = x.index_select(0, rt.token.long())
+    bf = [f.to(torch.bfloat16) for f in fp32]
+    act, _ = grouped_mm_mxfp4_gated(xs, rt.offsets, *w13, activation="silu",
+                                    lora=(L.project(xs, rt.offsets, fp32[0], 2.0), bf[1]))
+    y = grouped_mm_mxfp4(act, rt.offsets, *w2, lora=(L.project(act, rt.offsets, fp32[2], 2.0), bf[3]),
+                         scatter_rows=rt.source, row_weights=tw.reshape(-1).float())
+    old = sum_slots(y, topk, x.dtype)
+    base = moe_layer_forward(x, ids, tw, w13, w2, activation="silu")
+    assert (got.float() - base.float()).abs().max() > 0.05 * base.float().abs().max()  # the adapters count
+    if kb_major:
+        assert torch.equal(got, old)
+    else:
+        assert (got.float() - old.float()).abs().max() <= 2.0**-6 * old.float().abs().max()
