@@ -13,6 +13,14 @@ backend reads at run time (a Python int would be baked into vLLM's compiled grap
 start (the fused kernels take it as a constant when graphs are captured); a learner with another one is refused.
 Under TP each rank holds w13's B rows of its shard and all of A, and w2's A columns (K) of its shard and all of B
 (common.moe.wire.lora_shard): the row-parallel partial sums then add up to the full term.
+
+The fp32 buffers are the audited bytes (read, the sync's hashes, served_expert_params). The Triton kernels multiply
+bf16 factors, which they used to round from the fp32 buffers on every forward (four launches per layer, some 40 MB
+moved at dsv4's shape). Each layer therefore also keeps kernel copies (KERNEL_SUFFIX): the same factors rounded once
+to bf16 by torch (round to nearest, the rounding the per-call cast did and the learner's MXFP4GroupedMLP does), with
+the rank padded by zero columns to the kernels' tile (kernel_rank): bit for bit the operands the kernels got before.
+`refresh` rewrites them from the fp32 buffers; `set_rank`, the last step of every write (a sync's, its undo's,
+load_adapter's), calls it, so that no write path needs to know the copies exist.
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ from common.moe.wire import SyncPayloadError
 
 RANK_ATTR = P.LORA_RANK  # int64 [1] buffer: the adapters' active rank (0 = none yet)
 CONFIG_ATTR = "mxfp4_rl_lora"  # the layer's ExpertLoRAConfig
+KERNEL_SUFFIX = "_bf16"  # '<factor>_bf16': the kernels' copy of an fp32 factor buffer (module docstring)
+KERNEL_DTYPE = torch.bfloat16  # the MMA operand dtype of common.grouped_gemm's LoRA kernels
+_MMA_MIN_K = 16  # Hopper's bf16 MMA reduces >= 16 along K: the kernels pad a smaller rank to it (ops._pad_rank)
+
+
+def kernel_rank(max_rank: int) -> int:
+    """The rank of the kernel copies: max_rank padded to a power of two >= 16, as common.grouped_gemm pads a
+    factor on every call otherwise (ops._pad_rank, lora._rank_block); the padding columns stay zero."""
+    return max(_MMA_MIN_K, 1 << (int(max_rank) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +56,7 @@ class LayerLoRA:
     b2: torch.Tensor
     rank: torch.Tensor
     scaling: float
+    kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # bf16 (A13, B13, A2, B2) at kernel_rank
 
 
 def add_buffers(layer: torch.nn.Module, num_local_experts: int, hidden: int, intermediate_local: int,
@@ -46,8 +64,11 @@ def add_buffers(layer: torch.nn.Module, num_local_experts: int, hidden: int, int
     """Create the layer's zero adapter buffers (not parameters: no checkpoint brings them, and vLLM's loader
     reports parameters that no checkpoint tensor filled)."""
     shapes = P.lora_shapes(num_local_experts, hidden, intermediate_local, config.max_rank)
+    padded = P.lora_shapes(num_local_experts, hidden, intermediate_local, kernel_rank(config.max_rank))
     for name, shape in shapes.items():
         layer.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
+        layer.register_buffer(name + KERNEL_SUFFIX, torch.zeros(padded[name], dtype=KERNEL_DTYPE, device=device),
+                              persistent=False)
     layer.register_buffer(RANK_ATTR, torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
     setattr(layer, CONFIG_ATTR, config)
 
@@ -62,8 +83,9 @@ def factors(layer: torch.nn.Module) -> LayerLoRA | None:
     cfg = config_of(layer)
     if cfg is None:
         return None
-    return LayerLoRA(getattr(layer, P.W13_LORA_A), getattr(layer, P.W13_LORA_B), getattr(layer, P.W2_LORA_A),
-                     getattr(layer, P.W2_LORA_B), getattr(layer, RANK_ATTR), float(cfg.scaling))
+    names = (P.W13_LORA_A, P.W13_LORA_B, P.W2_LORA_A, P.W2_LORA_B)
+    return LayerLoRA(*(getattr(layer, n) for n in names), getattr(layer, RANK_ATTR), float(cfg.scaling),
+                     tuple(getattr(layer, n + KERNEL_SUFFIX) for n in names))
 
 
 def active_rank(layer: torch.nn.Module) -> int:
@@ -116,7 +138,19 @@ def write(layer: torch.nn.Module, weight: str, a: torch.Tensor, b: torch.Tensor)
 
 
 def set_rank(layer: torch.nn.Module, rank: int) -> None:
+    """Record the active rank; the commit point of a write: the kernel copies are refreshed here (`refresh`)."""
     getattr(layer, RANK_ATTR).fill_(int(rank))
+    refresh(layer)
+
+
+def refresh(layer: torch.nn.Module) -> None:
+    """Rewrite the layer's bf16 kernel copies from its fp32 factor buffers, in place (captured CUDA graphs read the
+    same storage). Call after changing the fp32 buffers by any other path than write + set_rank; set_rank calls it.
+    A copy's rank columns beyond max_rank are never written: zero since add_buffers."""
+    for a_name, b_name in P.LORA_FACTORS.values():
+        a, b = getattr(layer, a_name), getattr(layer, b_name)
+        getattr(layer, a_name + KERNEL_SUFFIX)[:, :a.shape[1]].copy_(a)
+        getattr(layer, b_name + KERNEL_SUFFIX)[..., :b.shape[2]].copy_(b)
 
 
 # ---- an adapter served from the start (quantization_config "expert_lora": {..., "adapter": dir}) ---------------

@@ -123,6 +123,8 @@ class HopperTritonBackend(MoEBackend):
     @staticmethod
     def _lora(layer: torch.nn.Module):
         # the full max-rank factors, always (zero until a sync): the same kernels run before and after the first
-        # adapter arrives, so captured CUDA graphs stay valid; the zero rank columns add exact zeros
+        # adapter arrives, so captured CUDA graphs stay valid; the zero rank columns add exact zeros. The bf16
+        # kernel copies (expert_lora.refresh): the operands the kernels would round the fp32 buffers to on every
+        # call (four launches), rounded once per sync instead
         lora = expert_lora.factors(layer)
-        return None if lora is None else (lora.a13, lora.b13, lora.a2, lora.b2, lora.scaling)
+        return None if lora is None else (*lora.kernel, lora.scaling)

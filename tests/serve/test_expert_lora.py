@@ -151,6 +151,37 @@ def test_hopper_triton_with_adapters_computes_the_reference_function():
     assert (ref.cpu() - base).norm() / ref.norm() > 10 * 2.5e-2
 
 
+def _assert_kernel_copies_match(layer):
+    """Each bf16 kernel copy holds its fp32 buffer rounded by torch (the per-call cast it replaces) and zero rank
+    columns up to kernel_rank (the per-call padding)."""
+    for a_name, b_name in P.LORA_FACTORS.values():
+        for name, dim in ((a_name, 1), (b_name, 2)):
+            fp32, copy = getattr(layer, name), getattr(layer, name + expert_lora.KERNEL_SUFFIX)
+            assert copy.dtype == torch.bfloat16 and copy.shape[dim] == expert_lora.kernel_rank(R_MAX)
+            assert torch.equal(copy.narrow(dim, 0, R_MAX), fp32.to(torch.bfloat16))
+            assert not copy.narrow(dim, R_MAX, copy.shape[dim] - R_MAX).any()
+
+
+def test_kernel_copies_follow_every_write():
+    """write + set_rank (a sync, load_adapter) and a direct copy into the fp32 buffers + set_rank (the sync's undo)
+    both leave the kernels' bf16 copies equal to the fp32 buffers; hopper_triton reads the copies."""
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    assert [expert_lora.kernel_rank(r) for r in (1, 8, 16, 17, 24, 64)] == [16, 16, 16, 32, 32, 64]
+    layer, _, _, _ = _layer(seed=13, rank=3)
+    _assert_kernel_copies_match(layer)
+    assert bool(getattr(layer, P.W13_LORA_A + expert_lora.KERNEL_SUFFIX).any())
+    old = getattr(layer, P.W2_LORA_B).clone()
+    expert_lora.write(layer, P.W2, torch.randn(E, 5, I), torch.randn(E, H, 5))
+    expert_lora.set_rank(layer, 5)
+    _assert_kernel_copies_match(layer)
+    getattr(layer, P.W2_LORA_B).copy_(old)  # the sync's undo: fp32 buffers restored, then the old rank
+    expert_lora.set_rank(layer, 3)
+    _assert_kernel_copies_match(layer)
+    served = HopperTritonBackend._lora(layer)
+    assert all(a is b for a, b in zip(served[:4], expert_lora.factors(layer).kernel)) and served[4] == SCALING
+
+
 def test_bad_factors_are_refused_naming_the_layer():
     layer, _, _, _ = _layer(seed=3, rank=2)
     good_a, good_b = torch.zeros(E, 2, H), torch.zeros(E, 2 * I, 2)
