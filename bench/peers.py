@@ -9,7 +9,8 @@ layout by vLLM 0.25's own helpers:
   oai         vLLM's OAI triton_kernels experts, the modular classes vLLM runs: OAITritonExperts (swiglu fused into
               matmul_ogs, gpt-oss) / UnfusedOAITritonExperts (SiLU, dsv4); weights by vLLM's convert helpers. The
               router choice goes through make_routing_data (vLLM's pack_bitmatrix + its pow2-safe sort_tokens), not
-              triton_kernels.topk, whose _topk_forward has tl.arange(0, N_EXPTS_ACT): no compile for top-6 (power of 2 only)
+              triton_kernels.topk, whose _topk_forward has tl.arange(0, N_EXPTS_ACT): no compile for top-6 (a power
+              of 2 only)
   flashinfer  FlashInfer CUTLASS SM90 W4A16 (vLLM's FLASHINFER_CUTLASS_MXFP4_BF16: FlashInferExperts); runs only if
               flashinfer's fused_moe_90 JIT module is already built (scripts/gpu/install_peers.sh fi_build): the
               bench never starts that build (179 translation units)
@@ -439,7 +440,8 @@ def table(rows, errors, args, header):
                    f"{fmt(r.get('graph'), '.4f')} | {fmt(re_, '.2f')} | {fmt(rg, '.2f')} | "
                    f"{fmt(r.get('rel'), '.1e')} | {ok} | {r.get('note', '')} |")
     if errors:
-        out += ["", "Errors (type: message [entry frame in the peer's package; its last frame before Triton; innermost frame]):", "",
+        out += ["", "Errors (type: message [entry frame in the peer's package; its last frame before Triton; "
+                "innermost frame]):", "",
                 "| shape | backend | where | error |", "|---|---|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in errors]
     return "\n".join(out) + "\n"
