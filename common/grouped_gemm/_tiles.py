@@ -13,6 +13,7 @@ from . import layout
 ACT_NONE = tl.constexpr(0)
 ACT_SILU = tl.constexpr(1)
 ACT_SWIGLU_OAI = tl.constexpr(2)
+ACT_SILU_CLAMP = tl.constexpr(3)
 
 # E2M1 decodes of a weight tile (ops.decode_mode): bit placement in fp32 (the interpreter, which cannot run inline
 # assembly, and GPUs older than sm_90) or in bf16x2 PTX (sm_90+).
@@ -429,6 +430,11 @@ def _act_fwd(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constex
     """Gated activation in fp32 (twin of common/grouped_gemm/activations.py)."""
     if ACT == ACT_SILU:
         out = gate * tl.sigmoid(gate) * up
+    elif ACT == ACT_SILU_CLAMP:
+        # DeepSeek-V4: the clamps, then exactly the silu branch above (LIMIT: the model's swiglu_limit)
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        out = g * tl.sigmoid(g) * u
     else:
         g = tl.minimum(gate, LIMIT)
         u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
@@ -443,6 +449,14 @@ def _act_bwd(gate, up, da, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.con
         sg = tl.sigmoid(gate)
         d_gate = da * up * sg * (1.0 + gate * (1.0 - sg))
         d_up = da * gate * sg
+    elif ACT == ACT_SILU_CLAMP:
+        # the silu branch's expressions at the clamped values, zero where torch.clamp passes no gradient (outside
+        # the closed interval)
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        sg = tl.sigmoid(g)
+        d_gate = tl.where(gate <= LIMIT, da * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
+        d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), da * g * sg, 0.0)
     else:
         g = tl.minimum(gate, LIMIT)
         u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)

@@ -266,9 +266,10 @@ def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.devi
                          f"{tuple(t.shape)} on {t.device}")
 
 
-def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype, config, validate,
+def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_pre, out_dtype, config, validate,
          gather_rows=None, scatter_rows=None, row_weights=None, x_order="natural", out_order="natural",
-         max_scale_byte=None, gate_up="halves"):
+         max_scale_byte=None, gate_up="halves", limit: float | None = None):
+    act, alpha, limit = A.kernel_constants(activation, limit)
     kind = "gated" if act else "fwd"
     e, n_rows, k = weight_dims(codes, scales)
     kb_major = is_kb_major(codes)
@@ -318,7 +319,7 @@ def _fwd(x, offsets, codes, scales, *, act: int, bias, lora, save_pre, out_dtype
             x.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0, lh.stride(0) if r else 0, lw.stride(0) if r else 0,
             lw.stride(1) if r else 0, y.stride(0), pre.stride(0) if pre is not None else 0]
-    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, HAS_BIAS=bias is not None, LORA_R=r,
+    kw = dict(ACT=act, ALPHA=alpha, LIMIT=limit, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
               OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major, GATE_UP_PAIRS=bool(act) and pairs)
@@ -345,7 +346,7 @@ def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch
     holds for the bytes this call reads).
     validate (default: on for CPU tensors, off for CUDA, whose check would sync) checks the offsets' values.
     """
-    return _fwd(x, expert_offsets, codes, scales, act=A.ACT_NONE, bias=bias, lora=lora, save_pre=False,
+    return _fwd(x, expert_offsets, codes, scales, activation=None, bias=bias, lora=lora, save_pre=False,
                 out_dtype=out_dtype, config=config, validate=validate, scatter_rows=scatter_rows,
                 row_weights=row_weights, x_order=x_order, max_scale_byte=max_scale_byte)[0]
 
@@ -355,13 +356,14 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
                            save_pre: bool = False, out_dtype: torch.dtype | None = None,
                            gather_rows: torch.Tensor | None = None, x_order: str = "natural",
                            out_order: str = "natural", max_scale_byte: int | None = None,
-                           gate_up: str = "halves", config: TileConfig | None = None,
+                           gate_up: str = "halves", limit: float | None = None, config: TileConfig | None = None,
                            validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
 
     codes [E, 2I, K/2] / scales [E, 2I, K/32] are w13 = [gate; up] (vLLM's order); pre = x_e @ W13_e^T
     (+ bias [E, 2I]) (+ lora_h @ B_e^T with B [E, 2I, R]) is returned in x's dtype when save_pre (the backward
-    needs it); activation is "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss clamp-swiglu).
+    needs it); activation is "silu" (silu(gate) * up), "swiglu_oai" (gpt-oss clamp-swiglu) or "silu_clamp"
+    (DeepSeek-V4: silu with gate / up clamped at `limit`, the model's swiglu_limit, which only it takes).
     With gather_rows [M], x is the unsorted [T, K] and sorted row r reads x[gather_rows[r]] (the MoE permutation
     fused into the loads); the outputs have M rows.
     out_order writes act(pre) in that column order (interleave.ORDERS; pre stays in the natural order), ready for
@@ -369,27 +371,27 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
     gate_up "interleaved": w13's rows are gpt-oss's (gate, up) pairs (row 2i gate i, row 2i + 1 up i), and bias,
     the LoRA B rows and pre's columns follow that order (activations.GATE_UP_LAYOUTS).
     """
-    return _fwd(x, expert_offsets, codes, scales, act=A.activation_code(activation), bias=bias, lora=lora,
+    return _fwd(x, expert_offsets, codes, scales, activation=activation, bias=bias, lora=lora,
                 save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows,
-                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte, gate_up=gate_up)
+                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte, gate_up=gate_up, limit=limit)
 
 
 def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                         *, lora: LowRank | None = None, pre: torch.Tensor | None = None,
                         activation: str | None = None, out_dtype: torch.dtype | None = None,
-                        gate_up: str = "halves", config: TileConfig | None = None,
+                        gate_up: str = "halves", limit: float | None = None, config: TileConfig | None = None,
                         validate: bool | None = None) -> torch.Tensor:
     """dx [M, K] = dy_e @ W_e (+ lora_h @ A_e) from the same packed W [E, N, K/2] the forward used.
 
     lora = (h [M, R] = scaling * dy_e @ B_e, A [E, R, K]). With activation and pre [M, 2K] (the saved
     pre-activation of the gated GEMM) the result is instead d pre [M, 2K] = the activation's backward applied
     to dx, i.e. the gradient to feed the first GEMM's own dx. gate_up: the column layout of pre and d pre
-    (that of the gated GEMM's w13, see grouped_mm_mxfp4_gated).
+    (that of the gated GEMM's w13, see grouped_mm_mxfp4_gated); limit: silu_clamp's, as in the forward.
     """
     pairs = A.check_gate_up(gate_up)
     e, n, k = weight_dims(codes, scales, kb_major_ok=False)
     _check(dy, expert_offsets, codes, scales, "dy", n, validate)
-    act = A.ACT_NONE if activation is None else A.activation_code(activation)
+    act, alpha, limit = A.kernel_constants(activation, limit)
     m = dy.shape[0]
     if act and (pre is None or pre.shape != (m, 2 * k) or pre.dtype != dy.dtype):
         raise ShapeError(f"tensor 'pre': the activation backward needs the saved pre-activation [{m}, {2 * k}] "
@@ -407,7 +409,7 @@ def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: t
             dy.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
             lh.stride(0) if r else 0, lw.stride(0) if r else 0, lw.stride(1) if r else 0,
             pre.stride(0) if act else 0, dx.stride(0)]
-    kw = dict(ACT=act, ALPHA=A.SWIGLU_ALPHA, LIMIT=A.SWIGLU_LIMIT, LORA_R=r, E_POW2=_e_pow2(e),
+    kw = dict(ACT=act, ALPHA=alpha, LIMIT=limit, LORA_R=r, E_POW2=_e_pow2(e),
               F32_DOT=interpreting(), DECODE=_decode(), GATE_UP_PAIRS=bool(act) and pairs)
     _launch("dx", _dx_jit, k, m, e, k, config, args, kw)
     return dx

@@ -56,23 +56,25 @@ def grouped_mm_dx_ref(dy: torch.Tensor, offsets: torch.Tensor, codes: torch.Tens
 def grouped_mm_gated_ref(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
                          activation: str, bias: torch.Tensor | None = None,
                          lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         gate_up: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(pre) [M, I], pre [M, 2I]) in fp32, w13 rows (and pre's columns) in the gate_up layout."""
+                         gate_up: str = "halves", limit: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(pre) [M, I], pre [M, 2I]) in fp32, w13 rows (and pre's columns) in the gate_up layout; limit:
+    silu_clamp's."""
     pre = grouped_mm_ref(x, offsets, codes, scales, bias=bias, lora=lora)
-    return A.gated(pre, activation, gate_up), pre
+    return A.gated(pre, activation, gate_up, limit), pre
 
 
-def gated_bwd_ref(pre: torch.Tensor, da: torch.Tensor, activation: str, gate_up: str = "halves") -> torch.Tensor:
+def gated_bwd_ref(pre: torch.Tensor, da: torch.Tensor, activation: str, gate_up: str = "halves",
+                  limit: float | None = None) -> torch.Tensor:
     """d pre [M, 2I] of the gated activation (autograd through activations.py, fp32)."""
     p = pre.float().detach().requires_grad_(True)
-    A.gated(p, activation, gate_up).backward(da.float())
+    A.gated(p, activation, gate_up, limit).backward(da.float())
     return p.grad
 
 
 def moe_mlp_ref(x: torch.Tensor, offsets: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor],
                 w2: tuple[torch.Tensor, torch.Tensor], *, activation: str, lora13=None, lora2=None,
                 scaling: float = 1.0, bias13: torch.Tensor | None = None,
-                bias2: torch.Tensor | None = None, gate_up: str = "halves") -> torch.Tensor:
+                bias2: torch.Tensor | None = None, gate_up: str = "halves", limit: float | None = None) -> torch.Tensor:
     """Differentiable fp32 expert MLP on sorted rows: y_e = act(x_e W13_e^T + s x_e A13^T B13^T) W2_e^T + LoRA2.
 
     lora13 / lora2 = (A [E, R, in], B [E, out, R]) tensors (may require grad); x may require grad. The frozen
@@ -87,7 +89,7 @@ def moe_mlp_ref(x: torch.Tensor, offsets: torch.Tensor, w13: tuple[torch.Tensor,
             pre = pre + bias13[e].float()
         if lora13 is not None:
             pre = pre + scaling * (xe @ lora13[0][e].float().T) @ lora13[1][e].float().T
-        a = A.gated(pre, activation, gate_up)
+        a = A.gated(pre, activation, gate_up, limit)
         out = a @ dequantize_expert(*w2, e).T
         if bias2 is not None:
             out = out + bias2[e].float()

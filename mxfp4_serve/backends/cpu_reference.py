@@ -56,11 +56,11 @@ def expert_mlp(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_
 def cpu_reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                       w13_bias: torch.Tensor | None, w2_bias: torch.Tensor | None, expert_map: torch.Tensor | None,
-                      activation: str, alpha: float, limit: float, router_weight_on_input: bool,
+                      activation: str, alpha: float, limit: float | None, router_weight_on_input: bool,
                       lora13_a: torch.Tensor | None = None, lora13_b: torch.Tensor | None = None,
                       lora2_a: torch.Tensor | None = None, lora2_b: torch.Tensor | None = None,
                       lora_rank: torch.Tensor | None = None, lora_scaling: float = 1.0) -> torch.Tensor:
-    act = ActivationSpec(activation, alpha, limit)
+    act = ActivationSpec(activation, alpha, limit)  # silu_clamp's limit: the model's swiglu_limit (compat)
     # the active rank is read here, at run time: the factors are padded to the engine's max rank with zeros, and
     # computing at the learner's rank keeps its association (a zero-padded K changes how BLAS blocks the sum)
     r = 0 if lora_rank is None else int(lora_rank.item())
@@ -112,5 +112,6 @@ class CPUReferenceBackend(MoEBackend):
         return cpu_reference_moe(
             x, topk_weights, topk_ids, layer.w13_weight, layer.w13_weight_scale, layer.w2_weight,
             layer.w2_weight_scale, getattr(layer, P.W13_BIAS, None), getattr(layer, P.W2_BIAS, None), expert_map,
-            activation.name, float(activation.alpha), float(activation.limit), bool(apply_router_weight_on_input),
+            activation.name, float(activation.alpha), None if activation.limit is None else float(activation.limit),
+            bool(apply_router_weight_on_input),
             **extra)

@@ -114,7 +114,7 @@ class HopperTritonBackend(MoEBackend):
         # The kernels take bf16 activations; other engine dtypes round-trip through bf16.
         out = moe_layer_forward(
             x.to(torch.bfloat16), ids, weights.float(), (w13, layer.w13_weight_scale),
-            (w2, layer.w2_weight_scale), activation=activation.kernel_name,
+            (w2, layer.w2_weight_scale), activation=activation.kernel_name, limit=activation.kernel_limit,
             max_scale_byte=ONE_MUL_MAX_SCALE_BYTE if getattr(layer, _ONE_MUL, False) else None,
             bias13=getattr(layer, P.W13_BIAS, None), bias2=getattr(layer, P.W2_BIAS, None),
             lora=self._lora(layer))
