@@ -112,9 +112,12 @@ def main() -> None:
             base, t_old, t_new = graph_ms(plain), graph_ms(old), graph_ms(new)
             swept = ""
             default = (L.PROJECT_BLOCK_K, L.PROJECT_STAGES)
+            ref = new()
             for bk, st in tiles:
-                L.PROJECT_BLOCK_K, L.PROJECT_STAGES = bk, st  # another K tile: another fp32 sum order
-                swept += f" {graph_ms(new):.3f} |"
+                L.PROJECT_BLOCK_K, L.PROJECT_STAGES = bk, st
+                # "=" when the bits equal the default tile's (the MMA may chain its k-steps in the same order
+                # whatever the tile), "!=" when this tile would change the learner's and the engine's bits
+                swept += f" {graph_ms(new):.3f} {'=' if torch.equal(new(), ref) else '!='} |"
                 L.PROJECT_BLOCK_K, L.PROJECT_STAGES = default
             print(f"| {name} | {t} | {base:.3f} | {t_old:.3f} | {t_old / base:.2f} | {t_new:.3f} | "
                   f"{t_new / base:.2f} | {same} |{swept} {change:.1e} |", flush=True)
