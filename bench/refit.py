@@ -119,7 +119,9 @@ def main() -> int:
         mid = sorted(reps, key=lambda r: r.seconds)[len(reps) // 2]
         rows.append({"payload": label, "payload_MB": mid.payload_bytes / 1e6, "seconds": sec,
                      "stage_s": mid.stage_seconds, "commit_s": mid.commit_seconds, "GB/s": packed / sec / 1e9,
-                     "kinds": sorted(set(mid.kinds.values()))})
+                     "kinds": sorted(set(mid.kinds.values())),
+                     "phases": {k: round(v, 4) for k, v in mid.phases.items()},
+                     "engine_phases": {k: round(v, 4) for k, v in mid.engine_phases.items()}})
         print(rows[-1], flush=True)
 
     measure("packed full (every expert changed)", None, delta=False)
@@ -153,6 +155,11 @@ def main() -> int:
     for r in rows:
         print(f"| {r['payload']} | {r['payload_MB']:.1f} | {r['seconds']:.3f} | {r['stage_s']:.3f} | "
               f"{r['commit_s']:.3f} | {r['GB/s']:.2f} |")
+    print("\nSeconds per phase (learner wall clock; the engine's commit on rank 0):")
+    for r in rows:
+        if "phases" in r:
+            print(f"- {r['payload']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["phases"].items())
+                  + " | engine: " + ", ".join(f"{k} {v:.4f}" for k, v in r["engine_phases"].items()))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "hash_layer_s": hash_s, "packed_bytes": packed}, indent=1))
     return 0

@@ -110,7 +110,8 @@ class AuditDiff:
                 f"scale exponent changes {self.scales_changed} ({hist}); first difference at {where}")
 
 
-def _nibble_flips(xor: torch.Tensor) -> torch.Tensor:
+def nibble_flips(xor: torch.Tensor) -> torch.Tensor:
+    """Per byte of a code XOR: how many of its two 4-bit codes differ (0, 1 or 2)."""
     return ((xor & 0x0F) != 0).to(torch.int64) + ((xor >> 4) != 0).to(torch.int64)
 
 
@@ -129,7 +130,7 @@ def diff(a: MXFP4Tensor, b: MXFP4Tensor) -> AuditDiff:
         raise ShapeError(f"audit diff: shapes differ, {list(a.shape)} vs {list(b.shape)}")
     bc, bs = b.codes.to(a.device), b.scales.to(a.device)
     xor = a.codes ^ bc
-    flips = _nibble_flips(xor)
+    flips = nibble_flips(xor)
     block_flips = flips.reshape(*flips.shape[:-1], -1, C.BLOCK_SIZE // 2).sum(-1)  # [..., N, K/32]
     delta = bs.to(torch.int16) - a.scales.to(torch.int16)
     differs = (block_flips > 0) | (delta != 0)

@@ -55,6 +55,7 @@ class ExpertWeightLoader:
         self._kind_of = {id(p): name for name, p in self.params.items()}
         # loaded[e, s, k]: local expert e, shard SHARDS[s], k = 0 codes / 1 scales / 2 bias
         self.loaded = torch.zeros(geometry.num_local_experts, len(SHARDS), 3, dtype=torch.bool)
+        self.writes = 0  # tensors written through this loader (a reload too): cached audit hashes check it
 
     # vLLM entry point ---------------------------------------------------------------------------------------------
     def __call__(self, param: torch.Tensor, loaded_weight: torch.Tensor, weight_name: str = "",
@@ -82,6 +83,7 @@ class ExpertWeightLoader:
         local = self.to_local(expert)
         if local < 0:
             return False
+        self.writes += 1
         name = self.tensor_name(self.geometry.layer_name, expert, shard, kind)
         if kind == "dense":
             self._load_dense(local, shard, tensor, name)

@@ -184,6 +184,7 @@ def convert_layer(layer: torch.nn.Module, layout: ExpertLayout) -> None:
     if current is not CANONICAL:
         raise RuntimeError(f"MoE layer '{_name(layer)}' already holds the {current.name!r} layout; converting "
                            f"again would scramble its bytes (write new canonical bytes with write_canonical)")
+    bump_generation(layer)
     layout.to_layout(layer_params(layer))
     rec = record_of(layer) or ExpertsRecord(_name(layer))
     setattr(layer, RECORD_ATTR, dataclasses.replace(rec, layout=layout.name))
@@ -191,6 +192,7 @@ def convert_layer(layer: torch.nn.Module, layout: ExpertLayout) -> None:
 
 def mark_canonical(layer: torch.nn.Module) -> None:
     """Record that the layer's parameters hold canonical bytes again (vLLM's layerwise reload wrote them)."""
+    bump_generation(layer)
     rec = record_of(layer)
     if rec is not None:
         setattr(layer, RECORD_ATTR, dataclasses.replace(rec, layout=CANONICAL.name))
@@ -204,7 +206,21 @@ def read_canonical(layer: torch.nn.Module, name: str) -> torch.Tensor:
 
 def write_canonical(layer: torch.nn.Module, name: str, experts: torch.Tensor, values: torch.Tensor) -> None:
     """Set the canonical bytes of `name` for the given local experts in place, in the layer's layout."""
+    bump_generation(layer)
     layout_of(layer).write(layer_params(layer), name, experts, values)
+
+
+GENERATION_ATTR = "_mxfp4_rl_generation"
+
+
+def bump_generation(layer: torch.nn.Module) -> None:
+    """Note that the layer's MoE bytes change (every writer in this codebase calls it: the checkpoint loader, layout
+    conversions, sync writes), so hashes cached against an older generation are not trusted any more."""
+    setattr(layer, GENERATION_ATTR, generation_of(layer) + 1)
+
+
+def generation_of(layer: torch.nn.Module) -> int:
+    return int(getattr(layer, GENERATION_ATTR, 0))
 
 
 def _name(layer: torch.nn.Module) -> str:

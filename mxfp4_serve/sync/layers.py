@@ -35,6 +35,10 @@ class SyncedLayer:
     module: nn.Module
     loader: ExpertWeightLoader
     backend: MoEBackend | None
+    # weight -> ((layer generation, loader writes), hash): what hash() last read back. Every writer of the layer's
+    # bytes in this codebase moves that key (common.moe.layouts.bump_generation, the loader's count), so a cached
+    # hash is the served bytes' until the next write; `fresh` reads them again regardless (the audit RPC does).
+    _hashes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -95,6 +99,7 @@ class SyncedLayer:
         return self.backend.read_canonical(self.module, pname)
 
     def _write(self, pname: str, experts: torch.Tensor, values: torch.Tensor) -> None:
+        moe.layouts.bump_generation(self.module)  # whatever the backend's own write path does
         if self.backend is None:
             moe.write_canonical(self.module, pname, experts, values)
         else:
@@ -112,9 +117,20 @@ class SyncedLayer:
         for pname, values in ((moe.scale_name(weight), scales), (weight, codes)):
             self._write(pname, experts, values)
 
-    def hash(self, weight: str) -> str:
+    def _generation(self) -> tuple[int, int]:
+        return moe.layouts.generation_of(self.module), self.loader.writes
+
+    def hash(self, weight: str, fresh: bool = False) -> str:
+        """The audit hash of what the layer serves for `weight` (for hopper_triton every read converts the whole
+        kb-major tensor back to canonical bytes: the last read is reused until the layer is written again)."""
+        key = self._generation()
+        cached = self._hashes.get(weight)
+        if not fresh and cached is not None and cached[0] == key:
+            return cached[1]
         codes, scales = self.read(weight)
-        return tensor_hash(MXFP4Tensor(codes, scales, self.profile))
+        h = tensor_hash(MXFP4Tensor(codes, scales, self.profile))
+        self._hashes[weight] = (key, h)
+        return h
 
     # ---- expert biases (canonical rows, through the layout like the codes) --------------------------------------
     def all_experts(self) -> torch.Tensor:

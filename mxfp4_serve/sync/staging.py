@@ -121,21 +121,22 @@ class EngineSync:
         self._committed: dict | None = None  # {"version", "hashes"} as the last commit read them back
 
     # ---- read-only ------------------------------------------------------------------------------------------------
-    def hashes(self, known: dict[str, str] | None = None) -> dict[str, str]:
-        """The audit hash of everything served, read back now; `known`: hashes just read back (a commit's), not
-        read again (a hopper_triton read converts a whole kb-major tensor: each one costs)."""
+    def hashes(self, known: dict[str, str] | None = None, fresh: bool = False) -> dict[str, str]:
+        """The audit hash of everything served; `known`: hashes just read back (a commit's). Packed weights reuse
+        the hash of their last read while nothing wrote the layer since (SyncedLayer.hash); `fresh` reads every
+        weight again (the audit RPC)."""
         known = known or {}
         out = {}
         for n, layer in self.layers.items():
             for w in WEIGHTS:
-                out[f"{n}.{w}"] = known.get(f"{n}.{w}") or layer.hash(w)
+                out[f"{n}.{w}"] = known.get(f"{n}.{w}") or layer.hash(w, fresh=fresh)
             for suffix in layer.extra_weights():
                 out[f"{n}.{suffix}"] = known.get(f"{n}.{suffix}") or layer.extra_hash(suffix)
         out.update(self.param_hashes)
         return out
 
     def committed(self) -> dict:
-        """{"version", "hashes"} of the last commit, read back when it wrote (what a learner verifies right after
+        """{"version", "hashes", "phases"} of the last commit (hashes read back when it wrote (what a learner verifies right after
         its commit, without reading every weight again); the current hashes before any commit."""
         if self._committed is None or self._committed["version"] != self.version:
             return {"version": self.version, "hashes": self.hashes()}
@@ -341,9 +342,12 @@ class EngineSync:
             raise SyncStateError(f"commit of sync {sync_id!r} refused: {stale[:4]} were staged against version "
                                  f"{staged[stale[0]].base_version}, the engine now serves version {self.version}")
         self._check_lora_ranks(staged)
-        changed_experts, read_back = self._write_all(staged)
+        phases = {"checks": time.perf_counter() - t0}
+        changed_experts, read_back = self._write_all(staged, phases)
         self.version += 1
-        self._committed = {"version": self.version, "hashes": self.hashes(known=read_back)}
+        t1 = time.perf_counter()
+        self._committed = {"version": self.version, "hashes": self.hashes(known=read_back), "phases": phases}
+        phases["served hashes"] = time.perf_counter() - t1
         return {"sync_id": str(sync_id), **self._committed, "changed_experts": changed_experts,
                 "seconds": time.perf_counter() - t0}
 
@@ -359,19 +363,25 @@ class EngineSync:
                 raise SyncPayloadError(f"sync of expert LoRA for layer '{layer}': expected the adapters of "
                                        f"{list(WEIGHTS)} at one rank, got {ranks}; nothing was changed")
 
-    def _write_all(self, staged: dict) -> tuple[dict[str, int], dict[str, str]]:
+    def _write_all(self, staged: dict, phases: dict[str, float]) -> tuple[dict[str, int], dict[str, str]]:
         """Write everything staged, then read each entry back and check its hash; returns (experts changed per
-        packed weight, {entry name: hash read back}). Any failure restores the previous values and re-raises."""
+        packed weight, {entry name: hash read back}). Any failure restores the previous values and re-raises.
+        `phases` gets the seconds of each step."""
         undo: list = []  # callables restoring what was written, in write order
         changed, read_back = {}, {}
         try:
+            t = time.perf_counter()
             for name, s in staged.items():
                 if isinstance(s, Staged):
                     changed[name] = self._write_packed(s, undo)
                 elif isinstance(s, StagedExtra):
                     self._write_extra(s, undo)
+            phases["write experts"] = time.perf_counter() - t
+            t = time.perf_counter()
             params = [s for s in staged.values() if isinstance(s, StagedParam)]
             undo += load_params(self.targets, params)
+            phases["load params"] = time.perf_counter() - t
+            t = time.perf_counter()
             for name, s in staged.items():
                 if isinstance(s, Staged):
                     read_back[name] = s.layer.hash(s.weight)
@@ -385,6 +395,7 @@ class EngineSync:
                                        if isinstance(s, Staged) else ""))
             for s in params:
                 self.param_hashes[s.name] = s.hash
+            phases["read back + hash"] = time.perf_counter() - t
         except BaseException as err:
             failed = []
             for restore_one in reversed(undo):

@@ -28,7 +28,7 @@ class MXFP4SyncExtension:
         return self._mxfp4_sync_state().info()
 
     def mxfp4_sync_hashes(self) -> dict:
-        return self._mxfp4_sync_state().hashes()
+        return self._mxfp4_sync_state().hashes(fresh=True)  # the audit: every weight read again
 
     def mxfp4_sync_committed(self) -> dict:
         return self._mxfp4_sync_state().committed()

@@ -22,6 +22,7 @@ from torch import nn
 from common.audit import diff
 from common.moe import params as P
 from common.moe.wire import (
+    FULL_KEY,
     PROTOCOL,
     SyncError,
     SyncMismatchError,
@@ -37,7 +38,7 @@ from common.tensor import MXFP4Tensor
 from ..conversion import experts_modules
 from ..export import export_for_engine
 from .delta import block_delta, choose_kind
-from .engine import EngineHandle
+from .engine import EngineHandle, Phases
 from .policy import (
     PARAM_CHUNK_BYTES,
     ParamTracker,
@@ -74,6 +75,8 @@ class SyncReport:
     engine_version: int
     hashes: dict[str, str]  # weight -> learner hash (full tensor), equal to the engine's
     param_bytes: int = 0  # of payload_bytes: non-expert parameters
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # learner's wall seconds per phase
+    engine_phases: dict[str, float] = dataclasses.field(default_factory=dict)  # rank 0's commit, seconds per phase
 
     @property
     def code_flip_rate(self) -> float | None:
@@ -85,15 +88,21 @@ class SyncReport:
 
 def learner_weights(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor]]:
     """(profile, {vLLM weight name: packed full weight}) of every MXFP4 experts block."""
+    profile, out, _ = learner_weights_and_hashes(model)
+    return profile, out
+
+
+def learner_weights_and_hashes(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor], dict[str, str]]:
+    """learner_weights plus each weight's whole-tensor audit hash, as the export computed it (hashed once)."""
     blocks = experts_modules(model)
-    tensors = {name: t for name, t, _ in export_for_engine(model)}
+    exported = {name: (t, h) for name, t, h in export_for_engine(model)}
     profiles = {m.profile for _, m in blocks}
     if len(profiles) != 1:
         raise ValueError(f"sync: the model's experts use several profiles {sorted(profiles)}")
     (profile,) = profiles
-    out = {n: MXFP4Tensor(t, tensors[n + "_scale"], profile) for n, t in tensors.items()
-           if n.endswith((P.W13, P.W2))}
-    return profile, out
+    names = [n for n in exported if n.endswith((P.W13, P.W2))]
+    out = {n: MXFP4Tensor(exported[n][0], exported[n + "_scale"][0], profile) for n in names}
+    return profile, out, {n: exported[n][1] for n in names}
 
 
 def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,6 +131,7 @@ class WeightSync:
     def __init__(self, engine) -> None:
         self.engine = EngineHandle.of(engine)
         self.last: dict[str, MXFP4Tensor] = {}
+        self.last_hashes: dict[str, dict[str, str]] = {}  # of self.last, per shard key: a delta's base, not re-hashed
         # per learner model (one WeightSync may serve several in turn): its non-expert parameters' versions at its
         # last successful sync, to send exactly those that changed
         self._params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -200,13 +210,13 @@ class WeightSync:
                                  f"engine only {only_e[:4]}")
         return infos
 
-    def _entry(self, name: str, q: MXFP4Tensor, descs: list, infos: list, dense, use_delta: bool, stats: dict):
-        hashes = expected_hashes(q, descs)
+    def _entry(self, name: str, q: MXFP4Tensor, hashes: dict[str, str], descs: list, infos: list, dense,
+               use_delta: bool, stats: dict):
         if dense is not None:
             return {"name": name, "kind": "dense", "weight": dense[name], "hashes": hashes}
         last = self.last.get(name) if use_delta else None
         if last is not None:
-            base = expected_hashes(last, descs)
+            base = expected_hashes(last, descs, self.last_hashes.get(name))
             if all(info["weights"][name]["hash"] == base[info["weights"][name]["key"]] for info in infos):
                 d = block_delta(last, q)
                 for k in ("codes_flipped", "scales_changed", "blocks_changed"):
@@ -224,17 +234,23 @@ class WeightSync:
         if mode not in MODES:
             raise ValueError(f"sync mode must be one of {MODES}, got {mode!r}")
         t0 = time.perf_counter()
-        profile, weights = learner_weights(model)
+        phases = Phases()
+        profile, weights, full = learner_weights_and_hashes(model)
         dense = dense_weights(model) if mode == "dense" else None
+        phases.mark("learner export + hash")
         infos = self._info(profile, set(weights))
+        phases.mark("engine info")
         self._check_payload_is_the_forward(model, infos[0])
         sync_id = uuid.uuid4().hex
         stats: dict = {}
         delta_ok = delta and bool(self.last) and all(n in self.last for n in weights)
+        expect = {name: expected_hashes(q, [info["weights"][name]["descriptor"] for info in infos],
+                                        {FULL_KEY: full[name]})
+                  for name, q in weights.items()}
         entries = []
         for name, q in weights.items():
             descs = [info["weights"][name]["descriptor"] for info in infos]
-            entries.append(self._entry(name, q, descs, infos, dense, delta_ok, stats))
+            entries.append(self._entry(name, q, expect[name], descs, infos, dense, delta_ok, stats))
         entries += self._extra_entries(model, infos)
         tracker = self._params.setdefault(model, ParamTracker())
         current = current_params(model)  # merges each dense adapter once, for the three uses below
@@ -244,18 +260,23 @@ class WeightSync:
         params = param_entries(changed, infos[0]["dtype"])
         params += self._diverged_params(current[0], infos[0], set(changed))
         entries += params
+        phases.mark("learner payload")
         stage_s = self._stage(sync_id, profile, entries)
+        phases.mark("stage")
         t1 = time.perf_counter()
         try:
-            results = self._commit(sync_id, [e["name"] for e in entries])
+            results = self._commit(sync_id, [e["name"] for e in entries], phases)
         except BaseException:
             self._abort(sync_id)
             raise
         commit_s = time.perf_counter() - t1
-        self._verify(weights, infos, results, [e for e in entries if e["kind"] in ("bias", "lora", "param")])
+        self._verify(expect, infos, results, [e for e in entries if e["kind"] in ("bias", "lora", "param")],
+                     weights)
         self.last = {n: MXFP4Tensor(q.codes.detach().clone(), q.scales.detach().clone(), q.profile)
                      for n, q in weights.items()}
+        self.last_hashes = expect
         tracker.last = versions
+        phases.mark("verify + keep")
         n_codes = sum(q.shape.numel() for q in weights.values())
         return SyncReport(
             sync_id=sync_id, kinds={e["name"]: e["kind"] for e in entries},
@@ -266,8 +287,8 @@ class WeightSync:
             blocks_total=sum(q.scales.numel() for q in weights.values()),
             scales_changed=stats.get("scales_changed") if delta_ok else None,
             engine_version=int(results[0]["version"]),
-            hashes={n: expected_hashes(q, [None])["full"] for n, q in weights.items()},
-            param_bytes=sum(payload_bytes(e) for e in params))
+            hashes=dict(full), param_bytes=sum(payload_bytes(e) for e in params),
+            phases=phases.seconds, engine_phases=dict(results[0].get("phases") or {}))
 
     def _stage(self, sync_id: str, profile: str, entries: list[dict]) -> float:
         """One stage call per MoE layer (bounded message size); an error aborts the whole sync."""
@@ -284,10 +305,10 @@ class WeightSync:
         """Stage one layer's payload on every engine rank (here: pickled or blob tensors through collective_rpc)."""
         self.engine.rpc("mxfp4_sync_stage", encode(payload, self.engine.as_blobs))
 
-    def _commit(self, sync_id: str, names: list[str]) -> list[dict]:
+    def _commit(self, sync_id: str, names: list[str], phases: Phases) -> list[dict]:
         """Make the staged sync served, between two engine steps, while no request is in flight; one result per
         engine rank with its `version` and audit `hashes`."""
-        with self.engine.paused():
+        with self.engine.paused(phases):
             return self.engine.rpc("mxfp4_sync_commit", sync_id, names)
 
     def _abort(self, sync_id: str) -> None:
@@ -299,21 +320,25 @@ class WeightSync:
     def audit(self, model: nn.Module) -> None:
         """Check, without syncing, that the engine serves exactly the learner's experts, biases and adapters, and
         that every non-expert parameter a sync loaded still equals the learner's (raises SyncMismatchError)."""
-        profile, weights = learner_weights(model)
+        profile, weights, full = learner_weights_and_hashes(model)
         infos = self._info(profile, set(weights))
         extras = self._extra_entries(model, infos)
         synced = infos[0].get("params") or {}
         current = current_params(model)[0]
         params = param_entries({n: current[n] for n in synced if n in current}, infos[0]["dtype"])
-        self._verify(weights, infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")], extras + params)
+        expect = {name: expected_hashes(q, [info["weights"][name]["descriptor"] for info in infos],
+                                        {FULL_KEY: full[name]})
+                  for name, q in weights.items()}
+        self._verify(expect, infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")], extras + params,
+                     weights)
 
-    def _verify(self, weights: dict[str, MXFP4Tensor], infos: list[dict], results: list[dict],
-                others: list[dict] = ()) -> None:
+    def _verify(self, expect: dict[str, dict[str, str]], infos: list[dict], results: list[dict],
+                others: list[dict], weights: dict[str, MXFP4Tensor]) -> None:
+        """Each rank's reported hashes against the learner's (expect: weight -> shard key -> hash)."""
         for rank, (info, res) in enumerate(zip(infos, results)):
             for name, q in weights.items():
                 desc = info["weights"][name]["descriptor"]
-                want = expected_hashes(q, [desc])[shard_key(desc)]
-                if res["hashes"].get(name) != want:
+                if res["hashes"].get(name) != expect[name][shard_key(desc)]:
                     raise SyncMismatchError(self._explain(name, rank, shard_of(q, desc)))
             for e in others:
                 key = shard_key(info["weights"][e["name"]]["descriptor"]) if e["kind"] != "param" else "full"

@@ -16,7 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
+
+
+class Phases:
+    """Wall seconds per named phase of one sync, each phase ending at its mark (a report's `phases`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
 
 
 class EngineBusyError(RuntimeError):
@@ -47,26 +61,38 @@ class EngineHandle:
         return list(self.engine.collective_rpc(method, args=args))
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, phases: Phases | None = None) -> Iterator[None]:
+        """Drain and hold the engine around the body (see the module doc); `phases` gets "pause", the body's own
+        marks, and "resume"."""
+        phases = phases or Phases()
         own = getattr(self.engine, "paused", None)
         if own is not None:  # an engine that pauses itself (mxfp4_train.sync.http.HTTPEngine: /pause, /resume)
             with own():
+                phases.mark("pause")
                 yield
+                phases.mark("commit")
+            phases.mark("resume")
             return
         llm_engine = getattr(self.engine, "llm_engine", None)
         if llm_engine is None:  # a bare collective_rpc endpoint: the commit RPC alone is step-atomic
             yield
+            phases.mark("commit")
             return
         if self.in_process:
             if llm_engine.has_unfinished_requests():
                 raise EngineBusyError("sync refused: the in-process vLLM engine has unfinished requests, which would "
                                       "run partly on the old and partly on the new weights; finish or abort them first "
                                       "(or run the engine core in its own process, where the sync drains them)")
+            phases.mark("pause")
             yield
+            phases.mark("commit")
         else:
             self.engine.sleep(level=0, mode="wait")
+            phases.mark("pause")
             try:
                 yield
+                phases.mark("commit")
             finally:
                 self.engine.wake_up(tags=["scheduling"])
         self.engine.reset_prefix_cache()
+        phases.mark("resume")

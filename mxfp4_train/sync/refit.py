@@ -118,18 +118,20 @@ class TransferSync(WeightSync):
         finally:
             receiving.join(self.timeout_s)
 
-    def _commit(self, sync_id: str, names: list[str]) -> list[dict]:
+    def _commit(self, sync_id: str, names: list[str], phases) -> list[dict]:
         if not self._started:
             self._start()
         self._started = False
-        with self.engine.paused():
+        with self.engine.paused(phases):
             try:  # the sync id becomes the engine's weight version (vLLM 0.32: GET /weight_info)
                 self.llm.finish_weight_update(weight_version=sync_id)
             except TypeError:  # vLLM 0.25's LLM.finish_weight_update takes no version
                 self.llm.finish_weight_update()
         # the hashes each rank read back when its commit wrote (an update dropped at finish left the previous
         # commit's, which then differ from the learner's): no second read of every weight
-        return self.engine.rpc("mxfp4_sync_committed")
+        results = self.engine.rpc("mxfp4_sync_committed")
+        phases.mark("read committed hashes")
+        return results
 
     def _abort(self, sync_id: str) -> None:
         # the engine drops an unfinished update at the next start_weight_update; nothing of it was served

@@ -12,11 +12,14 @@ from common.moe.wire import shard_key, shard_of
 from common.tensor import MXFP4Tensor
 
 
-def expected_hashes(q: MXFP4Tensor, descriptors: list[dict | None]) -> dict[str, str]:
-    """{shard key: audit hash} of what each engine rank must serve after the sync."""
+def expected_hashes(q: MXFP4Tensor, descriptors: list[dict | None],
+                    known: dict[str, str] | None = None) -> dict[str, str]:
+    """{shard key: audit hash} of what each engine rank must serve after the sync; `known`: hashes already computed
+    for these bytes (the export's whole-tensor hash), not computed again."""
     out = {}
+    known = known or {}
     for d in descriptors:
         key = shard_key(d)
         if key not in out:
-            out[key] = tensor_hash(shard_of(q, d))
+            out[key] = known[key] if key in known else tensor_hash(shard_of(q, d))
     return out

@@ -21,11 +21,13 @@ if [[ $what == e2e || $what == all ]]; then
   grep -E "Error|error|mxfp4_rl|hopper_triton" "$OUT/refit.err" | grep -v "^\s*File" | sort -u | tail -25
 fi
 if [[ $what == bench || $what == all ]]; then
-  echo "=== engine layer with expert LoRA (CUDA graphs)"
-  timeout 200 python3 bench/lora_layer.py --tokens 16,128,1024 2>&1 | tail -8
+  if [[ -z ${SKIP_LORA_BENCH:-} ]]; then
+    echo "=== engine layer with expert LoRA (CUDA graphs)"
+    timeout 200 python3 bench/lora_layer.py --tokens 16,128,1024 2>&1 | tail -8
+  fi
   echo "=== colocated refit bench (dsv4 expert shape)"
   timeout 400 python3 bench/refit.py --layers 4 --repeats 3 --json "$OUT/refit_bench.json" > "$OUT/bench.log" \
     2> "$OUT/bench.err"; echo "bench rc=$?"
-  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -20
+  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -28
   grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -15
 fi

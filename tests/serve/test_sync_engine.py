@@ -370,3 +370,36 @@ def test_blobs_and_payload_files_carry_the_same_bytes(tmp_path):
 def test_engine_without_mxfp4_layers_is_refused():
     with pytest.raises(SyncError, match="serves no MoE layer with mxfp4_rl"):
         EngineSync(nn.Linear(4, 4))
+
+
+def test_served_hashes_are_reused_until_something_writes_the_layer(monkeypatch):
+    """info() and the delta base check reuse each weight's last read-back hash (a hopper_triton read converts a whole
+    kb-major tensor); a sync write, a write through common.moe, or a checkpoint load through the plugin's loader makes
+    the next hash a fresh read; the audit RPC always reads again, so it sees even a write that bypassed all three."""
+    from mxfp4_serve.sync.layers import SyncedLayer
+
+    reads = []
+    real_read = SyncedLayer.read
+    monkeypatch.setattr(SyncedLayer, "read", lambda self, w: reads.append((self.name, w)) or real_read(self, w))
+    model = engine_model(0)
+    sync = EngineSync(model)
+    first = sync.hashes()
+    assert len(reads) == 2 * LAYERS
+    reads.clear()
+    assert sync.info()["weights"].keys() >= first.keys() and not reads  # every hash reused
+    name = next(iter(first))
+    layer = sync.layers[name.rpartition(".")[0]]
+    codes = layer.module.w13_weight.data
+    # through common.moe (every backend's canonical write): that weight's layer is read again
+    common.moe.write_canonical(layer.module, "w13_weight", torch.tensor([0]), codes[:1] ^ 0x11)
+    after_write = sync.hashes()
+    assert after_write[name] != first[name] and {r[0] for r in reads} == {layer.name}
+    reads.clear()
+    # through the loader (vLLM reloading the checkpoint's expert 0): read again, back to the first bytes
+    for shard in ("w1", "w3"):
+        layer.loader.load_expert(0, shard, "codes", common.quantize(dense_experts(0)[0, shard], profile=PROFILE).codes)
+    assert sync.hashes()[name] == first[name]
+    # a write behind everyone's back: the cached hashes cannot know, the audit's fresh read does
+    codes[1, 0, 0] ^= 0x01
+    assert sync.hashes()[name] == first[name]
+    assert LocalEngine(model).collective_rpc("mxfp4_sync_hashes")[0][name] != first[name]

@@ -10,6 +10,7 @@ from torch import nn
 
 import common
 from common.audit import diff
+from common.errors import ShapeError
 from mxfp4_serve.sync import EngineSync
 from mxfp4_train.experts import MXFP4Experts
 from mxfp4_train.lora import LoRASpec
@@ -130,6 +131,26 @@ def test_block_delta_sweeps_every_nibble_and_scale():
     assert torch.equal(rebuilt.view(2, 4, 64), new.codes)
     with pytest.raises(ValueError, match="profiles 'flashinfer' and 'ocp'"):
         block_delta(old, common.MXFP4Tensor(new.codes, new.scales, "ocp"))
+
+
+def test_block_delta_counts_what_the_audit_diff_counts():
+    """The delta counts flips over the changed blocks only; on random changes (whole bytes, single nibbles, scales,
+    +0/-0) its numbers equal common.audit.diff's over the whole tensor, and a shape change is refused."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    old = common.MXFP4Tensor(torch.randint(0, 256, (3, 8, 128), generator=g, dtype=torch.uint8),
+                             torch.randint(0, 255, (3, 8, 8), generator=g, dtype=torch.uint8), PROFILE)
+    codes, scales = old.codes.clone(), old.scales.clone()
+    pick = torch.rand(codes.shape, generator=g) < 0.01
+    codes[pick] ^= torch.randint(1, 256, (int(pick.sum()),), generator=g, dtype=torch.uint8)
+    codes[0, 0, :16] ^= 0x08  # one block of sign-of-zero style flips, low nibbles only
+    spick = torch.rand(scales.shape, generator=g) < 0.05
+    scales[spick] ^= 0x01
+    new = common.MXFP4Tensor(codes, scales, PROFILE)
+    d, want = block_delta(old, new), diff(old, new)
+    assert (d.codes_flipped, d.scales_changed, d.blocks_changed) == (want.codes_flipped, want.scales_changed,
+                                                                     want.blocks_differing)
+    with pytest.raises(ShapeError, match="shapes differ"):
+        block_delta(old, common.MXFP4Tensor(codes[:2], scales[:2], PROFILE))
 
 
 def test_merge_makes_the_adapter_a_bitwise_no_op():
