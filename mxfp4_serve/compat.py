@@ -6,7 +6,8 @@
 | FusedMoEMethodBase module       | fused_moe/fused_moe_method_base.py         | same                                              |
 | parallel ranks of the layer     | `layer.moe_parallel_config`                | `layer.moe_config.moe_parallel_config`            |
 | activation                      | `layer.activation` (str or MoEActivation)  | `layer.activation` (MoEActivation enum)           |
-| swiglu alpha/limit              | not on the layer (gpt-oss constants)       | `layer.swiglu_alpha/limit` (None for gpt-oss)     |
+| swiglu alpha/limit/beta         | `layer.swiglu_*` (read in the 0.25 bundle) | `layer.swiglu_*` (None for gpt-oss)               |
+| DeepSeek-V4's clamped silu      | activation "silu" + `swiglu_limit` 10      | same                                              |
 Everything is looked up by capability (attribute present or not) rather than by version number, so patch releases
 in between keep working; `VLLM_VERSION` is reported in logs and errors only.
 """
@@ -142,12 +143,28 @@ def apply_router_weight_on_input(layer: torch.nn.Module) -> bool:
     return bool(getattr(layer, "apply_router_weight_on_input", False))
 
 
-def activation_spec(layer: torch.nn.Module) -> ActivationSpec:
+def activation_spec(layer) -> ActivationSpec:
+    """The contract's activation of a MoE layer or of its FusedMoEConfig (both carry `activation`, `swiglu_limit`,
+    `swiglu_alpha`, `swiglu_beta`; 0.25 and 0.32 alike). vLLM's "silu" with a swiglu_limit is DeepSeek-V4's clamped
+    silu (vLLM computes it with silu_and_mul_with_clamp: gate clamped above, up on both sides), our "silu_clamp"
+    with that limit; gpt-oss's swigluoai leaves alpha/limit None on the layer (its constants apply). A value our
+    backends would not compute (another activation, a limit <= 0, a silu with a beta) is refused here, naming it,
+    rather than served as some other function."""
     act = getattr(layer, "activation", "silu")
-    name = getattr(act, "value", act)  # MoEActivation enum (0.32) or plain str (older)
+    name = str(getattr(act, "value", act))  # MoEActivation enum (0.32) or plain str (older)
     if name == "swigluoai_uninterleave":
         name = "swigluoai"  # same math; our w13 rows are always [gate; up] (de-interleaved at load)
     alpha = getattr(layer, "swiglu_alpha", None)
     limit = getattr(layer, "swiglu_limit", None)
-    return ActivationSpec(name=str(name), alpha=SWIGLU_ALPHA if alpha is None else float(alpha),
+    beta = getattr(layer, "swiglu_beta", None)
+    if name == "silu":
+        if beta not in (None, 0, 0.0) or alpha not in (None, 1, 1.0):
+            raise NotImplementedError(f"mxfp4_rl: a silu MoE with swiglu_alpha={alpha}, swiglu_beta={beta} "
+                                      f"(gate * sigmoid(alpha * gate) * (up + beta)) is not an activation of the "
+                                      f"contract (common.moe.activations); the MXFP4 backends compute silu, silu "
+                                      f"clamped at swiglu_limit and gpt-oss's swigluoai only")
+        if limit is None:
+            return ActivationSpec(name="silu")
+        return ActivationSpec(name="silu_clamp", limit=float(limit))  # refuses limit <= 0 / non-finite, naming it
+    return ActivationSpec(name=name, alpha=SWIGLU_ALPHA if alpha is None else float(alpha),
                           limit=SWIGLU_LIMIT if limit is None else float(limit))

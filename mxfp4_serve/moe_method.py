@@ -34,17 +34,16 @@ def _method_class() -> type:
     return _CLASS
 
 
-def _refuse_unimplemented_activation(moe_config) -> None:
-    """DeepSeek-V4 clamps silu's gate/up at swiglu_limit; our contract's activations (common.moe.activations) do not
-    have that yet, and serving without the clamp would compute another function silently: refused."""
-    limit = getattr(moe_config, "swiglu_limit", None)
-    act = getattr(moe_config, "activation", "silu")
-    name = str(getattr(act, "value", act))
-    if limit is not None and name == "silu":
-        raise NotImplementedError(f"mxfp4_rl: this model clamps its silu experts at swiglu_limit={limit} "
-                                  f"(DeepSeek-V4); the mxfp4_rl MoE backends do not implement the clamped silu yet, "
-                                  f"so they would serve another function. Serve it without --quantization mxfp4_rl "
-                                  f"(vLLM's own MXFP4 MoE) until then")
+def check_activation(moe_config, backend) -> None:
+    """At engine start, the layer's activation as the contract names it (compat.activation_spec: DeepSeek-V4's
+    "silu" + swiglu_limit is silu_clamp with the model's limit) and whether the chosen backend computes it: an
+    activation no backend computes, or one this backend does not, is refused here, naming it, instead of being
+    served as another function at the first request."""
+    spec = compat.activation_spec(moe_config)
+    refusal = backend.activation_refusal(spec)
+    if refusal:
+        raise NotImplementedError(f"mxfp4_rl: MoE backend {backend.name!r} cannot compute this model's experts: "
+                                  f"{refusal}")
 
 
 class MXFP4MoEMethodMixin:
@@ -60,7 +59,7 @@ class MXFP4MoEMethodMixin:
         if hasattr(self.backend, "activations"):  # backends with several modes (sm100_flashinfer) take the choice
             self.backend.activations = settings.activations
             self.backend.profile = settings.profile
-        _refuse_unimplemented_activation(moe_config)
+        check_activation(moe_config, self.backend)
         if settings.expert_lora is not None and not self.backend.serves_lora:
             raise ValueError(f"mxfp4_rl: the checkpoint asks for expert LoRA served unmerged (quantization_config "
                              f"'expert_lora') but MoE backend {self.backend.name!r} cannot apply it: "

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common import envs, get_profile
+from common.checkpoint import deepseek_v4 as ds
 from common.checkpoint.validate import check_quant_config
 from common.moe.quant_config import QUANT_METHOD, ExpertLoRAConfig, delegate_config, expert_lora_config
 
@@ -24,10 +25,14 @@ FORMATS = ("native", "gpt-oss", "deepseek-v4", "bf16")
 # quant_method names of other tools' MXFP4 checkpoints, claimed only when the user passes --quantization mxfp4_rl.
 FOREIGN_MXFP4_METHODS = ("mxfp4", "gpt_oss_mxfp4")
 # Model types whose routed experts this plugin serves.
-SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3", "deepseek_v4")
 # Model types whose other-tool MXFP4 checkpoints (quant_method "mxfp4") we claim, and the layout they use.
-# DeepSeek-V4 checkpoints say quant_method "deepseek_v4_fp8" and need the FP8 delegate: not claimed yet.
 FOREIGN_FORMAT_BY_MODEL_TYPE = {"gpt_oss": "gpt-oss"}
+# DeepSeek-V4 as DeepSeek ships it (common/checkpoint/deepseek_v4.py): config.json's quantization_config is the FP8
+# block config of the DENSE layers ("fp8", or vLLM's name "deepseek_v4_fp8"), the experts are MXFP4 through
+# `expert_dtype` "fp4". Claimed on an explicit --quantization mxfp4_rl like gpt-oss's; the dense layers go to vLLM's
+# own DeepSeek-V4 FP8 method (its ue8m0 scale handling), the experts' bytes to our MoE method as shipped.
+DEEPSEEK_V4_DELEGATE_METHOD = "deepseek_v4_fp8"
 
 ENV_PROFILE = envs.PROFILE.name
 ENV_BACKEND = envs.MOE_BACKEND.name
@@ -85,14 +90,29 @@ def settings_from_quant_config(cfg: Mapping[str, Any]) -> ServeSettings:
         return ServeSettings(profile=cfg["profile"], fmt=cfg["format"],
                              backend=_backend_override(cfg), delegate=delegate_config(cfg),
                              activations=_activations(cfg), expert_lora=expert_lora_config(cfg))
+    if method in ds.FP8_METHODS:
+        return deepseek_v4_settings(cfg)
     if method in FOREIGN_MXFP4_METHODS:
         # Another tool's MXFP4 checkpoint, claimed because the user passed --quantization mxfp4_rl. The bytes are
         # fixed already; the profile only matters for later refits, so it comes from the user or the default.
         # claims_checkpoint only lets gpt-oss through, so the layout is gpt-oss's.
         return ServeSettings(profile=online_profile(), fmt="gpt-oss", backend=_backend_override(cfg),
                              activations=_activations(cfg), expert_lora=expert_lora_config(cfg))
-    raise ValueError(f"mxfp4_rl cannot serve a checkpoint with quant_method {method!r}; expected {QUANT_METHOD!r} "
-                     f"or one of {FOREIGN_MXFP4_METHODS}")
+    raise ValueError(f"mxfp4_rl cannot serve a checkpoint with quant_method {method!r}; expected {QUANT_METHOD!r}, "
+                     f"one of {FOREIGN_MXFP4_METHODS} or DeepSeek-V4's {ds.FP8_METHODS}")
+
+
+def deepseek_v4_settings(cfg: Mapping[str, Any]) -> ServeSettings:
+    """Settings of a shipped DeepSeek-V4 checkpoint (reached only through claims_checkpoint, which requires model_type
+    deepseek_v4 with FP4 experts; MXFP4RLConfig.maybe_update_config checks the model type again): its experts' bytes
+    in format deepseek-v4 with DeepSeek's own scale rule (profile deepseek_v4, which later refits re-quantize with),
+    its FP8 config as the delegate of every other layer under vLLM's DeepSeek-V4 FP8 method."""
+    if str(cfg.get("scale_fmt", "ue8m0")) != "ue8m0":
+        raise ValueError(f"mxfp4_rl: a DeepSeek-V4 checkpoint with FP4 experts stores its FP8 scales as ue8m0 "
+                         f"(float8_e8m0fnu); this quantization_config says scale_fmt {cfg.get('scale_fmt')!r}")
+    delegate = {**cfg, "quant_method": DEEPSEEK_V4_DELEGATE_METHOD}
+    return ServeSettings(profile=ds.SHIPPED_PROFILE, fmt=ds.FMT, backend=_backend_override(cfg), delegate=delegate,
+                         activations=_activations(cfg), expert_lora=expert_lora_config(cfg))
 
 
 def online_profile() -> str:
@@ -112,8 +132,10 @@ def settings_for_online() -> ServeSettings:
                          activations=_activations({}))
 
 
-def claims_checkpoint(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None, model_type: str | None) -> bool:
-    """Whether `override_quantization_method` should resolve this checkpoint to mxfp4_rl."""
+def claims_checkpoint(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None, model_type: str | None,
+                      expert_dtype: str | None = None) -> bool:
+    """Whether `override_quantization_method` should resolve this checkpoint to mxfp4_rl. expert_dtype: the
+    DeepSeek-V4 config's (absent = "fp4", vLLM's default); FP8 experts (DeepSeek-V4-Flash-Base) are not ours."""
     if not hf_quant_cfg:
         return False
     if user_quant is not None and user_quant != QUANT_METHOD:
@@ -122,5 +144,8 @@ def claims_checkpoint(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | 
     method = hf_quant_cfg.get("quant_method")
     if method == QUANT_METHOD:
         return True
-    return (user_quant == QUANT_METHOD and method in FOREIGN_MXFP4_METHODS
-            and model_type in FOREIGN_FORMAT_BY_MODEL_TYPE)
+    if user_quant != QUANT_METHOD:
+        return False
+    if method in ds.FP8_METHODS:
+        return model_type == ds.MODEL_TYPE and (expert_dtype or "fp4") == "fp4"
+    return method in FOREIGN_MXFP4_METHODS and model_type in FOREIGN_FORMAT_BY_MODEL_TYPE

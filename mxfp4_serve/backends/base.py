@@ -71,6 +71,12 @@ class MoEBackend(abc.ABC):
         Backends override it to refuse values they cannot serve before anything is written."""
         moe.write_canonical(layer, param_name, local_experts, values)
 
+    def activation_refusal(self, activation: ActivationSpec) -> str:
+        """Why this backend cannot compute `activation` ("" when it can): asked once at engine start by the MoE
+        method, so a model is refused before serving instead of at its first request. Default: every activation
+        of the contract (common.moe.ActivationKind) with any of its parameters."""
+        return ""
+
     @abc.abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: ActivationSpec, expert_map: torch.Tensor | None,

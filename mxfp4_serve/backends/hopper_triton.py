@@ -88,6 +88,13 @@ class HopperTritonBackend(MoEBackend):
                     f"such weights")
         super().write_experts(layer, param_name, local_experts, values)
 
+    def activation_refusal(self, activation: ActivationSpec) -> str:
+        """The kernels take silu_clamp's limit as an argument but compile gpt-oss's swigluoai constants in."""
+        if activation.fused_in_kernels:
+            return ""
+        return (f"its kernels implement clamp-swiglu with alpha {moe.SWIGLU_ALPHA}, limit {moe.SWIGLU_LIMIT}; the "
+                f"model asks for alpha {activation.alpha}, limit {activation.limit}")
+
     def apply(self, layer, x, topk_weights, topk_ids, activation: ActivationSpec, expert_map,
               apply_router_weight_on_input=False):
         from common.grouped_gemm import moe_layer_forward

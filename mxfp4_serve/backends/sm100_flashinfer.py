@@ -75,11 +75,18 @@ def quantize_activations(x: torch.Tensor, mode: str, profile: str | None) -> tup
 
 
 def activation_params(act: ActivationSpec, num_local: int, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """Per-expert SwiGLU parameters of the TRT-LLM kernel. silu: none (plain silu(gate) * up). gpt-oss swigluoai:
-    alpha, beta = 1 (the `up + 1`) and the clamp limit, as vLLM's TRTLLM path sets them."""
+    """Per-expert SwiGLU parameters of the TRT-LLM kernel, which computes clamp-then-gate
+    x_glu * sigmoid(alpha * x_glu) * (x_linear + beta) with x_glu clamped above and x_linear on both sides at
+    clamp_limit (FlashInfer's trtllm_fp4_block_scale_moe: gemm1_alpha / gemm1_beta / gemm1_clamp_limit, float32
+    [num_experts]). silu: none (plain silu(gate) * up). gpt-oss swigluoai: alpha, beta = 1 (the `up + 1`) and its
+    limit, as vLLM's TRTLLM path sets them. DeepSeek-V4's silu_clamp: alpha 1 and beta 0 (given explicitly, not left
+    to the kernel's defaults) with the model's limit: silu(min(gate, L)) * clamp(up, -L, L); vLLM 0.32's own
+    DeepSeek-V4 MXFP4 TRTLLM path passes the same limit as gemm1_clamp_limit. Not yet run on a B200."""
     if act.name == "silu":
         return {"gemm1_alpha": None, "gemm1_beta": None, "gemm1_clamp_limit": None}
     full = lambda v: torch.full((num_local,), float(v), dtype=torch.float32, device=device)  # noqa: E731
+    if act.name == "silu_clamp":
+        return {"gemm1_alpha": full(1.0), "gemm1_beta": full(0.0), "gemm1_clamp_limit": full(act.limit)}
     return {"gemm1_alpha": full(act.alpha), "gemm1_beta": full(1.0), "gemm1_clamp_limit": full(act.limit)}
 
 

@@ -29,7 +29,8 @@ def test_checkpoint_settings_are_read_not_defaulted():
     ({**NATIVE, "profile": "nope"}, UnknownProfileError, r"unknown MXFP4 profile 'nope'; known profiles: .*flashinfer"),
     ({**NATIVE, "format": "awq"}, ValueError, r"unknown format 'awq'; expected one of"),
     ({**NATIVE, "block_size": 16}, ValueError, r"block_size must be 32, got 16"),
-    ({"quant_method": "fp8"}, ValueError, r"cannot serve a checkpoint with quant_method 'fp8'"),
+    ({"quant_method": "awq"}, ValueError, r"cannot serve a checkpoint with quant_method 'awq'"),
+    ({"quant_method": "fp8", "scale_fmt": "fp32"}, ValueError, r"DeepSeek-V4 .* scale_fmt 'fp32'"),
     ({**NATIVE, "delegate": {"activation_scheme": "dynamic"}}, ValueError, r"delegate .* has no 'quant_method'"),
 ])
 def test_bad_quantization_config(cfg, exc, msg):
@@ -60,6 +61,44 @@ def test_online_profile_env_or_explicit_default(monkeypatch, caplog):
 ])
 def test_claims(cfg, user, model_type, claimed):
     assert claims_checkpoint(cfg, user, model_type) is claimed
+
+
+@pytest.mark.parametrize("method,user,model_type,expert_dtype,claimed", [
+    ("fp8", "mxfp4_rl", "deepseek_v4", None, True),  # DeepSeek-V4-Flash as shipped: FP4 experts by default
+    ("deepseek_v4_fp8", "mxfp4_rl", "deepseek_v4", "fp4", True),
+    ("fp8", None, "deepseek_v4", None, False),  # without the request vLLM keeps its own deepseek_v4_fp8
+    ("fp8", "mxfp4_rl", "deepseek_v4", "fp8", False),  # Flash-Base: FP8 experts are not MXFP4
+    ("fp8", "mxfp4_rl", "deepseek_v3", None, False),  # an FP8 checkpoint of another model
+])
+def test_claims_deepseek_v4_as_shipped(method, user, model_type, expert_dtype, claimed):
+    from common.checkpoint import deepseek_v4 as ds
+
+    cfg = {**ds.SHIPPED_QUANT_CONFIG, "quant_method": method}
+    assert claims_checkpoint(cfg, user, model_type, expert_dtype) is claimed
+    from mxfp4_serve.config import MXFP4RLConfig
+
+    hf = type("HF", (), {"model_type": model_type, "expert_dtype": expert_dtype})()
+    assert MXFP4RLConfig.override_quantization_method(cfg, user, hf) == ("mxfp4_rl" if claimed else None)
+
+
+def test_deepseek_v4_settings_and_fp8_delegate(tmp_path):
+    """The shipped config reads as format deepseek-v4, profile deepseek_v4, vLLM's DeepSeek-V4 FP8 method for every
+    non-expert layer (its block shape visible on our config, as the model code reads it); the model type is checked
+    again when vLLM hands us the model, and a local checkpoint's headers are validated."""
+    from common.checkpoint import deepseek_v4 as ds
+    from common.checkpoint.tiny_deepseek_v4 import write_tiny_deepseek_v4
+    from mxfp4_serve.config import MXFP4RLConfig
+
+    s = settings_from_quant_config(dict(ds.SHIPPED_QUANT_CONFIG))
+    assert (s.profile, s.fmt, s.delegate["quant_method"]) == ("deepseek_v4", "deepseek-v4", "deepseek_v4_fp8")
+    assert {k: v for k, v in s.delegate.items() if k != "quant_method"} == {
+        k: v for k, v in ds.SHIPPED_QUANT_CONFIG.items() if k != "quant_method"}
+    cfg = MXFP4RLConfig.from_config(dict(ds.SHIPPED_QUANT_CONFIG))
+    assert type(cfg.delegate).__name__ == "DeepseekV4FP8Config" and cfg.weight_block_size == [128, 128]
+    with pytest.raises(ValueError, match=r"DeepSeek-V4's shipped layout only; .*model_type is 'qwen3_moe'"):
+        cfg.maybe_update_config("some/hub-id", hf_config=type("HF", (), {"model_type": "qwen3_moe"})())
+    ckpt = write_tiny_deepseek_v4(tmp_path / "ds4", seed=0)
+    cfg.maybe_update_config(str(ckpt), hf_config=type("HF", (), {"model_type": "deepseek_v4"})())
 
 
 def test_foreign_gpt_oss_checkpoint_is_gpt_oss_format(monkeypatch):

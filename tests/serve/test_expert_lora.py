@@ -235,14 +235,28 @@ def test_expert_lora_config_names_an_adapter():
         expert_lora_config({"expert_lora": {"max_rank": 8, "scaling": 2.0, "adapter": 3}})
 
 
-def test_moe_method_refuses_a_clamped_silu_it_would_not_compute():
-    """DeepSeek-V4's experts clamp silu at swiglu_limit; no backend implements that yet: refused at engine start
-    rather than served unclamped. gpt-oss's clamped swigluoai (implemented) passes."""
+def test_moe_method_takes_the_clamped_silu_from_the_config():
+    """DeepSeek-V4's experts: vLLM's "silu" with the layer's swiglu_limit is the contract's silu_clamp with the
+    model's limit (every backend computes it); an activation outside the contract, or one a backend does not
+    compute, is refused at engine start naming it."""
     from types import SimpleNamespace
 
-    from mxfp4_serve.moe_method import _refuse_unimplemented_activation
+    from mxfp4_serve import compat
+    from mxfp4_serve.backends import CPUReferenceBackend
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+    from mxfp4_serve.moe_method import check_activation
 
-    with pytest.raises(NotImplementedError, match="clamps its silu experts at swiglu_limit=10.0"):
-        _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=10.0, activation="silu"))
-    _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=7.0, activation="swigluoai"))
-    _refuse_unimplemented_activation(SimpleNamespace(swiglu_limit=None, activation="silu"))
+    spec = compat.activation_spec(SimpleNamespace(activation="silu", swiglu_limit=10.0))
+    assert (spec.name, spec.limit, spec.kernel_limit) == ("silu_clamp", 10.0, 10.0)
+    assert compat.activation_spec(SimpleNamespace(activation="silu", swiglu_limit=None)).name == "silu"
+    assert compat.activation_spec(SimpleNamespace(activation="swigluoai", swiglu_limit=None)).limit == 7.0
+    for backend in (CPUReferenceBackend(), HopperTritonBackend()):
+        check_activation(SimpleNamespace(activation="silu", swiglu_limit=10.0), backend)
+    with pytest.raises(NotImplementedError, match=r"'hopper_triton' cannot compute.*alpha 1.5, limit 7.0"):
+        check_activation(SimpleNamespace(activation="swigluoai", swiglu_alpha=1.5), HopperTritonBackend())
+    with pytest.raises(ValueError, match=r"unsupported MoE activation 'gelu'"):
+        check_activation(SimpleNamespace(activation="gelu"), CPUReferenceBackend())
+    with pytest.raises(NotImplementedError, match=r"silu MoE with swiglu_alpha=None, swiglu_beta=1.0"):
+        compat.activation_spec(SimpleNamespace(activation="silu", swiglu_limit=10.0, swiglu_beta=1.0))
+    with pytest.raises(ValueError, match=r"finite positive.*got -1.0"):
+        compat.activation_spec(SimpleNamespace(activation="silu", swiglu_limit=-1.0))

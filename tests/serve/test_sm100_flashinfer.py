@@ -150,6 +150,11 @@ def test_swiglu_parameters():
     p = sm100.activation_params(ActivationSpec("swigluoai"), 4, torch.device("cpu"))
     assert p["gemm1_alpha"].tolist() == [pytest.approx(1.702)] * 4 and p["gemm1_beta"].tolist() == [1.0] * 4
     assert p["gemm1_clamp_limit"].tolist() == [7.0] * 4 and p["gemm1_alpha"].dtype == torch.float32
+    # DeepSeek-V4: silu(min(gate, L)) * clamp(up, -L, L) = the kernel's gate*sigmoid(alpha*gate)*(up+beta), alpha 1,
+    # beta 0, with the model's limit
+    p = sm100.activation_params(ActivationSpec("silu_clamp", limit=10.0), 4, torch.device("cpu"))
+    assert [p[k].tolist() for k in ("gemm1_alpha", "gemm1_beta", "gemm1_clamp_limit")] == [[1.0] * 4, [0.0] * 4,
+                                                                                         [10.0] * 4]
 
 
 def test_local_expert_range():
