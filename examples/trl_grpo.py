@@ -3,6 +3,7 @@
     pip install -e '.[rl]'                                # trl
     python examples/trl_grpo.py --modes qat,lora --steps 3 [--json out.json]
     python examples/trl_grpo.py --engine-url http://127.0.0.1:8000 --checkpoint CKPT   # a running vllm serve
+    python examples/trl_grpo.py --transport ipc      # one GPU: the learner colocated with the engine
     python examples/trl_grpo.py --transport nccl     # on GPUs: learner and engine workers on different devices
 
 Runs on CPU in about two minutes with a tiny random Qwen3-MoE (common.checkpoint.tiny, no download) and a word-level
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                          "--weight-transfer-config '{\"backend\": \"mxfp4_rl\"}', the sync worker extension; "
                          "docs/frameworks.md) instead of starting an engine")
     ap.add_argument("--checkpoint", type=Path, default=None, help="the MXFP4 checkpoint the server serves")
-    ap.add_argument("--transport", default="gloo", choices=("gloo", "nccl"),
-                    help="sync data plane: gloo (CPU, or learner and engine on one GPU: NCCL cannot put two ranks "
-                         "on one device) or nccl (learner and engine workers on different GPUs)")
+    ap.add_argument("--transport", default="gloo", choices=("gloo", "nccl", "ipc"),
+                    help="sync data plane: gloo (CPU tensors, anywhere), ipc (learner and engine on one GPU: CUDA IPC, "
+                         "no copy through a group; NCCL cannot put two ranks on one device) or nccl (learner and "
+                         "engine workers on different GPUs)")
     args = ap.parse_args(argv)
     cfg = TrainConfig()
     # vLLM logs INFO lines to stdout, between the table's rows: keep its warnings and errors, on stderr
