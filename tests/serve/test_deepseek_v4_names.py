@@ -6,7 +6,10 @@ has a vLLM name, routed experts reach the fused-MoE expert mapping with the cont
 [0, I) of w13, w3 = up rows [I, 2I), w2 = down) and their E8M0 `.scale` becomes the MoE layer's `weight_scale`
 (raw bytes: vLLM's loader views float8_e8m0fnu as uint8, as our layouts do), while FP8 dense scales go to the FP8
 method's `weight_scale_inv`; and this plugin's MoE weight loader, driven by vLLM's DeepSeek-V4 expert loop, ends
-with the checkpoint's bytes in the contract's parameters."""
+with the checkpoint's bytes in the contract's parameters; those parameters, served by the MoE backends with the
+activation vLLM's DeepSeek-V4 layer describes ("silu" + the config's swiglu_limit = silu_clamp), compute the learner's
+routed experts. What stays untested on CPU: the engine itself (its attention and FP8 linears above), run on a GPU by
+scripts/gpu/deepseek_v4_engine.py."""
 
 from __future__ import annotations
 
@@ -111,3 +114,75 @@ def test_our_loader_takes_the_shipped_experts_through_vllms_mapping(shipped):
         packed = P.W2 if proj == "down" else P.W13
         assert torch.equal(layer_params[f"{p}.{packed}"][x, rows], q.codes), (layer, x, proj)
         assert torch.equal(layer_params[f"{p}.{P.scale_name(packed)}"][x, rows], q.scales), (layer, x, proj)
+
+
+def _served_layer(shipped, layer: int):
+    """A MoE layer's contract parameters as the loader test above fills them (through vLLM's DeepSeek-V4 mapping)."""
+    from safetensors.torch import load_file
+
+    from mxfp4_serve.loader import ExpertWeightLoader
+    from mxfp4_serve.settings import ServeSettings
+    from mxfp4_serve.shards import ExpertGeometry
+
+    e, h, i = 8, 128, 64
+    mapper = cpu_model._make_deepseek_v4_weights_mapper("fp4")
+    mapping = RoutedExperts.build_expert_params_mapping("w1", "w2", "w3", e)
+    prefix = f"model.layers.{layer}.ffn.experts.routed_experts"
+    geom = ExpertGeometry(prefix, h, i, e, e)
+    module = torch.nn.Module()
+    params = {}
+    for n, shape in geom.param_shapes().items():
+        module.register_parameter(n, torch.nn.Parameter(torch.zeros(shape, dtype=torch.uint8), requires_grad=False))
+        params[n] = getattr(module, n)
+    loader = ExpertWeightLoader(geom, ServeSettings(profile=ds.SHIPPED_PROFILE, fmt=ds.FMT), params, lambda g: g,
+                                list(range(e)))
+    for name, tensor in load_file(str(shipped / "model.safetensors")).items():
+        if not name.startswith(f"layers.{layer}.") or not ds.is_expert_tensor(name):
+            continue
+        mapped = mapper._map_name(name)
+        tensor = tensor.view(torch.uint8) if tensor.dtype == torch.float8_e8m0fnu else tensor
+        ((pname, expert, shard),) = [(mapped.replace(w, p), x, s) for p, w, x, s in mapping if w in mapped]
+        loader(params[pname.rsplit(".", 1)[1]], tensor, pname, shard_id=shard, expert_id=expert)
+    loader.check_complete()
+    return module
+
+
+def test_served_experts_compute_the_learners_routed_experts(shipped):
+    """The engine's MoE backends on the served bytes, with the activation taken from the layer's description as vLLM
+    builds it (MoEActivation.SILU + the config's swiglu_limit), against the learner's experts (which equal
+    transformers' decode of the same bytes, tests/train/test_deepseek_v4.py) on the same routing: the CPU reference
+    (fp32) within fp32 rounding of the learner's bf16 experts, hopper_triton's kernels (interpreter on CPU) within
+    the bound of tests/serve/test_backends.py."""
+    import json
+
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    import mxfp4_train
+    from mxfp4_serve import compat
+    from mxfp4_serve.backends import CPUReferenceBackend
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    limit = json.loads((shipped / "config.json").read_text())["swiglu_limit"]
+    layer = 1
+    served = _served_layer(shipped, layer)
+    spec = compat.activation_spec(type("Layer", (), {"activation": MoEActivation.SILU, "swiglu_limit": limit})())
+    assert (spec.name, spec.limit) == ("silu_clamp", 10.0)
+    learner = mxfp4_train.load_mxfp4_model(shipped, "lora", lora=None).eval().model.layers[layer].mlp.experts
+    assert torch.equal(learner.w13_codes, served.w13_weight) and torch.equal(learner.w2_scales, served.w2_weight_scale)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 128, generator=g) * 16).to(torch.bfloat16)  # pre-activations reach past the limit
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    with torch.no_grad():
+        want = learner(x, ids, w.to(torch.bfloat16)).float()
+        pre = x.float() @ learner.dequantized(torch.float32)[0][int(ids[0, 0])].t()
+    assert (pre.abs() > limit).any()
+    ref = CPUReferenceBackend().apply(served, x.float(), w, ids, spec, None).float()
+    assert ((ref - want).norm() / want.norm()).item() < 2e-2  # the learner runs in bf16, the reference in fp32
+    no_clamp = CPUReferenceBackend().apply(served, x.float(), w, ids, compat.activation_spec(
+        type("Layer", (), {"activation": MoEActivation.SILU, "swiglu_limit": None})()), None).float()
+    assert ((no_clamp - want).norm() / want.norm()).item() > 5e-2  # the clamp matters at these inputs
+    backend = HopperTritonBackend()
+    backend.prepare(served)
+    got = backend.apply(served, x, w, ids, spec, None).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 2.5e-2
