@@ -1,6 +1,10 @@
 """The fused GPU backend of the grouped MoE MLP seam: `common.grouped_gemm`'s Triton kernels, which dequantize the
-packed MXFP4 weight tiles in registers in forward and backward (no bf16 expert copy, no weight gradient), with the
-per-expert LoRA as rank-r grouped GEMMs. Registered in front of the reference; `supports` says when it applies.
+packed MXFP4 weight tiles in registers in forward and backward (no bf16 expert copy), in two modes:
+- frozen packed experts (mode "lora"): no weight gradient, the per-expert LoRA as rank-r grouped GEMMs;
+- fake-QAT masters (mode "qat", common.grouped_gemm.qat): the masters quantized by the codec's kernel every step,
+  the same GEMMs, and the straight-through weight (and bias) gradient as grouped GEMMs of dy^T x; with W4A8 the
+  MXFP8 activation fake quant right before each GEMM, as the reference does.
+Registered in front of the reference; `supports` says when it applies.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from torch import nn
 from common.moe.activations import SWIGLU_ALPHA, SWIGLU_LIMIT
 
 from .grouped import ExpertOperands, register_backend
-from .weights import PackedExpertWeights
+from .weights import FakeQuantExpertWeights, PackedExpertWeights
 
 # gpt-oss's clamp-swiglu (alpha, limit): the contract's constants, compiled into the kernels
 GPT_OSS_SWIGLU = (SWIGLU_ALPHA, SWIGLU_LIMIT)
@@ -35,19 +39,40 @@ def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
     return "swiglu_oai", act.gate_up.value, ""
 
 
+def _is_qat(ops: ExpertOperands) -> bool:
+    return isinstance(ops.w13, FakeQuantExpertWeights) and isinstance(ops.w2, FakeQuantExpertWeights)
+
+
+def _qat_supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
+    for label, w in (("w13", ops.w13), ("w2", ops.w2)):
+        if w.master.device != x.device:
+            return False, f"QAT master {label} is on {w.master.device}, the activations on {x.device}"
+        if w.master.dtype not in (torch.bfloat16, torch.float32):
+            return False, f"QAT master {label} is {w.master.dtype}; the fused step takes bf16 or fp32 masters"
+    if ops.w13.profile != ops.w2.profile:
+        return False, f"QAT masters with two profiles ({ops.w13.profile!r}, {ops.w2.profile!r})"
+    return True, ""
+
+
 def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
     if not x.is_cuda:
         return False, "needs CUDA tensors"
     if x.dtype != torch.bfloat16:
         return False, f"the kernels take bf16 activations, got {x.dtype}"
-    if not (isinstance(ops.w13, PackedExpertWeights) and isinstance(ops.w2, PackedExpertWeights)):
-        return False, "QAT masters need a weight gradient; the fused kernels serve frozen packed experts"
-    if ops.act_quant_profile is not None:
-        return False, "W4A8 activation fake quant is not fused"
     name, _, reason = _kernel_activation(ops)
     if name is None:
         return False, reason
     loras = [lo for lo in (ops.lora13, ops.lora2) if lo is not None]
+    if _is_qat(ops):
+        ok, reason = _qat_supports(x, ops)
+        if not ok or not loras:
+            return ok, reason
+        return False, "LoRA adapters on QAT masters are not fused (the fused QAT step trains the masters only)"
+    if not (isinstance(ops.w13, PackedExpertWeights) and isinstance(ops.w2, PackedExpertWeights)):
+        return False, (f"experts must be both frozen packed or both QAT masters (which get a weight gradient), got "
+                       f"{type(ops.w13).__name__} and {type(ops.w2).__name__}")
+    if ops.act_quant_profile is not None:
+        return False, "W4A8 activation fake quant is fused on the QAT path only (frozen packed experts: reference)"
     if any(not isinstance(lo.dropout, nn.Identity) and lo.training for lo in loras):
         return False, "LoRA dropout is not fused"
     if len({lo.spec.scaling for lo in loras}) > 1:
@@ -64,6 +89,9 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     if activation is None:
         raise ValueError(f"triton grouped MLP: {reason}")
     routing = route(topk_ids, ops.num_experts)
+    if _is_qat(ops):
+        return unpermute(_qat_rows(permute(x.to(torch.bfloat16), routing), routing.offsets, ops, activation,
+                                   gate_up), routing, topk_weights).to(x.dtype)
     lo13, lo2 = ops.lora13, ops.lora2
     scaling = (lo13 or lo2).spec.scaling if (lo13 or lo2) else 1.0
     y = MXFP4GroupedMLP.apply(
@@ -72,6 +100,16 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
         None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2,
         gate_up)
     return unpermute(y, routing, topk_weights).to(x.dtype)
+
+
+def _qat_rows(xs: torch.Tensor, offsets: torch.Tensor, ops: ExpertOperands, activation: str,
+              gate_up: str) -> torch.Tensor:
+    """The fake-QAT expert MLP on sorted rows: masters quantized with their profile, W4A8 with the model's."""
+    from common.grouped_gemm.qat import MXFP4QATGroupedMLP
+
+    return MXFP4QATGroupedMLP.apply(xs, offsets, ops.w13.master, ops.w2.master, ops.w13.profile, activation,
+                                    gate_up, ops.b13, ops.b2, ops.act_quant_profile,
+                                    (ops.w13.label, ops.w2.label))
 
 
 register_backend("triton", triton_grouped_mlp, supports)
