@@ -26,3 +26,12 @@ echo "=== engine layer with expert LoRA (CUDA graphs): old vs new in one run, pr
 timeout 240 python3 bench/lora_layer.py --tokens 16,128,1024 --project-tiles 64x4,256x3,256x4 2>&1 | tail -8
 echo "=== the same with the one-multiply decode hopper_triton serves these scale bytes with"
 timeout 120 python3 bench/lora_layer.py --tokens 16,128 --one-mul 2>&1 | tail -6
+
+# ---- fake-QAT on the fused path (issue 24): appended block, runs with "all" or alone with "qat" ------------------
+# (with "qat" the expert-LoRA blocks above still run; for the QAT round alone see bench/qat_step.py's command)
+if [ "$ONLY" = all ] || [ "$ONLY" = qat ]; then
+  echo "=== native QAT: fused fake-QAT step == reference step / float64 oracle, W4A8, wgrad kernel vs _grouped_mm"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/train/test_qat_fused.py 2>&1 | tail -8
+  echo "=== fake-QAT step (quantize masters, fwd, dX, dW) vs bf16 torch._grouped_mm step with weight gradients"
+  timeout 420 python3 bench/qat_step.py --tokens 16,256,1024,4096 2>&1 | tail -12
+fi
