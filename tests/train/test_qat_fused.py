@@ -210,10 +210,10 @@ def test_w4a8_fused_step_matches_the_reference_step():
     # gradient straight through. x's quantization is the same in both; the activation's is not always: the
     # reference rounds silu(gate) and the product to bf16 separately, the kernel once, and a one-ulp bf16
     # difference flips the E4M3 rounding of that element (1 E4M3 ulp, 2^-4 to 2^-3 relative) for about one element
-    # in 16. Measured over 74 seeds on CPU: up to 4.3e-2 of the norm on y, 2.8e-2 on dx and the gradients; the
-    # bound 8e-2 still fails a missing or misplaced quantization, a wrong expert or router weight (O(1)), and the
-    # wiring is checked bit for bit by the next test.
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    # in 16. Over 104 random seeds on CPU: up to 6.5e-2 of the norm (12 tokens: one flip weighs a lot), so the
+    # seed is fixed here; the bound 8e-2 still fails a missing or misplaced quantization, a wrong expert or router
+    # weight (O(1)), and the wiring is checked bit for bit by the next test.
+    gen = torch.Generator().manual_seed(8)
     w13, w2 = _masters(gen)
     x, ids, w, probe = _inputs(gen)
     ops = _qat_ops(w13, w2, act_quant=True)
@@ -270,7 +270,8 @@ def test_expert_wgrad_kernel_and_grouped_mm_against_float64():
         ref = dy[lo:hi].double().T @ x[lo:hi].double()
         # fp32 accumulation of exact bf16 products over <= 33 rows: a few fp32 ulps of the largest partial sum
         assert (dw[e].double() - ref).abs().max() <= 2.0**-20 * (hi - lo) * ref.abs().max().clamp(min=1)
-        assert torch.equal(db[e].double(), dy[lo:hi].double().sum(0).float().double())  # exact in fp32 here
+        col = dy[lo:hi].double()  # fp32 sum of <= 33 bf16 values in any order: a few fp32 ulps of their sum of |.|
+        assert ((db[e].double() - col.sum(0)).abs() <= 2.0**-22 * (hi - lo) * col.abs().sum(0)).all()
         # one bf16 rounding of the same sum: within half a bf16 ulp (2^-8 relative) of float64 plus the fp32
         # sum's error; the interpreter's cast truncates (one ulp, 2^-7), torch and GPUs round to nearest
         for got, ulps in ((bf[e], 2.0**-7 if interpreting() else 2.0**-8), (tm[e], 2.0**-8)):
