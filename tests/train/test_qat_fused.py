@@ -12,7 +12,7 @@ from torch import nn
 
 import common
 from common.kernels import interpreting
-from mxfp4_train.grouped import Activation, ExpertOperands, reference_grouped_mlp
+from mxfp4_train.grouped import Activation, ExpertOperands, reference_grouped_mlp, select_backend
 from mxfp4_train.grouped_triton import supports, triton_grouped_mlp
 from mxfp4_train.lora import ExpertLoRA, LoRASpec
 from mxfp4_train.weights import FakeQuantExpertWeights, PackedExpertWeights
@@ -304,5 +304,6 @@ def test_supports_the_qat_masters_on_cuda_and_says_why_not():
     assert "is on cpu" in supports(x.cuda(), ops)[1]
     ops = _qat_ops(w13.cuda(), w2.cuda(), act_quant=True)
     assert supports(x.cuda(), ops) == (True, "")
+    assert select_backend(x.cuda(), ops) == "triton"  # what MXFP4Experts(mode="qat") runs on a GPU by default
     ops.lora13 = ExpertLoRA(E, H, 2 * I, LoRASpec(r=4, alpha=8.0), device="cuda")
     assert "LoRA adapters on QAT masters" in supports(x.cuda(), ops)[1]
