@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One stop's GPU work in three device calls after the vLLM 0.25 bundle install (calls 1-3, /tmp/site) and the peer
+# wheels (install_peers.sh, /tmp/peers). usage (device, repo root): OUT=... bash scripts/gpu/round_session.sh A|B|C
+#   A  functional, in parallel: DeepSeek-V4 engine probe (default + mxfp4_rl), TRL GRPO example colocated over IPC
+#      (carry .devbundle/trl), native kernel tests (audit, IPC, expert LoRA, fused QAT, backends)
+#   B  timings: refit through a real engine (phases), engine layer with expert LoRA
+#   C  timings: fused fake-QAT step vs bf16, every Hopper peer MoE backend
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
+  PYTHONUNBUFFERED=1 VLLM_NO_USAGE_STATS=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+nvidia-smi --query-gpu=name --format=csv,noheader
+case "${1:-}" in
+A)
+  (timeout 400 python3 scripts/gpu/deepseek_v4_engine.py default mxfp4_rl > "$OUT/dsv4.log" 2>&1) &
+  (OUT=$OUT bash scripts/gpu/trl_gpu.sh > "$OUT/trl_round.log" 2>&1) &
+  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/common/test_audit.py tests/common/test_transport_ipc.py \
+    tests/serve/test_expert_lora.py tests/common/test_grouped_lora.py tests/train/test_qat_fused.py \
+    tests/train/test_grouped_triton.py tests/common/test_silu_clamp.py tests/serve/test_backends.py \
+    -k "not reference_runs_inside" > "$OUT/native.log" 2>&1
+  echo "=== native tests"; tail -15 "$OUT/native.log"
+  wait
+  echo "=== DeepSeek-V4 probe"; grep -E "^(DSV4|VERDICT)|Error" "$OUT/dsv4.log" | tail -30
+  echo "=== TRL"; cat "$OUT/trl_round.log" | tail -25
+  ;;
+B)
+  echo "=== colocated refit bench (dsv4 expert shape, 2 layers)"
+  timeout 330 python3 bench/refit.py --layers 2 --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
+    > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
+  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -24
+  grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -10
+  echo "=== engine layer with expert LoRA (CUDA graphs): old vs new, projection tiles swept"
+  timeout 200 python3 bench/lora_layer.py --tokens 16,128,1024 --project-tiles 64x4,256x3,256x4 2>&1 | tail -10
+  ;;
+C)
+  echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
+  timeout 200 python3 bench/qat_step.py --tokens 16,256,1024,4096 --out "$OUT" 2>&1 | tail -14
+  echo "=== Hopper peers"
+  PYTHONPATH=/tmp/site:. timeout 360 python3 bench/peers.py --budget-s 280 --out "$OUT" > "$OUT/peers.log" 2>&1
+  echo "peers rc=$?"; tail -45 "$OUT/peers.log"
+  ;;
+*) echo "usage: round_session.sh A|B|C"; exit 2 ;;
+esac
