@@ -25,11 +25,10 @@ def _kernel_activation(ops: ExpertOperands) -> tuple[str | None, str, str]:
     """(kernel activation, w13 row layout, "") or (None, "", why the kernels cannot run it)."""
     act = ops.activation
     if act.kind == "glu":
-        if act.clamp is not None:
-            return None, "", f"glu clamped at swiglu_limit {act.clamp} (DeepSeek-V4): the kernels fuse plain silu only"
         probe = torch.linspace(-8, 8, 33)  # transformers' ACT2FN["silu"] is its own class: compare behaviour
         if torch.equal(act.act_fn(probe), nn.functional.silu(probe)):
-            return "silu", act.gate_up.value, ""
+            # DeepSeek-V4 clamps gate/up at its swiglu_limit first: the kernels' silu_clamp, the limit an argument
+            return ("silu" if act.clamp is None else "silu_clamp"), act.gate_up.value, ""
         return None, "", f"glu with {getattr(act.act_fn, '__name__', act.act_fn)!r}: the kernels fuse silu only"
     # clamp_swiglu is gpt-oss's: its w13 rows stay interleaved in the learner (the checkpoint's order) and the
     # kernels read them so; alpha and limit are compiled into the kernels
@@ -64,6 +63,8 @@ def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
         return False, reason
     loras = [lo for lo in (ops.lora13, ops.lora2) if lo is not None]
     if _is_qat(ops):
+        if name == "silu_clamp":
+            return False, "QAT masters with DeepSeek-V4's clamped silu: the fused QAT step has no limit argument yet"
         ok, reason = _qat_supports(x, ops)
         if not ok or not loras:
             return ok, reason
@@ -98,7 +99,7 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
         permute(x.to(torch.bfloat16), routing), routing.offsets, ops.w13.codes, ops.w13.scales, ops.w2.codes,
         ops.w2.scales, None if lo13 is None else lo13.A, None if lo13 is None else lo13.B,
         None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2,
-        gate_up)
+        gate_up, ops.activation.clamp if activation == "silu_clamp" else None)
     return unpermute(y, routing, topk_weights).to(x.dtype)
 
 

@@ -101,6 +101,28 @@ def test_gpt_oss_forward_across_the_clamp():
     assert _rel(got, ref) < 3e-2
 
 
+def test_deepseek_v4_clamped_silu_forward_across_the_limit():
+    # DeepSeek-V4 clamps gate (above) and up (both sides) at swiglu_limit before silu(gate) * up: the kernels'
+    # silu_clamp with the model's limit as an argument. The limit sits at the median |pre-activation| so that about
+    # half of them are clamped; forward within the same 3e-2 bound (gradients near the limit: see the gpt-oss test's
+    # note; the epilogue's clamp gradient is tested exactly in tests/common/test_silu_clamp.py).
+    from mxfp4_train.grouped_triton import _kernel_activation
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ops, x, ids, w = _on_device(_ops(gen, bias=False, act="glu", std13=1.0), *_routing(gen))
+    w0 = common.dequantize((ops.w13.codes[0], ops.w13.scales[0]), torch.float32)
+    limit = float((x.float() @ w0.T).abs().median())
+    ops.activation = Activation("glu", act_fn=nn.SiLU(), clamp=limit)
+    assert _kernel_activation(ops) == ("silu_clamp", "halves", "")
+    with torch.no_grad():
+        ref = reference_grouped_mlp(x.float(), ids, w.float(), ops)
+        got = triton_grouped_mlp(x, ids, w, ops)
+        ops.activation = Activation("glu", act_fn=nn.SiLU())
+        unclamped = reference_grouped_mlp(x.float(), ids, w.float(), ops)
+    assert _rel(got, ref) < 3e-2
+    assert _rel(unclamped, ref) > 0.1  # the clamp matters at these inputs
+
+
 def test_supports_explains_every_rejection():
     gen = torch.Generator().manual_seed(0)
     ops = _ops(gen)
