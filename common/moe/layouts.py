@@ -32,6 +32,19 @@ def layer_params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: getattr(layer, n).data for n in ALL_PARAMS if getattr(layer, n, None) is not None}
 
 
+def copy_experts(dst: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
+    """dst[ids[i]] = values[i] in place. On the CPU index_copy_ runs element by element (measured 20 ms for 16 MB
+    against 1 ms for copy_ on 2 cores): there, all experts in order is one copy_ and any other set one copy_ per
+    expert; on GPUs it is one index_copy_ launch."""
+    if dst.device.type != "cpu":
+        dst.index_copy_(0, ids, values)
+    elif ids.numel() == dst.shape[0] and torch.equal(ids.cpu(), torch.arange(dst.shape[0])):
+        dst.copy_(values)
+    else:
+        for i, e in enumerate(ids.tolist()):
+            dst[e].copy_(values[i])
+
+
 def _ids(experts: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if experts is None else torch.as_tensor(experts, dtype=torch.long).to(device)
 
@@ -66,7 +79,7 @@ class ExpertLayout(abc.ABC):
         canonical[name] = values.to(params[name].device, copy=True).reshape(canonical[name].shape)
         self.to_layout(canonical)
         for n, new in canonical.items():
-            params[n].index_copy_(0, ids, new.to(params[n].dtype))
+            copy_experts(params[n], ids, new.to(params[n].dtype))
 
 
 class Canonical(ExpertLayout):
@@ -80,7 +93,7 @@ class Canonical(ExpertLayout):
 
     def write(self, params, name, experts, values) -> None:
         p = params[name]
-        p.index_copy_(0, _ids(experts, p.device), values.to(p.device).reshape(-1, *p.shape[1:]))
+        copy_experts(p, _ids(experts, p.device), values.to(p.device).reshape(-1, *p.shape[1:]))
 
 
 class KbMajor(ExpertLayout):
@@ -108,7 +121,7 @@ class KbMajor(ExpertLayout):
         values = values.to(p.device).reshape(ids.numel(), *p.shape[1:])
         if name in PACKED_WEIGHTS:
             values = to_kb_major(values, name).view(values.shape)
-        p.index_copy_(0, ids, values)
+        copy_experts(p, ids, values)
 
 
 class FlashInferTrtllm(ExpertLayout):

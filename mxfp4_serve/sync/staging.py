@@ -423,9 +423,10 @@ class EngineSync:
         codes, scales = s.layer.read(s.weight)
         diff = _experts_differ(codes, s.codes) | _experts_differ(scales, s.scales)
         experts = diff.nonzero().flatten()
-        old_codes, old_scales = codes[experts], scales[experts]  # index with a tensor: copies (undo's values)
+        # index_select copies (the undo's values); advanced indexing took 10x longer on the CPU
+        old_codes, old_scales = codes.index_select(0, experts), scales.index_select(0, experts)
         undo.append(lambda: s.layer.write(s.weight, experts, old_codes, old_scales))
-        s.layer.write(s.weight, experts, s.codes[experts], s.scales[experts])
+        s.layer.write(s.weight, experts, s.codes.index_select(0, experts), s.scales.index_select(0, experts))
         return int(experts.numel())
 
     @staticmethod
