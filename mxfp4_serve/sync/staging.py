@@ -426,7 +426,10 @@ class EngineSync:
         # index_select copies (the undo's values); advanced indexing took 10x longer on the CPU
         old_codes, old_scales = codes.index_select(0, experts), scales.index_select(0, experts)
         undo.append(lambda: s.layer.write(s.weight, experts, old_codes, old_scales))
-        s.layer.write(s.weight, experts, s.codes.index_select(0, experts), s.scales.index_select(0, experts))
+        if experts.numel() == codes.shape[0]:  # every expert changed (a full sync): the staged tensors as they are
+            s.layer.write(s.weight, experts, s.codes, s.scales)
+        else:
+            s.layer.write(s.weight, experts, s.codes.index_select(0, experts), s.scales.index_select(0, experts))
         return int(experts.numel())
 
     @staticmethod
