@@ -5,6 +5,8 @@
 #      (carry .devbundle/trl), native kernel tests (audit, IPC, expert LoRA, fused QAT, backends)
 #   B  timings: refit through a real engine (phases), engine layer with expert LoRA
 #   C  timings: fused fake-QAT step vs bf16, every Hopper peer MoE backend
+#   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
+#      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
@@ -40,5 +42,14 @@ C)
   PYTHONPATH=/tmp/site:. timeout 360 python3 bench/peers.py --budget-s 280 --out "$OUT" > "$OUT/peers.log" 2>&1
   echo "peers rc=$?"; tail -45 "$OUT/peers.log"
   ;;
-*) echo "usage: round_session.sh A|B|C"; exit 2 ;;
+K)
+  echo "=== native tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/serve/test_expert_lora.py tests/common/test_grouped_lora.py \
+    tests/train/test_qat_fused.py tests/common/test_audit.py tests/common/test_transport_ipc.py 2>&1 | tail -12
+  echo "=== engine layer with expert LoRA (CUDA graphs): old vs new"
+  timeout 100 python3 bench/lora_layer.py --tokens 16,128,1024 2>&1 | tail -10
+  echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
+  timeout 120 python3 bench/qat_step.py --tokens 256,1024,4096 --out "$OUT" 2>&1 | tail -14
+  ;;
+*) echo "usage: round_session.sh A|B|C|K"; exit 2 ;;
 esac
