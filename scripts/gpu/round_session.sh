@@ -51,5 +51,13 @@ K)
   echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
   timeout 120 python3 bench/qat_step.py --tokens 256,1024,4096 --out "$OUT" 2>&1 | tail -14
   ;;
-*) echo "usage: round_session.sh A|B|C|K"; exit 2 ;;
+K2)  # K cut to about 4 minutes: the LoRA layer's verdict first, then the QAT step at the sizes of its target
+  echo "=== engine layer with expert LoRA (CUDA graphs): old vs new"
+  timeout 80 python3 bench/lora_layer.py --tokens 16,128 2>&1 | tail -8
+  echo "=== native: hopper_triton with expert LoRA == reference"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/serve/test_expert_lora.py 2>&1 | tail -4
+  echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
+  timeout 80 python3 bench/qat_step.py --tokens 1024,4096 --out "$OUT" 2>&1 | tail -12
+  ;;
+*) echo "usage: round_session.sh A|B|C|K|K2"; exit 2 ;;
 esac
