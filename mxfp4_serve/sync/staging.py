@@ -127,7 +127,7 @@ class EngineSync:
         self.version = 0
         self.param_hashes: dict[str, str] = {}  # checkpoint name -> hash of the bytes last loaded by a sync
         self._staged: dict[str, dict[str, Staged | StagedExtra | StagedParam]] = {}
-        self._committed: dict | None = None  # {"version", "hashes"} as the last commit read them back
+        self._committed: dict | None = None  # {"version", "hashes", "phases"} as the last commit read them back
 
     # ---- read-only ------------------------------------------------------------------------------------------------
     def hashes(self, known: dict[str, str] | None = None, fresh: bool = False) -> dict[str, str]:
@@ -145,8 +145,8 @@ class EngineSync:
         return out
 
     def committed(self) -> dict:
-        """{"version", "hashes", "phases"} of the last commit (hashes read back when it wrote (what a learner verifies right after
-        its commit, without reading every weight again); the current hashes before any commit."""
+        """{"version", "hashes", "phases"} of the last commit, its hashes read back when it wrote: what a learner
+        verifies right after its commit without reading every weight again. Before any commit: the current hashes."""
         if self._committed is None or self._committed["version"] != self.version:
             return {"version": self.version, "hashes": self.hashes()}
         return self._committed

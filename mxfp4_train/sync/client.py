@@ -125,6 +125,16 @@ def _expert_adapters(model: nn.Module) -> list[str]:
                                                     for lora in (mod.lora_gate_up, mod.lora_down))]
 
 
+def _descriptors(infos: list[dict], name: str) -> list[dict | None]:
+    """Each engine rank's shard descriptor of weight `name` (its mxfp4_sync_info)."""
+    return [info["weights"][name]["descriptor"] for info in infos]
+
+
+def _expected(weights: dict[str, MXFP4Tensor], full: dict[str, str], infos: list[dict]) -> dict[str, dict[str, str]]:
+    """{weight: {shard key: hash}} every engine rank must serve, the whole-tensor hash taken from the export's."""
+    return {name: expected_hashes(q, _descriptors(infos, name), {FULL_KEY: full[name]}) for name, q in weights.items()}
+
+
 class WeightSync:
     """Keeps the last-synced bytes per engine, for deltas. One instance per (learner, engine) pair."""
 
@@ -188,7 +198,7 @@ class WeightSync:
         for name, e in extras.items():
             w = infos[0]["weights"][name]
             weight = w["weight"].rpartition(".")[2]
-            descs = [info["weights"][name]["descriptor"] for info in infos]
+            descs = _descriptors(infos, name)
             if e["kind"] == "bias":
                 e = {**e, "tensor": e["tensor"].to(getattr(torch, w["dtype"])).contiguous()}
             entry = {"name": name, "kind": e["kind"], **{k: e[k] for k in ("tensor", "a", "b") if k in e}}
@@ -244,13 +254,9 @@ class WeightSync:
         sync_id = uuid.uuid4().hex
         stats: dict = {}
         delta_ok = delta and bool(self.last) and all(n in self.last for n in weights)
-        expect = {name: expected_hashes(q, [info["weights"][name]["descriptor"] for info in infos],
-                                        {FULL_KEY: full[name]})
-                  for name, q in weights.items()}
-        entries = []
-        for name, q in weights.items():
-            descs = [info["weights"][name]["descriptor"] for info in infos]
-            entries.append(self._entry(name, q, expect[name], descs, infos, dense, delta_ok, stats))
+        expect = _expected(weights, full, infos)
+        entries = [self._entry(name, q, expect[name], _descriptors(infos, name), infos, dense, delta_ok, stats)
+                   for name, q in weights.items()]
         entries += self._extra_entries(model, infos)
         tracker = self._params.setdefault(model, ParamTracker())
         current = current_params(model)  # merges each dense adapter once, for the three uses below
@@ -326,10 +332,7 @@ class WeightSync:
         synced = infos[0].get("params") or {}
         current = current_params(model)[0]
         params = param_entries({n: current[n] for n in synced if n in current}, infos[0]["dtype"])
-        expect = {name: expected_hashes(q, [info["weights"][name]["descriptor"] for info in infos],
-                                        {FULL_KEY: full[name]})
-                  for name, q in weights.items()}
-        self._verify(expect, infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")], extras + params,
+        self._verify(_expected(weights, full, infos), infos, [{"hashes": h} for h in self.engine.rpc("mxfp4_sync_hashes")], extras + params,
                      weights)
 
     def _verify(self, expect: dict[str, dict[str, str]], infos: list[dict], results: list[dict],
