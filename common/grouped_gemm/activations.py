@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..moe.activations import GATE_UP_ORDERS, SWIGLU_ALPHA, SWIGLU_LIMIT, GateUpOrder, check_limit, split_gate_up
+from ..moe.activations import (
+    GATE_UP_ORDERS,
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    GateUpOrder,
+    check_limit,
+    clamp_silu,
+    split_gate_up,
+)
 
 __all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "activation_code", "check_gate_up",
            "gated", "kernel_constants", "silu_clamp", "silu_mul", "split_gate_up", "swiglu_oai"]
@@ -71,10 +79,9 @@ def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA
     return (u + 1) * g * torch.sigmoid(alpha * g)
 
 
-def silu_clamp(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """DeepSeek-V4: gate clamped to <= limit, up to [-limit, limit]; silu(gate) * up (common.moe.clamp_silu, the
-    association of transformers and of the fused epilogue alike: the clamp is exact, then the silu_mul above)."""
-    return silu_mul(gate.clamp(max=limit), up.clamp(min=-limit, max=limit))
+# DeepSeek-V4's clamped silu: the contract's own function. Unlike swiglu_oai above, transformers and the fused
+# epilogue associate it alike (the clamp is exact, then silu(gate) * up), so the kernels' twin is the contract's.
+silu_clamp = clamp_silu
 
 
 def gated(pre: torch.Tensor, activation: str, gate_up: str = "halves", limit: float | None = None) -> torch.Tensor:
