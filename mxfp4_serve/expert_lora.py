@@ -29,6 +29,7 @@ import dataclasses
 
 import torch
 
+from common.grouped_gemm.configs import padded_rank
 from common.moe import params as P
 from common.moe.quant_config import ExpertLoRAConfig
 from common.moe.wire import SyncPayloadError
@@ -37,13 +38,12 @@ RANK_ATTR = P.LORA_RANK  # int64 [1] buffer: the adapters' active rank (0 = none
 CONFIG_ATTR = "mxfp4_rl_lora"  # the layer's ExpertLoRAConfig
 KERNEL_SUFFIX = "_bf16"  # '<factor>_bf16': the kernels' copy of an fp32 factor buffer (module docstring)
 KERNEL_DTYPE = torch.bfloat16  # the MMA operand dtype of common.grouped_gemm's LoRA kernels
-_MMA_MIN_K = 16  # Hopper's bf16 MMA reduces >= 16 along K: the kernels pad a smaller rank to it (ops._pad_rank)
 
 
 def kernel_rank(max_rank: int) -> int:
-    """The rank of the kernel copies: max_rank padded to a power of two >= 16, as common.grouped_gemm pads a
-    factor on every call otherwise (ops._pad_rank, lora._rank_block); the padding columns stay zero."""
-    return max(_MMA_MIN_K, 1 << (int(max_rank) - 1).bit_length())
+    """The rank of the kernel copies: the kernels' own padded rank (common.grouped_gemm.configs.padded_rank, what
+    they would pad a factor to on every call otherwise); the padding columns stay zero."""
+    return padded_rank(max_rank)
 
 
 @dataclasses.dataclass(frozen=True)

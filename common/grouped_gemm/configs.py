@@ -68,6 +68,15 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+MMA_MIN_K = 16  # Hopper's bf16 MMA reduces >= 16 along K
+
+
+def padded_rank(r: int) -> int:
+    """The LoRA rank the kernels compute with: r padded by zero columns to a power of two >= MMA_MIN_K (the
+    grouped GEMMs' fused LoRA terms pad to it on every call; the engine keeps factor copies at it)."""
+    return max(MMA_MIN_K, next_pow2(int(r)))
+
+
 def rows_bucket(rows: int, experts: int) -> int:
     """Average rows per expert rounded up to a power of two (the autotune key: decode vs prefill regimes)."""
     avg = max(1, cdiv(rows, max(1, experts)))

@@ -13,7 +13,7 @@ import torch
 from ..errors import ShapeError
 from ..kernels import fast_launch, interpreting
 from ._lora_kernels import _lora_project_kernel, _lora_wgrad_kernel
-from .configs import cdiv, next_pow2
+from .configs import cdiv, next_pow2, padded_rank
 from .interleave import reorder_k
 
 _MAX_BLOCK_R = 64
@@ -21,7 +21,7 @@ _MAX_BLOCK_R = 64
 
 def _rank_block(r: int) -> int:
     """The MMA needs >= 16 along every dimension: a smaller rank is masked inside a 16-wide tile."""
-    return min(_MAX_BLOCK_R, max(16, next_pow2(r)))
+    return min(_MAX_BLOCK_R, padded_rank(r))
 
 
 def _check(offsets: torch.Tensor, rows: int, *named: tuple[str, torch.Tensor]) -> None:

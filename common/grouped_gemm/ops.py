@@ -23,7 +23,7 @@ from ._kernels import _grouped_fwd_kernel as _fwd_jit
 from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
 from .configs import (GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, cdiv,
-                      next_pow2, rows_bucket)
+                      next_pow2, padded_rank, rows_bucket)
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -107,7 +107,7 @@ def _pad_rank(lora: LowRank | None, factor_rank_dim: int, rows: int, name: str) 
     if h.dim() != 2 or h.shape[0] != rows or w.dim() != 3 or w.shape[factor_rank_dim] != r:
         raise ShapeError(f"lora '{name}': h must be [M={rows}, R] and the factor's rank dim {factor_rank_dim} must "
                          f"match R; got h {tuple(h.shape)}, factor {tuple(w.shape)}")
-    rp = max(16, next_pow2(r))
+    rp = padded_rank(r)
     h = h.to(torch.bfloat16)
     w = w.to(torch.bfloat16)
     if rp != r:
