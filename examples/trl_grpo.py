@@ -62,7 +62,7 @@ def build_checkpoint(workdir: Path, profile: str = PROFILE) -> Path:
     return Path(quantize_checkpoint(src, workdir / "mxfp4", profile=profile, progress=False))
 
 
-def start_engine(ckpt: Path, seed: int = 0):
+def start_engine(ckpt: Path, seed: int = 0, attention_backend: str | None = None):
     """vllm.LLM serving the checkpoint with our weight-transfer engine and sync extension. processed_logprobs: the
     log-probs after temperature, as TRL's own colocate engine returns them for its importance-sampling correction."""
     gpu = torch.cuda.is_available()
@@ -71,10 +71,12 @@ def start_engine(ckpt: Path, seed: int = 0):
             os.environ.setdefault(k, v)
     from vllm import LLM
 
+    # a vLLM build without FlashAttention (a slim GPU install) needs another attention backend named here
+    extra = {"attention_config": {"backend": attention_backend}} if attention_backend else {}
     return LLM(model=str(ckpt), dtype="bfloat16" if gpu else "float32", skip_tokenizer_init=True,
                gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=16, seed=seed, enforce_eager=True,
                logprobs_mode="processed_logprobs", weight_transfer_config={"backend": "mxfp4_rl"},
-               worker_extension_cls=SYNC_EXTENSION)
+               worker_extension_cls=SYNC_EXTENSION, **extra)
 
 
 def word_tokenizer():
@@ -117,10 +119,11 @@ def learner_hashes(model) -> dict[str, str]:
 
 def learner_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
     """log pi(token) [B, T] of each completion token (teacher forcing over prompt + completion)."""
-    prompts, tokens = torch.tensor(prompt_ids), torch.tensor(completion_ids)
+    device = next(model.parameters()).device
+    prompts, tokens = torch.tensor(prompt_ids, device=device), torch.tensor(completion_ids, device=device)
     ids = torch.cat([prompts, tokens], dim=1)
     logits = model(input_ids=ids[:, :-1]).logits[:, prompts.shape[1] - 1:].float()
-    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double().cpu()
 
 
 def step_table(engine):
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="qat,lora", help="comma list of learner modes: qat, lora")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--attention-backend", default=None,
+                    help="vLLM attention backend of the colocated engine (e.g. TRITON_ATTN where FlashAttention is absent)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step rows here")
     ap.add_argument("--engine-url", default=None,
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ckpt = build_checkpoint(workdir)
         t0 = time.monotonic()
-        engine = start_engine(ckpt, cfg.seed)
+        engine = start_engine(ckpt, cfg.seed, args.attention_backend)
         print(f"engine up in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     from mxfp4_train.sync import connect
 

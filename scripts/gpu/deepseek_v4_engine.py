@@ -99,7 +99,9 @@ def child(model: str, mode: str, out: Path) -> None:
         from vllm import LLM, SamplingParams
 
         kwargs = dict(model=model, dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
-                      max_model_len=256, max_num_seqs=4, seed=0, enforce_eager=True)
+                      max_model_len=256, max_num_seqs=4, seed=0, enforce_eager=True,
+                      # its fp8_ds_mla attention layout asserts an fp8 KV cache; vLLM's "auto" is refused
+                      kv_cache_dtype="fp8")
         if quant != "default":
             kwargs["quantization"] = quant
         llm = LLM(**kwargs)

@@ -9,7 +9,7 @@ python3 -m pip install -q --no-deps --target /tmp/trl .devbundle/trl/*.whl > "$O
 export PYTHONPATH=/tmp/site:/tmp/trl:. VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   VLLM_NO_USAGE_STATS=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)"
-timeout 420 python3 examples/trl_grpo.py --modes qat,lora --steps 2 --transport ipc --json "$OUT/trl.json" \
+timeout 420 python3 examples/trl_grpo.py --modes qat,lora --steps 2 --transport ipc --attention-backend TRITON_ATTN --json "$OUT/trl.json" \
   > "$OUT/trl.log" 2> "$OUT/trl.err"
 echo "trl rc=$?"
 cat "$OUT/trl.log" | tail -20
