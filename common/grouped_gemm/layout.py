@@ -33,7 +33,8 @@ exhaustively), hence the multiply for the last pair.
 The byte decode cannot read these words, so the forward kernels read kb-major codes with the word decode at every
 batch size (ops._use_words). The conversion is a bit permutation: exact, and undone by from_kb_major (the engine's
 sync and hashing read the canonical bytes back through common.moe.KB_MAJOR, the layout object recorded on the
-layer). Only the forward kernels read kb-major codes; the dx kernel needs the canonical layout.
+layer). CUDA tensors convert in one Triton pass (_layout_kernel.py), others with the torch ops below. Only the
+forward kernels read kb-major codes; the dx kernel needs the canonical layout.
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def _check_canonical(codes: torch.Tensor, name: str) -> None:
 def to_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
     """Canonical [E, N, K/2] -> kb-major [E, K/32, N, 16] (a new contiguous tensor)."""
     _check_canonical(codes, name)
+    if codes.is_cuda:
+        from ._layout_kernel import convert
+
+        return convert(codes, SLOT_BITS, to_kb=True)
+    return to_kb_major_torch(codes)
+
+
+def to_kb_major_torch(codes: torch.Tensor) -> torch.Tensor:
+    """to_kb_major in torch ops, on any device (the CPU path; the kernel's reference and benchmark baseline)."""
     e, n, kh = codes.shape
     stored = _kb_rows(codes.reshape(e * n, kh))
     return stored.reshape(e, n, kh // BLOCK_BYTES, BLOCK_BYTES).permute(0, 2, 1, 3).contiguous()
@@ -137,6 +147,15 @@ def from_kb_major(codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
     if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[3] != BLOCK_BYTES:
         raise ShapeError(f"tensor '{name}': expected kb-major uint8 codes [E, K/32, N, {BLOCK_BYTES}], got "
                          f"{codes.dtype} {tuple(codes.shape)}")
+    if codes.is_cuda:
+        from ._layout_kernel import convert
+
+        return convert(codes, SLOT_BITS, to_kb=False)
+    return from_kb_major_torch(codes)
+
+
+def from_kb_major_torch(codes: torch.Tensor) -> torch.Tensor:
+    """from_kb_major in torch ops, on any device."""
     e, kb, n, _ = codes.shape
     rows = codes.permute(0, 2, 1, 3).reshape(e * n, kb * BLOCK_BYTES)
     return _canonical_rows(rows).reshape(e, n, kb * BLOCK_BYTES)
