@@ -10,8 +10,8 @@ more: the two rank-R projections, the A13 one gathering the rows itself). "bits"
 (torch.equal; it holds on kb-major codes where both gated GEMMs get the same tile, which the autotuner picks for
 each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
 --project-tiles BLOCK_KxSTAGES,... also times "new" with other tiles of the projection kernel
-(common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES; the learner's projections would change with it, and
-their bits: another K tile sums in another order). --one-mul passes max_scale_byte=128, as hopper_triton does for a
+(common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
+128x3; the learner's projections change with it, and their bits: another K tile sums in another order). --one-mul passes max_scale_byte=128, as hopper_triton does for a
 layer whose scale bytes all are <= 128 (these are).
 usage: python bench/lora_layer.py [--shapes dsv4] [--tokens 16,128,1024] [--rank 16] [--one-mul]
                                   [--project-tiles 256x3,256x4]

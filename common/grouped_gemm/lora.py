@@ -37,10 +37,22 @@ def _check(offsets: torch.Tensor, rows: int, *named: tuple[str, torch.Tensor]) -
                          f"{tuple(offsets.shape)}")
 
 
-# The projection's K step and pipeline depth on a GPU (the interpreter runs BLOCK_K 64): the values the learner's
-# profiles ran with (bench/RESULTS.md, eighth round); bench/lora_layer.py --project-tiles times alternatives.
-PROJECT_BLOCK_K = 128
-PROJECT_STAGES = 3
+# The projection's K step and pipeline depth on a GPU (the interpreter runs BLOCK_K 64). 256 x 4 stages: on an H100
+# the engine's DeepSeek-V4-Flash layer with r=16 adapters cost 1.12x / 1.11x the layer without them at 16 / 128
+# tokens, against 1.16x / 1.15x with the 128 x 3 the learner's profiles first ran with (bench/lora_layer.py
+# --project-tiles, bench/RESULTS.md). A tile whose stages would pass SMEM_BUDGET (wide rank blocks at large batches)
+# falls back to FALLBACK_TILE.
+PROJECT_BLOCK_K = 256
+PROJECT_STAGES = 4
+FALLBACK_TILE = (128, 3)
+SMEM_BUDGET = 160 * 1024  # bytes of bf16 x and factor tiles over all stages; 64 + 16 rows at 256 x 4 ran on an H100
+
+
+def _project_tile(block_m: int, block_r: int) -> tuple[int, int]:
+    """(BLOCK_K, stages) of the projection on a GPU."""
+    if (block_m + block_r) * PROJECT_BLOCK_K * 2 * PROJECT_STAGES <= SMEM_BUDGET:
+        return PROJECT_BLOCK_K, PROJECT_STAGES
+    return FALLBACK_TILE
 
 
 def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scaling: float = 1.0, *,
@@ -67,13 +79,14 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
     interp = interpreting()
     block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
     block_r = _rank_block(r)
+    block_k, stages = _project_tile(block_m, block_r)
     grid = (cdiv(m, block_m) + e, cdiv(r, block_r))
     fast_launch.launch(_lora_project_kernel, grid, x, factor, offsets,
                        gather_rows.contiguous() if gather_rows is not None else offsets, out, k, e, r, float(scaling),
                        x.stride(0), factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
                        GATHER=gather_rows is not None, E_POW2=max(2, next_pow2(e)), F32_DOT=interp,
-                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else PROJECT_BLOCK_K, num_warps=4,
-                       num_stages=PROJECT_STAGES)
+                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else block_k, num_warps=4,
+                       num_stages=stages)
     return out
 
 

@@ -42,8 +42,11 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
-# vLLM's DeepSeek-V4 kernels accept these dims only (vllm/models/deepseek_v4/compressor.py refuses others)
-ENGINE_DIMS = {"head_dim": 512, "qk_rope_head_dim": 64, "index_head_dim": 128}
+# vLLM's DeepSeek-V4 kernels accept these dims only (vllm/models/deepseek_v4/compressor.py refuses others); its
+# DeepGEMM FP8 linears on Hopper regroup block scales per 128 x 128 tile and fail on a dim below 128 (seen on an H100:
+# wo_a's [o_groups, o_lora_rank / 128, ...] view with o_lora_rank 32), hence the low ranks and the FFN width at 128
+ENGINE_DIMS = {"head_dim": 512, "qk_rope_head_dim": 64, "index_head_dim": 128, "o_lora_rank": 128, "q_lora_rank": 128,
+               "moe_intermediate_size": 128}
 PROMPTS = [[1, 5, 9, 17, 33], [2, 200, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]]
 MODES = ["default", "mxfp4_rl", "mxfp4_rl:cpu_reference"]
 CHILD_TIMEOUT_S = 175  # three modes within one 10-minute device command

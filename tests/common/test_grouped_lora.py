@@ -205,3 +205,15 @@ def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch)
         assert torch.equal(got, old)
     else:
         assert (got.float() - old.float()).abs().max() <= 2.0**-6 * old.float().abs().max()
+
+
+def test_projection_tile_fits_its_shared_memory_budget():
+    """The GPU projection tile (256 x 4 stages, chosen on an H100) is used where its stages fit SMEM_BUDGET and
+    falls back otherwise: a 64-row x 64-rank tile at 256 x 4 would ask 256 KB, more than an H100 block has."""
+    from common.grouped_gemm import lora as L
+
+    assert L._project_tile(16, 16) == (L.PROJECT_BLOCK_K, L.PROJECT_STAGES)
+    assert L._project_tile(64, 16) == (L.PROJECT_BLOCK_K, L.PROJECT_STAGES)  # 160 KB: ran at 1024 tokens
+    assert L._project_tile(64, 64) == L.FALLBACK_TILE
+    bk, st = L.FALLBACK_TILE
+    assert (64 + L._MAX_BLOCK_R) * bk * 2 * st <= 228 * 1024  # the fallback fits the widest rank block
