@@ -15,7 +15,7 @@ import triton.testing
 
 from common.grouped_gemm.layout import from_kb_major, from_kb_major_torch, to_kb_major, to_kb_major_torch
 
-SHAPES = {"w13": (32, 4096, 2048), "w2": (32, 4096, 1024)}  # [E, N, K/2]: gate/up 2x2048 x 4096, down 4096 x 2048
+SHAPES = {"w13": (32, 4096, 2048), "w2": (32, 4096, 1024)}  # [E, N, K/2] (E: --experts): gate/up, down
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: canonical <-> kb-major, do_bench medians")
     print("| weight | MB | direction | torch ms | kernel ms | speed-up | kernel GB/s | bytes equal |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (e, n, kh) in SHAPES.items():
+    for name, (_, n, kh) in SHAPES.items():
         codes = torch.randint(0, 256, (args.experts, n, kh), dtype=torch.uint8, device="cuda")
         mb = codes.numel() / 1e6
         kb = to_kb_major(codes)

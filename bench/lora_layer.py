@@ -11,9 +11,11 @@ more: the two rank-R projections, the A13 one gathering the rows itself). "bits"
 each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
 --project-tiles BLOCK_KxSTAGES,... also times "new" with other tiles of the projection kernel
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
-128x3; the learner's projections change with it, and their bits: another K tile sums in another order). --one-mul passes max_scale_byte=128, as hopper_triton does for a
-layer whose scale bytes all are <= 128 (these are).
-usage: python bench/lora_layer.py [--shapes dsv4] [--tokens 16,128,1024] [--rank 16] [--one-mul]
+128x3; the learner's projections change with it, and their bits: another K tile sums in another order; a tile past
+the shared-memory budget falls back to lora.FALLBACK_TILE). --one-mul passes max_scale_byte=128, as hopper_triton
+does for a layer whose scale bytes all are <= 128 (these are).
+Where vLLM is importable, vLLM's Marlin MXFP4 MoE without adapters runs on the same bytes and routing (the issue's
+second baseline). usage: python bench/lora_layer.py [--shapes dsv4] [--tokens 16,128,1024] [--rank 16] [--one-mul]
                                   [--project-tiles 256x3,256x4]
 """
 
@@ -35,7 +37,18 @@ from common.grouped_gemm.combine import sum_slots  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 from mxfp4_serve.expert_lora import kernel_rank  # noqa: E402
 
-MARLIN_16_MS = 0.196  # vLLM Marlin, dsv4 layer without adapters at 16 tokens on an H100 (issue 22's figure)
+
+
+def marlin_or_none(w):
+    """vLLM's Marlin MXFP4 MoE on the same canonical bytes (bench/vs_marlin.py), the issue's second baseline, timed
+    in the same run; None where vLLM is not importable."""
+    try:
+        from vs_marlin import marlin_layer
+
+        return marlin_layer(w)
+    except ImportError as exc:
+        print(f"# Marlin not timed: {exc}")
+        return None
 
 
 def old_forward(x, ids, tw, w13, w2, act, lora, max_scale_byte):
@@ -76,15 +89,16 @@ def main() -> None:
     r, msb = args.rank, (128 if args.one_mul else None)
     tiles = [tuple(map(int, t.split("x"))) for t in args.project_tiles.split(",") if t]
     print(f"{torch.cuda.get_device_name()}: engine MoE layer from a CUDA graph, expert LoRA r={r} vs none; "
-          f"max_scale_byte={msb}; ms, median of triton.testing.do_bench; Marlin without adapters at 16 tokens: "
-          f"{MARLIN_16_MS} ms (issue 22)")
+          f"max_scale_byte={msb}; projection tile {L.PROJECT_BLOCK_K}x{L.PROJECT_STAGES}; ms, median of "
+          f"triton.testing.do_bench; Marlin: vLLM's MXFP4 MoE without adapters, same bytes and routing")
     extra = "".join(f" new {bk}x{st} ms |" for bk, st in tiles)
     print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | new LoRA ms | new ratio | bits new == old |"
-          f"{extra} rel. change of the output |")
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|")
+          f"{extra} Marlin ms | new / Marlin | rel. change of the output |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
     for name in args.shapes.split(","):
         s = B.SHAPES[name]
         w, _ = B.make_weights(s, gen)
+        marlin = marlin_or_none(w) if s["act"] == "silu" else None
         w = {n: (to_kb_major(w[n][0]), w[n][1]) for n in ("w13", "w2")}
         e, h, i = s["E"], s["H"], s["I"]
         fp32 = [torch.randn(e, r, h, device="cuda", generator=gen) / h ** 0.5,
@@ -119,8 +133,14 @@ def main() -> None:
                 # whatever the tile), "!=" when this tile would change the learner's and the engine's bits
                 swept += f" {graph_ms(new):.3f} {'=' if torch.equal(new(), ref) else '!='} |"
                 L.PROJECT_BLOCK_K, L.PROJECT_STAGES = default
+            if marlin is not None:
+                ti, twf = ids.to(torch.int32).contiguous(), tw.float().contiguous()
+                t_marlin = graph_ms(lambda: marlin(x, twf, ti))
+                vs = f" {t_marlin:.3f} | {t_new / t_marlin:.2f} |"
+            else:
+                vs = " - | - |"
             print(f"| {name} | {t} | {base:.3f} | {t_old:.3f} | {t_old / base:.2f} | {t_new:.3f} | "
-                  f"{t_new / base:.2f} | {same} |{swept} {change:.1e} |", flush=True)
+                  f"{t_new / base:.2f} | {same} |{swept}{vs} {change:.1e} |", flush=True)
         del w
 
 

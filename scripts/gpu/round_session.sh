@@ -5,6 +5,8 @@
 #      (carry .devbundle/trl), native kernel tests (audit, IPC, expert LoRA, fused QAT, backends)
 #   B  timings: refit through a real engine (phases), engine layer with expert LoRA
 #   C  timings: fused fake-QAT step vs bf16, every Hopper peer MoE backend
+#   R  after the bundle: layout conversion, refit through a real engine, LoRA layer vs none and vs Marlin
+#   D  after the bundle (carry .devbundle/dg): DeepSeek-V4 probe of the plugin mode, DeepGEMM unpacked
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -59,5 +61,22 @@ K2)  # K cut to about 4 minutes: the LoRA layer's verdict first, then the QAT st
   echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
   timeout 80 python3 bench/qat_step.py --tokens 1024,4096 --out "$OUT" 2>&1 | tail -12
   ;;
-*) echo "usage: round_session.sh A|B|C|K|K2"; exit 2 ;;
+R)  # the refit end to end with the one-pass layout kernel, the LoRA layer against Marlin in the same run (bundle
+    # installed, DeepGEMM NOT unpacked: with it the engine's start took past the bench's limit)
+  echo "=== layout conversion"
+  timeout 60 python3 bench/layout_convert.py 2>&1 | tail -7
+  echo "=== colocated refit bench (dsv4 expert shape, 2 layers)"
+  timeout 260 python3 bench/refit.py --layers 2 --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
+    > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
+  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -14
+  grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -6
+  echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
+  timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
+  ;;
+D)  # DeepSeek-V4 through vLLM's own model code (carry .devbundle/dg: scripts/gpu/pack_deep_gemm.sh)
+  tar xJf .devbundle/dg/deep_gemm.tar.xz -C /tmp/site || exit 3
+  DSV4_CHILD_TIMEOUT_S=420 timeout 480 python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
+  grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
+  ;;
+*) echo "usage: round_session.sh A|B|C|K|K2|R|D"; exit 2 ;;
 esac
