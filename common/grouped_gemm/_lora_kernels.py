@@ -9,7 +9,7 @@ the output dtype (the scaling is applied in fp32).
 import triton
 import triton.language as tl
 
-from ._tiles import _mma, _tile_rows
+from ._tiles import _expert_at_b, _mma, _tile_rows
 
 
 @triton.jit
@@ -61,15 +61,7 @@ def _lora_wgrad_kernel(a_ptr, b_ptr, offsets_ptr, out_ptr, P, Q, stride_am, stri
     q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = p < P
     q_ok = q < Q
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
-    rr = tl.arange(0, BLOCK_ROWS)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for r0 in range(lo, hi, BLOCK_ROWS):
-        rows = (r0 + rr).to(tl.int64)
-        ok = rows < hi
-        a = tl.load(a_ptr + rows[:, None] * stride_am + p[None, :], mask=ok[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bm + q[None, :], mask=ok[:, None] & q_ok[None, :], other=0.0)
-        acc = _mma(tl.trans(a), b, acc, F32_DOT)
+    acc, _ = _expert_at_b(a_ptr, b_ptr, tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1), p, q, p_ok, q_ok,
+                          stride_am, stride_bm, False, F32_DOT, BLOCK_P, BLOCK_Q, BLOCK_ROWS)
     out = out_ptr + e.to(tl.int64) * stride_oe + p[:, None] * stride_op + q[None, :] * stride_oq
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])

@@ -395,6 +395,28 @@ def _mma(a, b, acc, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _expert_at_b(a_ptr, b_ptr, lo, hi, p, q, p_ok, q_ok, stride_am, stride_bm, COLSUM: tl.constexpr,
+                 F32_DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """(acc [BLOCK_P, BLOCK_Q], colsum [BLOCK_P]) = (a^T @ b, the column sums of a) over the sorted rows [lo, hi)
+    of one expert, columns p of a [M, P] and q of b [M, Q] (bf16, unit column stride), in fp32: the rows walked in
+    ascending order BLOCK_ROWS at a time, each tile's products summed by the MMA. Both weight-gradient kernels (the
+    LoRA factors' and fake-QAT's full-width one) accumulate through this, so they sum in the same order. colsum
+    stays zero without COLSUM."""
+    rr = tl.arange(0, BLOCK_ROWS)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_ROWS):
+        rows = (r0 + rr).to(tl.int64)
+        ok = rows < hi
+        a = tl.load(a_ptr + rows[:, None] * stride_am + p[None, :], mask=ok[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * stride_bm + q[None, :], mask=ok[:, None] & q_ok[None, :], other=0.0)
+        acc = _mma(tl.trans(a), b, acc, F32_DOT)
+        if COLSUM:
+            colsum += tl.sum(a.to(tl.float32), axis=0)
+    return acc, colsum
+
+
+@triton.jit
 def _dot_xwt(a, w, acc, SWAP_AB: tl.constexpr, F32_DOT: tl.constexpr):
     """acc += a [BM, BK] @ w [BN, BK]^T. With SWAP_AB the accumulator is [BN, BM] (acc^T += w @ a^T): at a few
     rows per expert the weight rows then fill the MMA's M side (>= 64 on Hopper) and the tokens its small N side."""
