@@ -15,6 +15,13 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPL
   PYTHONUNBUFFERED=1 VLLM_NO_USAGE_STATS=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
+refit_bench() {  # refit_bench TIMEOUT_S LAYERS: colocated refit through a real engine, dsv4 expert shape
+  echo "=== colocated refit bench (dsv4 expert shape, $2 layers)"
+  timeout "$1" python3 bench/refit.py --layers "$2" --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
+    > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
+  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -24
+  grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -10
+}
 case "${1:-}" in
 A)
   (timeout 400 python3 scripts/gpu/deepseek_v4_engine.py default mxfp4_rl > "$OUT/dsv4.log" 2>&1) &
@@ -29,11 +36,7 @@ A)
   echo "=== TRL"; cat "$OUT/trl_round.log" | tail -25
   ;;
 B)
-  echo "=== colocated refit bench (dsv4 expert shape, 2 layers)"
-  timeout 330 python3 bench/refit.py --layers 2 --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
-    > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
-  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -24
-  grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -10
+  refit_bench 330 2
   echo "=== engine layer with expert LoRA (CUDA graphs): old vs new, projection tiles swept"
   timeout 200 python3 bench/lora_layer.py --tokens 16,128,1024 --project-tiles 64x4,256x3,256x4 2>&1 | tail -10
   ;;
@@ -65,11 +68,7 @@ R)  # the refit end to end with the one-pass layout kernel, the LoRA layer again
     # installed, DeepGEMM NOT unpacked: with it the engine's start took past the bench's limit)
   echo "=== layout conversion"
   timeout 60 python3 bench/layout_convert.py 2>&1 | tail -7
-  echo "=== colocated refit bench (dsv4 expert shape, 2 layers)"
-  timeout 260 python3 bench/refit.py --layers 2 --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
-    > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
-  grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -14
-  grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -6
+  refit_bench 280 6  # 6 layers (2.6 GB): the engine's fixed pause/resume cost spread as over a real shard
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
   ;;
