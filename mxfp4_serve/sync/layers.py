@@ -132,6 +132,16 @@ class SyncedLayer:
         self._hashes[weight] = (key, h)
         return h
 
+    def serves(self, weight: str, codes: torch.Tensor, scales: torch.Tensor, staged_hash: str) -> bool:
+        """Whether the layer now serves exactly these canonical bytes, read back through its layout and compared
+        byte for byte. If so, `staged_hash` (their audit hash, computed when they were staged) becomes the layer's
+        cached hash: equal bytes have that hash, so the commit need not fingerprint them a second time."""
+        live_codes, live_scales = self.read(weight)
+        if not (torch.equal(live_codes, codes) and torch.equal(live_scales, scales)):
+            return False
+        self._hashes[weight] = (self._generation(), staged_hash)
+        return True
+
     # ---- expert biases (canonical rows, through the layout like the codes) --------------------------------------
     def all_experts(self) -> torch.Tensor:
         return torch.arange(self.loader.params[moe.params.W13].shape[0])

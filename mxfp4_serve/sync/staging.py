@@ -376,8 +376,9 @@ class EngineSync:
                                        f"{list(WEIGHTS)} at one rank, got {ranks}; nothing was changed")
 
     def _write_all(self, staged: dict, phases: dict[str, float]) -> tuple[dict[str, int], dict[str, str]]:
-        """Write everything staged, then read each entry back and check its hash; returns (experts changed per
-        packed weight, {entry name: hash read back}). Any failure restores the previous values and re-raises.
+        """Write everything staged, then read each entry back and check it (packed weights byte for byte against
+        the staged bytes, biases and adapters by hash); returns (experts changed per packed weight, {entry name:
+        hash of what is served}). Any failure restores the previous values and re-raises.
         `phases` gets the seconds of each step."""
         undo: list = []  # callables restoring what was written, in write order
         changed, read_back = {}, {}
@@ -396,18 +397,19 @@ class EngineSync:
             t = time.perf_counter()
             for name, s in staged.items():
                 if isinstance(s, Staged):
-                    read_back[name] = s.layer.hash(s.weight)
+                    # read back and compared with the staged bytes, whose hash the stage checked against the
+                    # learner's: as strong as hashing what was read (stronger: equality, not a fingerprint)
+                    if not s.layer.serves(s.weight, s.codes, s.scales, s.hash):
+                        raise SyncError(f"sync commit: '{name}' reads back other bytes than were staged (backend "
+                                        f"layout conversion is not a byte permutation?)")
+                    read_back[name] = s.hash
                 elif isinstance(s, StagedExtra):
                     read_back[name] = s.layer.extra_hash(_split_name(name)[1])
-                else:
-                    continue
-                if read_back[name] != s.hash:
-                    raise SyncError(f"sync commit: '{name}' reads back with another hash than staged"
-                                    + (" (backend layout conversion is not a byte permutation?)"
-                                       if isinstance(s, Staged) else ""))
+                    if read_back[name] != s.hash:
+                        raise SyncError(f"sync commit: '{name}' reads back with another hash than staged")
             for s in params:
                 self.param_hashes[s.name] = s.hash
-            phases["read back + hash"] = time.perf_counter() - t
+            phases["read back + check"] = time.perf_counter() - t
         except BaseException as err:
             failed = []
             for restore_one in reversed(undo):
@@ -428,7 +430,15 @@ class EngineSync:
         experts = diff.nonzero().flatten()
         # index_select copies (the undo's values); advanced indexing took 10x longer on the CPU
         old_codes, old_scales = codes.index_select(0, experts), scales.index_select(0, experts)
-        undo.append(lambda: s.layer.write(s.weight, experts, old_codes, old_scales))
+
+        def restore() -> None:
+            s.layer.write(s.weight, experts, old_codes, old_scales)
+            now_codes, now_scales = s.layer.read(s.weight)  # a restore through a faulty layout must not pass silently
+            if not (torch.equal(now_codes.index_select(0, experts), old_codes)
+                    and torch.equal(now_scales.index_select(0, experts), old_scales)):
+                raise SyncError(f"'{s.layer.name}.{s.weight}' does not read back its previous bytes after the restore")
+
+        undo.append(restore)
         if experts.numel() == codes.shape[0]:  # every expert changed (a full sync): the staged tensors as they are
             s.layer.write(s.weight, experts, s.codes, s.scales)
         else:

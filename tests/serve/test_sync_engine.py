@@ -341,6 +341,50 @@ def test_failure_in_the_middle_of_commit_restores_the_previous_version():
     assert sync.hashes() == {n: tensor_hash(q) for n, q in target.items()}
 
 
+class _LossyBackend(CPUReferenceBackend):
+    """A backend whose layout write is not a byte permutation: one bit of one expert's codes is lost (the kind of bug
+    a layout conversion can have), in the second layer's w2 only; `times` writes of it are lossy."""
+
+    name = "lossy_test_backend"
+
+    def __init__(self, times: int) -> None:
+        self.times = times
+
+    def prepare(self, layer):
+        pass
+
+    def read_canonical(self, layer, pname):
+        return getattr(layer, pname)
+
+    def write_experts(self, layer, pname, experts, values):
+        common.moe.write_canonical(layer, pname, experts, values)
+        if pname == "w2_weight" and ".layers.1." in layer.mxfp4_rl_loader.geometry.layer_name and self.times > 0:
+            self.times -= 1
+            getattr(layer, pname).data[int(experts[0]), 0, 0] ^= 0x04
+
+
+def test_commit_checks_what_the_layout_serves_byte_for_byte():
+    """The commit reads every written weight back through the backend's layout and compares it with the staged
+    bytes: a write that serves other bytes is refused, the previous version restored, and no hash is reported."""
+    model = engine_model(0, backend=_LossyBackend(times=1))
+    sync = EngineSync(model)
+    before, bytes_before = sync.hashes(), served(model)
+    with pytest.raises(SyncError, match=r"w2_weight' reads back other bytes than were staged"):
+        full_sync(sync, packed_full(seed=100))
+    assert sync.version == 0 and sync.hashes() == before
+    assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
+    assert LocalEngine(model).collective_rpc("mxfp4_sync_hashes")[0] == before
+
+
+def test_a_restore_that_does_not_restore_says_the_state_is_unknown():
+    """When the restore goes through the same faulty layout, the engine does not claim the previous version."""
+    model = engine_model(0, backend=_LossyBackend(times=2))
+    sync = EngineSync(model)
+    with pytest.raises(SyncError, match=r"restoring the previous values failed .*does not read back its previous "
+                                        r"bytes.*the engine state is unknown; send a full sync"):
+        full_sync(sync, packed_full(seed=100))
+
+
 def test_blobs_and_payload_files_carry_the_same_bytes(tmp_path):
     from common.moe.wire import FILE_METADATA_KEY
     from common.moe.wire import blob as _blob
