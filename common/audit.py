@@ -110,6 +110,18 @@ class AuditDiff:
                 f"scale exponent changes {self.scales_changed} ({hist}); first difference at {where}")
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bytes (dtype and shape included). Compared as 64-bit words where both
+    allow it: torch.equal on uint8 ran about 6x slower than on the int64 view on a 2-core CPU (16 MB: 5.5 ms vs
+    0.9 ms), and the sync compares every byte it writes."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    a, b = (t.contiguous().reshape(-1).view(torch.uint8) for t in (a, b))  # bytes, not values (NaN, -0.0)
+    if a.numel() % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    return torch.equal(a, b)
+
+
 def nibble_flips(xor: torch.Tensor) -> torch.Tensor:
     """Per byte of a code XOR: how many of its two 4-bit codes differ (0, 1 or 2)."""
     return ((xor & 0x0F) != 0).to(torch.int64) + ((xor >> 4) != 0).to(torch.int64)

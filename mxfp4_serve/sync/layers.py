@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common import moe
-from common.audit import dense_hash, tensor_hash
+from common.audit import dense_hash, same_bytes, tensor_hash
 from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import lora_entry_name, shard_key
@@ -137,7 +137,7 @@ class SyncedLayer:
         byte for byte. If so, `staged_hash` (their audit hash, computed when they were staged) becomes the layer's
         cached hash: equal bytes have that hash, so the commit need not fingerprint them a second time."""
         live_codes, live_scales = self.read(weight)
-        if not (torch.equal(live_codes, codes) and torch.equal(live_scales, scales)):
+        if not (same_bytes(live_codes, codes) and same_bytes(live_scales, scales)):
             return False
         self._hashes[weight] = (self._generation(), staged_hash)
         return True

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import dense_hash, tensor_hash
+from common.audit import dense_hash, same_bytes, tensor_hash
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
@@ -434,8 +434,8 @@ class EngineSync:
         def restore() -> None:
             s.layer.write(s.weight, experts, old_codes, old_scales)
             now_codes, now_scales = s.layer.read(s.weight)  # a restore through a faulty layout must not pass silently
-            if not (torch.equal(now_codes.index_select(0, experts), old_codes)
-                    and torch.equal(now_scales.index_select(0, experts), old_scales)):
+            if not (same_bytes(now_codes.index_select(0, experts), old_codes)
+                    and same_bytes(now_scales.index_select(0, experts), old_scales)):
                 raise SyncError(f"'{s.layer.name}.{s.weight}' does not read back its previous bytes after the restore")
 
         undo.append(restore)

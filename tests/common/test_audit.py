@@ -181,3 +181,25 @@ def test_diff_separates_sign_of_zero_flips_from_value_flips():
     assert d.codes_flipped == 5 and d.zero_sign_flips == 4
     assert d.value_flip_rate == 1 / 32 and d.code_flip_rate == 5 / 32
     assert "4 of them +0/-0 only" in str(d)
+
+
+def test_same_bytes_compares_every_byte_whatever_the_alignment():
+    from common.audit import same_bytes
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    a = torch.randint(0, 256, (3, 5, 24), dtype=torch.uint8, generator=gen)
+    assert same_bytes(a, a.clone())
+    for idx in [(0, 0, 0), (2, 4, 23), (1, 2, 7)]:  # first, last, inside a word
+        b = a.clone()
+        b[idx] ^= 0x80
+        assert not same_bytes(a, b)
+    odd = a.reshape(-1)[1:]  # unaligned, a length not a multiple of 8: the byte path
+    c = odd.clone()
+    assert same_bytes(odd, c)
+    c[-1] ^= 1
+    assert not same_bytes(odd, c)
+    assert not same_bytes(a, a.view(torch.int8))  # dtype counts
+    assert not same_bytes(a, a.reshape(5, 3, 24))  # shape counts
+    f = torch.tensor([0.0, 1.0])
+    assert not same_bytes(f, torch.tensor([-0.0, 1.0]))  # bytes, not values: -0.0 == 0.0 but differs
+    assert same_bytes(torch.tensor([float("nan")]), torch.tensor([float("nan")]))  # same NaN bytes are the same
