@@ -42,11 +42,18 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
-# vLLM's DeepSeek-V4 kernels accept these dims only (vllm/models/deepseek_v4/compressor.py refuses others); its
-# DeepGEMM FP8 linears on Hopper regroup block scales per 128 x 128 tile and fail on a dim below 128 (seen on an H100:
-# wo_a's [o_groups, o_lora_rank / 128, ...] view with o_lora_rank 32), hence the low ranks and the FFN width at 128
+# What vLLM 0.25's DeepSeek-V4 kernels on Hopper accept (read from its sources; the first two seen failing on an H100):
+# - head_dim 512 / rope 64 / indexer head 128: the only dims its compressor and FlashMLA take;
+# - 128 for the low ranks and the FFN width: its DeepGEMM FP8 linears regroup block scales per 128 x 128 tile (wo_a's
+#   [o_groups, o_lora_rank / 128, ...] view failed with o_lora_rank 32) and its MLP floors the width to whole 128s;
+# - hidden 2048: tilelang's small-batch mHC kernel loops hidden / 8 / 256 times (zero times at hidden 128: no error,
+#   wrong output);
+# - sliding window 64: FlashMLA's sm90 sparse decode asserts topk % 64 == 0, and the window is its decode topk;
+# - 32 indexer heads: DeepGEMM's sm90 MQA-logits kernels take 32 or 64 heads; index_topk 64, a multiple of every
+#   top-k block its kernels read.
 ENGINE_DIMS = {"head_dim": 512, "qk_rope_head_dim": 64, "index_head_dim": 128, "o_lora_rank": 128, "q_lora_rank": 128,
-               "moe_intermediate_size": 128}
+               "moe_intermediate_size": 128, "hidden_size": 2048, "sliding_window": 64, "index_n_heads": 32,
+               "index_topk": 64}
 PROMPTS = [[1, 5, 9, 17, 33], [2, 200, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]]
 MODES = ["default", "mxfp4_rl", "mxfp4_rl:cpu_reference"]
 # three modes within one 10-minute device command; one mode may take longer (DeepGEMM compiles its kernels at start)
@@ -104,6 +111,8 @@ def child(model: str, mode: str, out: Path) -> None:
 
         kwargs = dict(model=model, dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3,
                       max_model_len=256, max_num_seqs=4, seed=0, enforce_eager=True,
+                      # the profile run and DeepGEMM's JIT compile for this many tokens, not vLLM's large default
+                      max_num_batched_tokens=256,
                       # its fp8_ds_mla attention layout asserts an fp8 KV cache; vLLM's "auto" is refused
                       kv_cache_dtype="fp8")
         if quant != "default":

@@ -3,7 +3,8 @@
 # carried folders (.devbundle/peers/pN, git-ignored), each with a manifest.txt of sha256 lines; a wheel larger than
 # one carry goes as NAME.whl.part.NN pieces (split -b 60M) spread over several folders, carried by successive calls
 # to the same warm machine. They install into /tmp/peers, not /tmp/site, so the other scripts keep a vLLM without
-# FlashInfer; bench/peers.py puts /tmp/peers on its path itself ($PEERS_SITE).
+# FlashInfer; bench/peers.py puts /tmp/peers on its path itself ($PEERS_SITE). PEERS_IN / PEERS_SITE / PEERS_MODULES
+# select another set (scripts/gpu/pack_dsv4_deps.sh: DeepSeek-V4's kernels packages into /tmp/dsv4site).
 #   install_peers.sh recv DIR...   copy the carried folders' files into /tmp/peers_in (accumulates across calls)
 #   install_peers.sh install       join any *.part.* pieces, check every manifest line, pip install into /tmp/peers
 #   install_peers.sh fi_build      start FlashInfer's fused_moe_90 JIT build detached (survives the call while the
@@ -11,8 +12,9 @@
 #                                  expect well over 10 min on 16 cores. bench/peers.py uses it only once built.
 #   install_peers.sh fi_status     the build's progress
 set -uo pipefail
-IN=/tmp/peers_in
+IN=${PEERS_IN:-/tmp/peers_in}
 SITE=${PEERS_SITE:-/tmp/peers}
+MODULES=${PEERS_MODULES:-flashinfer humming elftools tvm_ffi}  # imported after install, each reported
 BUNDLE=${BUNDLE_SITE:-/tmp/site}
 cmd=${1:-}; shift || true
 case "$cmd" in
@@ -44,9 +46,9 @@ install)
   rm -rf "$SITE"; mkdir -p "$SITE"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $IN/*.whl || exit 5
   echo "installed into $SITE: $(ls $IN/*.whl | xargs -n1 basename | tr '\n' ' ')"
-  PYTHONPATH=$SITE:$BUNDLE python3 - <<'EOF'
-import importlib, shutil
-for m in ("flashinfer", "humming", "elftools", "tvm_ffi"):
+  PEERS_MODULES="$MODULES" PYTHONPATH=$SITE:$BUNDLE python3 - <<'EOF'
+import importlib, os, shutil
+for m in os.environ["PEERS_MODULES"].split():
     try:
         mod = importlib.import_module(m)
         print(f"import {m}: ok {getattr(mod, '__version__', '')}")

@@ -6,7 +6,7 @@
 #   B  timings: refit through a real engine (phases), engine layer with expert LoRA
 #   C  timings: fused fake-QAT step vs bf16, every Hopper peer MoE backend
 #   R  after the bundle: layout conversion, refit through a real engine, LoRA layer vs none and vs Marlin
-#   D  after the bundle (carry .devbundle/dg): DeepSeek-V4 probe of the plugin mode, DeepGEMM unpacked
+#   D  after the bundle and the DeepSeek-V4 kernel packages (see D below): the probe of the plugin mode
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -72,9 +72,15 @@ R)  # the refit end to end with the one-pass layout kernel, the LoRA layer again
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
   ;;
-D)  # DeepSeek-V4 through vLLM's own model code (carry .devbundle/dg: scripts/gpu/pack_deep_gemm.sh)
+D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel packages: calls
+    #   PEERS_IN=/tmp/dsv4_in bash scripts/gpu/install_peers.sh recv .devbundle/dsv4/pN   (N = 1..3, carry that folder)
+    # then this one (carry .devbundle/dsv4/p4 and .devbundle/dg; scripts/gpu/pack_dsv4_deps.sh, pack_deep_gemm.sh)
+  PEERS_IN=/tmp/dsv4_in bash scripts/gpu/install_peers.sh recv .devbundle/dsv4/p4 || exit 3
+  PEERS_IN=/tmp/dsv4_in PEERS_SITE=/tmp/dsv4site PEERS_MODULES="tilelang cutlass quack z3" \
+    bash scripts/gpu/install_peers.sh install || exit 3
   tar xJf .devbundle/dg/deep_gemm.tar.xz -C /tmp/site || exit 3
-  DSV4_CHILD_TIMEOUT_S=420 timeout 480 python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
+  PYTHONPATH=/tmp/site:/tmp/dsv4site DSV4_CHILD_TIMEOUT_S=420 VLLM_DEEP_GEMM_WARMUP=skip \
+    timeout 480 python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
 *) echo "usage: round_session.sh A|B|C|K|K2|R|D"; exit 2 ;;
