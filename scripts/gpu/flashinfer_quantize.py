@@ -377,11 +377,14 @@ def flashinfer_decode(ours: tuple) -> None:
     codes, scales = ours[0].cpu().contiguous(), ours[1].cpu().contiguous()
     ref = dequantize((codes, scales), torch.float32, backend="torch")
     m = codes.shape[0]
+    # FlashInfer 0.6.13 documents global_scale_tensor as optional (default None) but calls .cpu() on it (seen on an
+    # H100, 2026-12-07: AttributeError 'NoneType' object has no attribute 'cpu'): pass 1.0, "no global scale"
+    one = torch.ones(1, dtype=torch.float32)
     runs = {
         "e2m1_and_ufp8sf_scale_to_float (linear)": lambda: flashinfer.e2m1_and_ufp8sf_scale_to_float(
-            codes, scales.reshape(-1), None, 32, 0, False),
+            codes, scales.reshape(-1), one, 32, 0, False),
         "e2m1_and_ufp8sf_scale_to_float (swizzled 128x4)": lambda: flashinfer.e2m1_and_ufp8sf_scale_to_float(
-            codes, swizzle_scales(scales).reshape(-1).contiguous(), None, 32, 0, True),
+            codes, swizzle_scales(scales).reshape(-1).contiguous(), one, 32, 0, True),
         "mxfp4_dequantize_host (linear)": lambda: flashinfer.mxfp4_dequantize_host(codes, scales, 32),
         "_e2m1_and_ufp8sf_scale_to_float_cpu (pure torch)": lambda: F._e2m1_and_ufp8sf_scale_to_float_cpu(
             codes, scales.reshape(m, -1), None, 32, 0, False),
