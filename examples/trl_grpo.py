@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="qat,lora", help="comma list of learner modes: qat, lora")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--attention-backend", default=None,
-                    help="vLLM attention backend of the colocated engine (e.g. TRITON_ATTN where FlashAttention is absent)")
+                    help="vLLM attention backend of the colocated engine (TRITON_ATTN where FlashAttention is absent)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the tiny checkpoints go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step rows here")
     ap.add_argument("--engine-url", default=None,
