@@ -20,8 +20,8 @@ import moe as B  # noqa: E402  (bench/moe.py: shapes, weights, both MLPs)
 from common.grouped_gemm import permute, route  # noqa: E402
 
 
-def graph_ms(step):
-    """Median ms of a CUDA-graph replay of step (captured after a warm-up on a side stream)."""
+def graph_ms(step, rep=100):
+    """Median ms of a CUDA-graph replay of step (captured after a warm-up on a side stream), over `rep` ms."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -31,7 +31,7 @@ def graph_ms(step):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         step()
-    return B.bench(g.replay)
+    return B.bench(g.replay, rep)
 
 
 def kernel_table(step, rows=12):

@@ -43,6 +43,10 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from learner_profile import graph_ms  # noqa: E402  (CUDA-graph replay, as vLLM runs decode)
+from moe import bench as bench_ms  # noqa: E402  (do_bench median)
+from moe import random_packed  # noqa: E402
+
 # the peer wheels (FlashInfer, humming-kernels) live apart from the vLLM bundle: scripts/gpu/install_peers.sh
 _PEERS = os.environ.get("PEERS_SITE", "/tmp/peers")
 if os.path.isdir(_PEERS):
@@ -102,32 +106,6 @@ def describe_error(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------------------------
-
-def bench_ms(fn, rep):
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median")
-
-
-def graph_ms(fn, rep):
-    """Median ms of a CUDA-graph replay of fn (captured after a warm-up on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    t = bench_ms(g.replay, rep)
-    del g
-    return t
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # weights: one set of canonical bytes per shape, and the layouts derived from it
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -142,11 +120,7 @@ def make_shape_weights(s, gen):
     e, h, i = s["E"], s["H"], s["I"]
     w = {}
     for name, shape in (("w13", (e, 2 * i, h)), ("w2", (e, h, i))):
-        codes = torch.randint(0, 256, (*shape[:2], shape[2] // 2), dtype=torch.uint8, device="cuda", generator=gen)
-        # e8m0 exponents 2^-9..2^-6: keeps activations O(1) for both shapes
-        scales = torch.randint(118, 122, (*shape[:2], shape[2] // 32), dtype=torch.uint8, device="cuda",
-                               generator=gen)
-        w[name] = (codes, scales)
+        w[name] = random_packed(shape, gen)
     if s["bias"]:  # bf16-representable so every backend (fp32 or bf16 bias) adds the same values
         w["b13"] = (torch.randn(e, 2 * i, device="cuda", generator=gen) * 0.1).bfloat16().float()
         w["b2"] = (torch.randn(e, h, device="cuda", generator=gen) * 0.1).bfloat16().float()
