@@ -4,7 +4,9 @@
 Backends, all fed the SAME random MXFP4 codes and scales (canonical: w13 rows [gate | up] halves, scales one e8m0
 byte per 32 values), the same biases, tokens and router choice (topk_ids / topk_weights), each converted to its own
 layout by vLLM 0.25's own helpers:
-  ours        the engine's layer (moe_layer_forward on kb-major codes, what the hopper_triton backend serves)
+  ours        the engine's layer (moe_layer_forward on kb-major codes, what the hopper_triton backend serves: its
+              prefill path picked as MXFP4_RL_HOPPER_PREFILL=auto picks), and the two paths forced: ours_fused (the
+              fused grouped GEMMs) and ours_dense (bf16 scratch + cuBLAS grouped GEMM, common/grouped_gemm/dense.py)
   marlin      vLLM fused_marlin_moe (prepare_moe_mxfp4_layer_for_marlin)
   oai         vLLM's OAI triton_kernels experts, the modular classes vLLM runs: OAITritonExperts (swiglu fused into
               matmul_ogs, gpt-oss) / UnfusedOAITritonExperts (SiLU, dsv4); weights by vLLM's convert helpers. The
@@ -55,7 +57,7 @@ if os.path.isdir(_PEERS):
 SHAPES = {"dsv4": dict(E=32, H=4096, I=2048, k=6, act="silu", bias=False),
           "gptoss": dict(E=128, H=2880, I=2880, k=4, act="swiglu_oai", bias=True)}
 # run in this order per shape (backend-outer), the JIT-heavy ones last
-BACKENDS = ("ours", "marlin", "bf16", "oai", "flashinfer", "humming")
+BACKENDS = ("ours", "ours_fused", "ours_dense", "marlin", "bf16", "oai", "flashinfer", "humming")
 PEER_PACKAGES = ("triton_kernels", "flashinfer", "humming", "vllm", "triton")
 SWIGLU = dict(alpha=1.702, beta=1.0, limit=7.0)  # gpt-oss (common.moe.activations holds the same constants)
 
@@ -195,6 +197,31 @@ def modular_call(experts, w1, w2, act, e):
 # backends: setup(s, w) -> fn(x, topk_weights fp32 [T,k], topk_ids int32 [T,k]) -> out [T,H] bf16
 # ---------------------------------------------------------------------------------------------------------------
 
+def _prefill_mode(mode, fn):
+    """fn run with the engine layer's prefill path forced (common.envs.HOPPER_PREFILL), restored after each call."""
+    from common import envs
+
+    def call(*a):
+        old = os.environ.get(envs.HOPPER_PREFILL.name)
+        os.environ[envs.HOPPER_PREFILL.name] = mode
+        try:
+            return fn(*a)
+        finally:
+            if old is None:
+                del os.environ[envs.HOPPER_PREFILL.name]
+            else:
+                os.environ[envs.HOPPER_PREFILL.name] = old
+    return call
+
+
+def setup_ours_fused(s, w):
+    return _prefill_mode("fused", setup_ours(s, w))
+
+
+def setup_ours_dense(s, w):
+    return _prefill_mode("dense", setup_ours(s, w))
+
+
 def setup_ours(s, w):
     from common.grouped_gemm import moe_layer_forward
     from common.grouped_gemm.layout import to_kb_major
@@ -318,7 +345,8 @@ def setup_bf16(s, w):
     return lambda x, tw, ti: fused_experts(x, bf13, bf2, tw, ti, activation=act, quant_config=qc)
 
 
-SETUP = {"ours": setup_ours, "marlin": setup_marlin, "oai": setup_oai, "flashinfer": setup_flashinfer,
+SETUP = {"ours": setup_ours, "ours_fused": setup_ours_fused, "ours_dense": setup_ours_dense,
+         "marlin": setup_marlin, "oai": setup_oai, "flashinfer": setup_flashinfer,
          "humming": setup_humming, "bf16": setup_bf16}
 
 

@@ -120,6 +120,16 @@ GG_AUTOTUNE = _declare(
     "MXFP4_GG_AUTOTUNE", "bool", True,
     "1: autotune the grouped GEMMs per shape bucket; 0: first candidate tile of the bucket (fast start, tests)")
 
+HOPPER_PREFILL = _declare(
+    "MXFP4_RL_HOPPER_PREFILL", "choice", "auto",
+    "hopper_triton's MoE layer at prefill sizes: auto takes the dense path (experts dequantized into a bounded bf16 "
+    "scratch, cuBLAS grouped GEMM) from the measured rows per expert on, fused never, dense always (tests)",
+    ("auto", "dense", "fused"))
+PREFILL_SCRATCH_MB = _declare(
+    "MXFP4_RL_PREFILL_SCRATCH_MB", "str", "2048",
+    "the most bf16 weight scratch (MiB) one MoE layer call of the dense prefill path holds; a layer whose experts "
+    "need more is done in chunks of experts (one host read of the routing per layer)")
+
 # ---- logging (common.log) ----
 LOG_LEVEL = _declare(
     "MXFP4_RL_LOG_LEVEL", "choice", None,

@@ -110,8 +110,15 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     to the same bits (torch's round to nearest, zero rank columns). The A13 projection gathers the token rows as
     the gated GEMM does; the A2 projection reads the activation in the down GEMM's K order with A2's columns in
     that order (lora.factor_in_order; the natural order, no copy, for kb-major codes). limit: the clamp limit of
-    activation "silu_clamp" (DeepSeek-V4's swiglu_limit, from the model's config)."""
+    activation "silu_clamp" (DeepSeek-V4's swiglu_limit, from the model's config).
+    At prefill sizes (dense.use_dense: rows per expert, envs.HOPPER_PREFILL) the layer runs dense.py's path instead:
+    the same weight values through a bounded bf16 scratch and cuBLAS's grouped GEMM."""
     t, k = topk_ids.shape
+    from . import dense  # the prefill sizes' path: bf16 scratch + cuBLAS (dense.py)
+
+    if dense.use_dense(t * k, w13[0].shape[0], x.device, dense.layer_bf16_bytes(w13, w2)):
+        return dense.moe_layer_forward_dense(x, topk_ids, topk_weights, w13, w2, activation=activation, bias13=bias13,
+                                             bias2=bias2, lora=lora, limit=limit)
     routing = route(topk_ids, w13[0].shape[0])
     rows = topk_weights.reshape(-1).float()
     order = reduction_order(w2[0], t * k)  # the intermediate activation in the down GEMM's K order

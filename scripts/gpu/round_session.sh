@@ -7,6 +7,7 @@
 #   C  timings: fused fake-QAT step vs bf16, every Hopper peer MoE backend
 #   R  after the bundle: layout conversion, refit through a real engine, LoRA layer vs none and vs Marlin
 #   D  after the bundle and the DeepSeek-V4 kernel packages (see D below): the probe of the plugin mode
+#   P  after the bundle: the dense prefill path's native tests, its parts, and the peers table with it
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -72,6 +73,18 @@ R)  # the refit end to end with the one-pass layout kernel, the LoRA layer again
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
   ;;
+P)  # the dense prefill path (bundle installed): native tests, where its time goes, every peer that runs without
+    # carried wheels in one process (ours as served = auto, and both paths forced)
+  echo "=== native: dense prefill path, combine, grouped GEMM layer"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/common/test_dense_prefill.py tests/common/test_combine.py \
+    2>&1 | tail -4
+  echo "=== dense path parts (dsv4)"
+  timeout 90 python3 bench/dense_parts.py --shape dsv4 2>&1 | tail -16
+  echo "=== peers with the dense path"
+  PYTHONPATH=/tmp/site:. timeout 370 python3 bench/peers.py --budget-s 330 --out "$OUT" \
+    --tokens 16,128,1024,2048,4096,8192 --backends ours,ours_fused,ours_dense,bf16,marlin,oai > "$OUT/peers.log" 2>&1
+  echo "peers rc=$?"; grep "^|" "$OUT/peers.log" | tail -80
+  ;;
 D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel packages: calls
     #   PEERS_IN=/tmp/dsv4_in bash scripts/gpu/install_peers.sh recv .devbundle/dsv4/pN   (N = 1..3, carry that folder)
     # then this one (carry .devbundle/dsv4/p4 and .devbundle/dg; scripts/gpu/pack_dsv4_deps.sh, pack_deep_gemm.sh)
@@ -83,5 +96,5 @@ D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel
     timeout 480 python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
-*) echo "usage: round_session.sh A|B|C|K|K2|R|D"; exit 2 ;;
+*) echo "usage: round_session.sh A|B|C|K|K2|R|D|P"; exit 2 ;;
 esac
