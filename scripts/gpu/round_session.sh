@@ -65,10 +65,8 @@ K2)  # K cut to about 4 minutes: the LoRA layer's verdict first, then the QAT st
   echo "=== fake-QAT step vs bf16 torch._grouped_mm step with weight gradients"
   timeout 80 python3 bench/qat_step.py --tokens 1024,4096 --out "$OUT" 2>&1 | tail -12
   ;;
-R)  # the refit end to end with the one-pass layout kernel, the LoRA layer against Marlin in the same run (bundle
+R)  # the refit end to end with the one-pass layout kernel (its own bench: bench/layout_convert.py), the LoRA layer against Marlin in the same run (bundle
     # installed, DeepGEMM NOT unpacked: with it the engine's start took past the bench's limit)
-  echo "=== layout conversion"
-  timeout 60 python3 bench/layout_convert.py 2>&1 | tail -7
   refit_bench 280 6  # 6 layers (2.6 GB): the engine's fixed pause/resume cost spread as over a real shard
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
@@ -81,8 +79,8 @@ P)  # the dense prefill path (bundle installed): native tests, where its time go
   echo "=== dense path parts (dsv4)"
   timeout 90 python3 bench/dense_parts.py --shape dsv4 2>&1 | tail -16
   echo "=== peers with the dense path"
-  PYTHONPATH=/tmp/site:. timeout 370 python3 bench/peers.py --budget-s 330 --out "$OUT" \
-    --tokens 16,128,1024,2048,4096,8192 --backends ours,ours_fused,ours_dense,bf16,marlin,oai > "$OUT/peers.log" 2>&1
+  PYTHONPATH=/tmp/site:. timeout 330 python3 bench/peers.py --budget-s 290 --out "$OUT" \
+    --tokens 16,1024,2048,4096,8192 --backends ours,ours_fused,ours_dense,bf16,marlin,oai > "$OUT/peers.log" 2>&1
   echo "peers rc=$?"; grep "^|" "$OUT/peers.log" | tail -80
   ;;
 D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel packages: calls
