@@ -44,7 +44,14 @@ FP8_LINEARS = ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_a", "attn.wo_b", "
 DEFAULT_INIT_STD = 0.05  # as common.checkpoint.tiny: experts visibly move the logits, far from bf16 overflow
 
 
-def tiny_config(d: dict, *, shipped: bool = True) -> dict:
+# DeepSeek-V4-Flash's YaRN rope scaling as vLLM 0.25 reads it (`rope_scaling` -> its DeepSeek-V4 scaling rotary
+# embedding, whose fp32 cos/sin cache its fused inverse-RoPE kernel asserts; the "default" rope of a config without
+# one builds a bf16 cache there)
+FLASH_ROPE_SCALING = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32.0,
+                      "beta_slow": 1.0}
+
+
+def tiny_config(d: dict, *, shipped: bool = True, rope_scaling: dict | None = None) -> dict:
     cfg = {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "dtype": "bfloat16",
         **{k: v for k, v in d.items()}, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
@@ -54,6 +61,8 @@ def tiny_config(d: dict, *, shipped: bool = True) -> dict:
         "hc_eps": 1e-6, "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "num_nextn_predict_layers": 0,
         "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "initializer_range": 0.02,
     }
+    if rope_scaling is not None:
+        cfg["rope_scaling"] = dict(rope_scaling)
     if shipped:
         cfg["expert_dtype"] = "fp4"
         cfg["quantization_config"] = dict(SHIPPED_QUANT_CONFIG)
@@ -145,10 +154,13 @@ def _adversarial_rows(w: torch.Tensor, gen: torch.Generator) -> None:
 
 
 def write_tiny_deepseek_v4(path: str | Path, *, seed: int = 0, shipped: bool = True,
-                           init_std: float = DEFAULT_INIT_STD, **overrides) -> Path:
+                           init_std: float = DEFAULT_INIT_STD, rope_scaling: dict | None = None,
+                           **overrides) -> Path:
     """config.json + model.safetensors of a tiny DeepSeek-V4. shipped=True: the exact DeepSeek-V4-Flash format
     (experts quantized with profile deepseek_v4, FP8 block dense). shipped=False: every tensor bf16 (fp32 / int32
     where the release keeps them), no quantization_config: the source `mxfp4-rl quantize` converts.
+    rope_scaling: written into config.json as given (FLASH_ROPE_SCALING: the release's YaRN, which vLLM's
+    DeepSeek-V4 kernels need); default none (transformers' default rope).
     Same arguments -> same bytes (one generator, fixed order)."""
     d = {**TINY_DS4}
     bad = sorted(set(overrides) - set(d))
@@ -170,5 +182,6 @@ def write_tiny_deepseek_v4(path: str | Path, *, seed: int = 0, shipped: bool = T
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(tiny_config(d, shipped=shipped), indent=2, sort_keys=True) + "\n")
+    cfg = tiny_config(d, shipped=shipped, rope_scaling=rope_scaling)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out

@@ -36,9 +36,10 @@ from .routing import route
 
 Packed = tuple[torch.Tensor, torch.Tensor]
 
-# Rows per expert (T * k / E) from which use_dense takes this path under "auto": H100, dsv4 shape, CUDA graphs
-# (bench/prefill.py; bench/RESULTS.md "dense prefill").
-AUTO_MIN_ROWS_PER_EXPERT = 512
+# Rows per expert (T * k / E) from which use_dense takes this path under "auto". H100, dsv4 shape (bench/RESULTS.md,
+# fourth round of 2026-12-07): dense / fused = 1.29-1.34 at 384 rows per expert, 0.93-0.96 at 768, 0.69-0.70 at
+# 1536; log-linear between the first two, the paths cross at about 690 rows.
+AUTO_MIN_ROWS_PER_EXPERT = 704
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
 ACT_BLOCK_M, ACT_BLOCK_I = 16, 256
 

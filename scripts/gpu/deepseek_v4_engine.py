@@ -187,10 +187,12 @@ def verdicts(rows: list[dict]) -> list[dict]:
 def main(modes: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     import mxfp4_train
-    from common.checkpoint.tiny_deepseek_v4 import write_tiny_deepseek_v4
+    from common.checkpoint.tiny_deepseek_v4 import FLASH_ROPE_SCALING, write_tiny_deepseek_v4
 
     work = Path(tempfile.mkdtemp())
-    ckpt = write_tiny_deepseek_v4(work / "shipped", seed=0, **ENGINE_DIMS)
+    # the release's YaRN rope_scaling: without it vLLM builds a bf16 cos/sin cache, which its fused inverse-RoPE FP8
+    # kernel asserts against (fused_inv_rope_fp8_quant.py: cos_sin_cache.dtype == float32; seen on an H100)
+    ckpt = write_tiny_deepseek_v4(work / "shipped", seed=0, rope_scaling=FLASH_ROPE_SCALING, **ENGINE_DIMS)
     learner = mxfp4_train.load_mxfp4_model(ckpt, "lora", lora=None).eval()
     rows = []
     for mode in modes:

@@ -85,13 +85,31 @@ P)  # the dense prefill path (bundle installed): native tests, where its time go
   ;;
 D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel packages: calls
     #   PEERS_IN=/tmp/dsv4_in bash scripts/gpu/install_peers.sh recv .devbundle/dsv4/pN   (N = 1..3, carry that folder)
-    # then this one (carry .devbundle/dsv4/p4 and .devbundle/dg; scripts/gpu/pack_dsv4_deps.sh, pack_deep_gemm.sh)
+    # then this one (carry .devbundle/dsv4/p4, .devbundle/dg and .devbundle/tvmffi; scripts/gpu/pack_dsv4_deps.sh,
+    # pack_deep_gemm.sh, and for V in 0.1.9 .. 0.1.12: pip download --no-deps --only-binary=:all:
+    # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .devbundle/tvmffi apache-tvm-ffi==$V)
   PEERS_IN=/tmp/dsv4_in bash scripts/gpu/install_peers.sh recv .devbundle/dsv4/p4 || exit 3
   PEERS_IN=/tmp/dsv4_in PEERS_SITE=/tmp/dsv4site PEERS_MODULES="tilelang cutlass quack z3" \
     bash scripts/gpu/install_peers.sh install || exit 3
   tar xJf .devbundle/dg/deep_gemm.tar.xz -C /tmp/site || exit 3
-  PYTHONPATH=/tmp/site:/tmp/dsv4site DSV4_CHILD_TIMEOUT_S=420 VLLM_DEEP_GEMM_WARMUP=skip \
-    timeout 480 python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
+  # tilelang 0.1.9 breaks on the bundle's apache-tvm-ffi 0.1.15 ("attribute '__dict__' of 'type' objects is not
+  # writable") and imports on the 0.1.9 vLLM pins, but vLLM's engine start imports xgrammar, which needs >= 0.1.10
+  # ("load_lib_module() got an unexpected keyword argument 'extra_lib_paths'"). The carried .devbundle/tvmffi holds
+  # 0.1.9..0.1.12 (0.1.13 and 0.1.14 are yanked): the first under which both import is put first on the path.
+  # CuTe-DSL's `cutlass` module sits under nvidia_cutlass_dsl/python_packages, which its .pth adds in a site dir
+  # only (pip --target installs are not site dirs).
+  TVM=""
+  for w in $(ls .devbundle/tvmffi/*.whl | sort -V); do
+    v=$(basename "$w" | cut -d- -f2); d=/tmp/tvm_$v
+    python3 -m pip install -q --no-deps --target $d "$w" > /dev/null 2>&1 || continue
+    if PYTHONPATH=$d:/tmp/site:/tmp/dsv4site:/tmp/dsv4site/nvidia_cutlass_dsl/python_packages \
+        python3 -c "import tilelang, xgrammar" > /tmp/tvm_$v.log 2>&1; then TVM=$d; echo "tvm-ffi $v: tilelang and xgrammar import"; break
+    else echo "tvm-ffi $v: $(grep -E 'Error' /tmp/tvm_$v.log | tail -1 | cut -c1-160)"; fi
+  done
+  [ -n "$TVM" ] || TVM=/tmp/tvm_0.1.9
+  DSV4_PATH=$TVM:/tmp/site:/tmp/dsv4site:/tmp/dsv4site/nvidia_cutlass_dsl/python_packages
+  PYTHONPATH=$DSV4_PATH DSV4_CHILD_TIMEOUT_S=${DSV4_CHILD_TIMEOUT_S:-420} VLLM_DEEP_GEMM_WARMUP=skip \
+    timeout $(( ${DSV4_CHILD_TIMEOUT_S:-420} + 60 )) python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
 *) echo "usage: round_session.sh A|B|C|K|K2|R|D|P"; exit 2 ;;
