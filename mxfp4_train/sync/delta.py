@@ -57,14 +57,20 @@ def block_delta(old: MXFP4Tensor, new: MXFP4Tensor) -> BlockDelta:
     # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes
     words = (BLOCK_SIZE // 2) // 8
     same_codes = (nb.contiguous().view(torch.int64) == ob.contiguous().view(torch.int64)).sum(-1) == words
-    scale_changed = new.scales != old.scales.to(new.scales.device)
+    old_scales = old.scales.to(new.scales.device)
+    scale_changed = new.scales != old_scales
     changed = ~same_codes | scale_changed
-    index = changed.nonzero().to(torch.int32)
-    codes = nb[changed].contiguous()
-    flipped = int(nibble_flips(codes ^ ob[changed]).sum()) if index.shape[0] else 0
-    return BlockDelta(index=index, codes=codes, scales=new.scales[changed].contiguous(),
-                      blocks_total=changed.numel(), codes_flipped=flipped, codes_total=new.shape.numel(),
-                      scales_changed=int(scale_changed.sum()))
+    # one host read for the index (its length), one for the statistics: a GPU learner's delta of a 43-layer shard
+    # would otherwise stall on a sync per boolean mask and per count (four per weight)
+    flat = changed.reshape(-1).nonzero().squeeze(1)
+    blocks = nb.reshape(-1, BLOCK_SIZE // 2)
+    codes = blocks.index_select(0, flat)
+    index = torch.stack(torch.unravel_index(flat, changed.shape), 1)
+    flipped = nibble_flips(codes ^ ob.reshape(-1, BLOCK_SIZE // 2).index_select(0, flat)).sum()
+    flipped, scales_changed = torch.stack((flipped, scale_changed.sum())).tolist()
+    return BlockDelta(index=index.to(torch.int32), codes=codes,
+                      scales=new.scales.reshape(-1).index_select(0, flat), blocks_total=changed.numel(),
+                      codes_flipped=int(flipped), codes_total=new.shape.numel(), scales_changed=int(scales_changed))
 
 
 def choose_kind(delta: BlockDelta, full_bytes: int) -> str:
