@@ -6,7 +6,9 @@ the forward GEMMs read without shared-memory bank conflicts. Weight sync goes th
 with one multiply per weight pair (ENV_ONE_MUL; a later sync that brings a larger byte is refused, not served
 wrong). `moe_layer_forward` routes with a Triton counting sort and fuses the
 token gather into the first GEMM and the router-weighted scatter into the second; nothing issues a host sync, so
-the backend runs under CUDA graphs.
+the backend runs under CUDA graphs. At prefill sizes (from 704 rows per expert, MXFP4_RL_HOPPER_PREFILL) the same
+entry point dequantizes the experts into a bounded bf16 scratch and runs cuBLAS's grouped GEMM instead
+(common/grouped_gemm/dense.py): 0.70x the fused layer's time at 8192 tokens of DeepSeek-V4-Flash on an H100.
 """
 
 from __future__ import annotations
