@@ -139,3 +139,26 @@ def test_demo_deepseek_v4_learner_rows():
     assert res["identical"] and ours.max_abs_dlogp == 0.0 and ours.mismatch_kl == 0.0
     assert common_row.mean_abs_dlogp > 0.0
     assert "identical to transformers' decode of the shipped bytes: YES" in format_result(res)
+
+
+def test_release_yarn_rope_scaling_loads_bit_exact(tmp_path):
+    """The checkpoint with DeepSeek-V4-Flash's YaRN `rope_scaling` (what vLLM 0.25's DeepSeek-V4 kernels need: its
+    default rope builds a bf16 cos/sin cache that its fused inverse-RoPE kernel refuses) loads into the learner bit
+    for bit against transformers; transformers applies the YaRN to the compressed layers only (as vLLM 0.32 does;
+    vLLM 0.25 applies it to every layer, bench/RESULTS.md), and it changes the logits (long-wavelength rotations)."""
+    from common.checkpoint.tiny_deepseek_v4 import FLASH_ROPE_SCALING
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    yarn = write_tiny_deepseek_v4(tmp_path / "yarn", seed=seed, rope_scaling=FLASH_ROPE_SCALING)
+    plain = write_tiny_deepseek_v4(tmp_path / "plain", seed=seed)
+    ours = mxfp4_train.load_mxfp4_model(yarn, "lora", lora=None).eval()
+    rope = ours.config.rope_parameters
+    assert rope["main"]["rope_type"] == "default" and rope["compress"]["rope_type"] == "yarn"
+    assert rope["compress"]["factor"] == FLASH_ROPE_SCALING["factor"]
+    ids = _ids(torch.Generator().manual_seed(1), seq=40)
+    with torch.no_grad():
+        a = ours(ids).logits
+        b = _transformers_model(yarn)(ids).logits
+        c = mxfp4_train.load_mxfp4_model(plain, "lora", lora=None).eval()(ids).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
