@@ -49,11 +49,21 @@ def _transpose_byte(c0, c1, c2, c3, T: tl.constexpr):
 def _convert_kernel(src_ptr, dst_ptr, groups_ptr, N, KB, TO_KB: tl.constexpr, NG: tl.constexpr,
                     TILE_N: tl.constexpr, TILE_KB: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
-    kb = tl.program_id(2) * TILE_KB + tl.arange(0, TILE_KB)
-    ok = (n[:, None] < N) & (kb[None, :] < KB)
-    canonical = ((e * N + n[:, None]) * KB + kb[None, :]) * 4  # first word of block (n, kb) in [E, N, KB, 4]
-    kb_major = ((e * KB + kb[None, :]) * N + n[:, None]) * 4  # the same block in [E, KB, N, 4]
+    n1 = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
+    kb1 = tl.program_id(2) * TILE_KB + tl.arange(0, TILE_KB)
+    # The tile's last (fastest, thread-adjacent) axis runs along the SOURCE's contiguous blocks: kb in a canonical
+    # row, n in a kb-major block row. Loads then coalesce and the strided side is the stores, which do not stall the
+    # program (the first version kept kb last both ways: from kb-major it ran at a third of the speed, 485 vs 1424
+    # GB/s on an H100).
+    if TO_KB:
+        n = n1[:, None]
+        kb = kb1[None, :]
+    else:
+        n = n1[None, :]
+        kb = kb1[:, None]
+    ok = (n < N) & (kb < KB)
+    canonical = ((e * N + n) * KB + kb) * 4  # first word of block (n, kb) in [E, N, KB, 4]
+    kb_major = ((e * KB + kb) * N + n) * 4  # the same block in [E, KB, N, 4]
     src = canonical if TO_KB else kb_major
     dst = kb_major if TO_KB else canonical
     w0 = tl.load(src_ptr + src, mask=ok, other=0).to(tl.uint32, bitcast=True)
