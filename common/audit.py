@@ -18,7 +18,7 @@ import torch
 
 from . import constants as C
 from .errors import ShapeError
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, fingerprint_of_lanes, lanes
 from .tensor import MXFP4Tensor
 
 # v2: device fingerprints of the bytes (v1 hashed the bytes themselves on the host, ~1 GB/s). Bump the version if
@@ -35,12 +35,24 @@ def tensor_hash(q: MXFP4Tensor) -> str:
 
     Device- and stride-independent: the same bytes give the same hash on CPU and GPU, contiguous or not.
     """
-    header = {"format": "mxfp4", "dtype": "uint8", "block_size": C.BLOCK_SIZE, "shape": list(q.shape),
-              "profile": q.profile}
+    return hash_of_lanes(q.shape, q.profile, *mxfp4_lanes(q), q.codes.numel(), q.scales.numel())
+
+
+def mxfp4_lanes(q: MXFP4Tensor) -> tuple[list[int], list[int]]:
+    """The fingerprint lanes of the codes and of the scales (what tensor_hash hashes, besides the header): kept by
+    an engine so that a sparse (block delta) update rehashes the changed words only (fingerprint.update_lanes)."""
+    return lanes(q.codes), lanes(q.scales)
+
+
+def hash_of_lanes(shape, profile: str, code_lanes: list[int], scale_lanes: list[int], code_bytes: int,
+                  scale_bytes: int) -> str:
+    """tensor_hash of an MXFP4 tensor given its shape, profile and the lanes and byte counts of codes and scales."""
+    header = {"format": "mxfp4", "dtype": "uint8", "block_size": C.BLOCK_SIZE, "shape": list(shape),
+              "profile": profile}
     h = hashlib.sha256(HASH_DOMAIN)
     h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-    _feed(h, q.codes)
-    _feed(h, q.scales)
+    h.update(fingerprint_of_lanes(code_lanes, code_bytes))
+    h.update(fingerprint_of_lanes(scale_lanes, scale_bytes))
     return h.hexdigest()
 
 

@@ -77,5 +77,29 @@ def lanes(t: torch.Tensor) -> list[int]:
 
 def fingerprint(t: torch.Tensor) -> bytes:
     """24 bytes: both lanes and the byte count (so zero padding cannot make two lengths collide)."""
-    nbytes = t.numel() * t.element_size()
-    return b"".join(int(v).to_bytes(8, "little", signed=True) for v in lanes(t)) + nbytes.to_bytes(8, "little")
+    return fingerprint_of_lanes(lanes(t), t.numel() * t.element_size())
+
+
+def fingerprint_of_lanes(lane_values: list[int], nbytes: int) -> bytes:
+    """fingerprint() from a tensor's lanes and byte count (lanes kept across an in-place update, update_lanes)."""
+    return b"".join(int(v).to_bytes(8, "little", signed=True) for v in lane_values) + nbytes.to_bytes(8, "little")
+
+
+def lane_terms(positions: torch.Tensor, words: torch.Tensor) -> list[int]:
+    """Each lane's share (signed int64, mod 2^64) of the words at the given word positions: the lanes of a tensor
+    are lane_terms(arange(n), words_of(t)). Modular sums of per-word terms, so a sparse change of a tensor updates
+    its lanes from the changed words alone (update_lanes)."""
+    pos, w = positions.reshape(-1).to(torch.int64), words.reshape(-1).to(torch.int64)
+    out = []
+    for a, b, m1, m2 in LANES:
+        x = torch.bitwise_xor(pos * a + _signed(b), w) * m1
+        x = torch.bitwise_xor(x, torch.bitwise_and(x >> 32, 0xFFFFFFFF))  # low half ^= high half (x >>> 32)
+        out.append(_signed(int(x.sum()) * m2))
+    return out
+
+
+def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: torch.Tensor,
+                 new_words: torch.Tensor) -> list[int]:
+    """The lanes after the words at `positions` changed from old_words to new_words (each position once)."""
+    new, old = lane_terms(positions, new_words), lane_terms(positions, old_words)
+    return [_signed(v + n - o) for v, n, o in zip(lane_values, new, old)]

@@ -68,8 +68,19 @@ class MoEBackend(abc.ABC):
     def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
                       values: torch.Tensor) -> None:
         """Set the canonical bytes of `param_name` for the given local experts, in place, in the layer's layout.
-        Backends override it to refuse values they cannot serve before anything is written."""
+        Values the backend cannot serve are refused (check_values) before anything is written."""
+        self.check_values(layer, param_name, values)
         moe.write_canonical(layer, param_name, local_experts, values)
+
+    # Whether a sync may write single 32-blocks of this backend's layers in place through their layout
+    # (mxfp4_serve/sync/layers.py: block deltas), i.e. write_experts is the layout's write plus check_values and
+    # nothing else. A backend whose writes do more sets it False; layouts other than canonical and kb-major
+    # (FlashInfer's swizzled scales) take the whole-expert path regardless.
+    block_writes: bool = True
+
+    def check_values(self, layer: torch.nn.Module, param_name: str, values: torch.Tensor) -> None:
+        """Raise (common.moe.wire.SyncError) for canonical values of `param_name` this layer cannot serve; called
+        before every write, whole experts or blocks. Default: accept everything."""
 
     def activation_refusal(self, activation: ActivationSpec) -> str:
         """Why this backend cannot compute `activation` ("" when it can): asked once at engine start by the MoE

@@ -75,10 +75,13 @@ class HopperTritonBackend(MoEBackend):
 
     def write_experts(self, layer: torch.nn.Module, param_name: str, local_experts: torch.Tensor,
                       values: torch.Tensor) -> None:
-        """As MoEBackend's, after refusing scale bytes that the layer's one-multiply decode would overflow."""
+        self._check_prepared(layer)
+        super().write_experts(layer, param_name, local_experts, values)
+
+    def check_values(self, layer: torch.nn.Module, param_name: str, values: torch.Tensor) -> None:
+        """Refuse scale bytes that the layer's one-multiply decode would overflow."""
         from common.grouped_gemm.ops import ONE_MUL_MAX_SCALE_BYTE
 
-        self._check_prepared(layer)
         if param_name.endswith("_scale") and getattr(layer, _ONE_MUL, False) and values.numel():
             largest = int(values.max())
             if largest > ONE_MUL_MAX_SCALE_BYTE:
@@ -88,7 +91,6 @@ class HopperTritonBackend(MoEBackend):
                     f"{ONE_MUL_MAX_SCALE_BYTE} and runs (and has captured CUDA graphs of) the one-multiply decode, "
                     f"which would overflow. Nothing was written; restart the engine with {ENV_ONE_MUL}=0 to serve "
                     f"such weights")
-        super().write_experts(layer, param_name, local_experts, values)
 
     def activation_refusal(self, activation: ActivationSpec) -> str:
         """The kernels take silu_clamp's limit as an argument but compile gpt-oss's swigluoai constants in."""

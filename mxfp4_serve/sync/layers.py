@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common import moe
-from common.audit import dense_hash, same_bytes, tensor_hash
+from common.audit import dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import lora_entry_name, shard_key
@@ -35,7 +35,7 @@ class SyncedLayer:
     module: nn.Module
     loader: ExpertWeightLoader
     backend: MoEBackend | None
-    # weight -> ((layer generation, loader writes), hash): what hash() last read back. Every writer of the layer's
+    # weight -> ((layer generation, loader writes), hash, fingerprint lanes): what hash() last read back. Every writer of the layer's
     # bytes in this codebase moves that key (common.moe.layouts.bump_generation, the loader's count), so a cached
     # hash is the served bytes' until the next write; `fresh` reads them again regardless (the audit RPC does).
     _hashes: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -123,24 +123,86 @@ class SyncedLayer:
     def hash(self, weight: str, fresh: bool = False) -> str:
         """The audit hash of what the layer serves for `weight` (for hopper_triton every read converts the whole
         kb-major tensor back to canonical bytes: the last read is reused until the layer is written again)."""
+        return self._audit(weight, fresh)[0]
+
+    def lanes(self, weight: str) -> tuple[list[int], list[int]]:
+        """The fingerprint lanes (codes, scales) behind hash(weight): what a block delta updates sparsely."""
+        return self._audit(weight)[1]
+
+    def _audit(self, weight: str, fresh: bool = False) -> tuple[str, tuple[list[int], list[int]]]:
         key = self._generation()
         cached = self._hashes.get(weight)
         if not fresh and cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         codes, scales = self.read(weight)
-        h = tensor_hash(MXFP4Tensor(codes, scales, self.profile))
-        self._hashes[weight] = (key, h)
-        return h
+        q = MXFP4Tensor(codes, scales, self.profile)
+        lanes = mxfp4_lanes(q)
+        h = hash_of_lanes(q.shape, q.profile, *lanes, codes.numel(), scales.numel())
+        self._hashes[weight] = (key, h, lanes)
+        return h, lanes
 
-    def serves(self, weight: str, codes: torch.Tensor, scales: torch.Tensor, staged_hash: str) -> bool:
+    def adopt(self, weight: str, staged_hash: str, lanes: tuple[list[int], list[int]]) -> None:
+        """Record the hash and lanes of bytes just written and checked byte for byte (the commit's read-back)."""
+        self._hashes[weight] = (self._generation(), staged_hash, lanes)
+
+    def serves(self, weight: str, codes: torch.Tensor, scales: torch.Tensor, staged_hash: str,
+               lanes: tuple[list[int], list[int]]) -> bool:
         """Whether the layer now serves exactly these canonical bytes, read back through its layout and compared
-        byte for byte. If so, `staged_hash` (their audit hash, computed when they were staged) becomes the layer's
-        cached hash: equal bytes have that hash, so the commit need not fingerprint them a second time."""
+        byte for byte. If so, `staged_hash` and its `lanes` (computed when they were staged) become the layer's
+        cached audit: equal bytes have that hash, so the commit need not fingerprint them a second time."""
         live_codes, live_scales = self.read(weight)
         if not (same_bytes(live_codes, codes) and same_bytes(live_scales, scales)):
             return False
-        self._hashes[weight] = (self._generation(), staged_hash)
+        self.adopt(weight, staged_hash, lanes)
         return True
+
+    # ---- single 32-blocks (block deltas) ---------------------------------------------------------------------------
+    def block_writable(self) -> bool:
+        """Whether single blocks can be read and written in place: the backend's writes are its layout's
+        (MoEBackend.block_writes) and the layout keeps each block's 16 code bytes together and its scale byte
+        canonical (canonical, kb-major)."""
+        layout = moe.layout_of(self.module)
+        return (self.backend is None or self.backend.block_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
+
+    def _block_views(self, weight: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(codes as [E, N, KB, 16] or kb-major [E, KB, N, 16], scales [E, N, KB], kb-major?) of the live params."""
+        from common.grouped_gemm.layout import BLOCK_BYTES, kb_major_view
+
+        codes = self.loader.params[weight]
+        scales = self.loader.params[moe.scale_name(weight)]
+        if moe.layout_of(self.module) is moe.KB_MAJOR:
+            return kb_major_view(codes, weight), scales, True
+        e, n, kh = codes.shape
+        return codes.view(e, n, kh // BLOCK_BYTES, BLOCK_BYTES), scales, False
+
+    def read_blocks(self, weight: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canonical (codes [M, 16], scales [M]) of the local blocks (expert, row, block) [M, 3] (long)."""
+        from common.grouped_gemm.layout import from_kb_major
+
+        codes, scales, kb = self._block_views(weight)
+        e, r, b = blocks.unbind(1)
+        sc = scales[e, r, b]
+        if not kb:
+            return codes[e, r, b], sc
+        # a kb-major block is its canonical block transformed in place, wherever it sits (layout.py): the M blocks
+        # read as one weight of M rows and a single K block
+        return from_kb_major(codes[e, b, r].reshape(1, 1, -1, 16), weight).view(-1, 16), sc
+
+    def write_blocks(self, weight: str, blocks: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """Set the canonical bytes of single local blocks in place (scales first; the backend may refuse them)."""
+        from common.grouped_gemm.layout import to_kb_major
+
+        if self.backend is not None:
+            self.backend.check_values(self.module, moe.scale_name(weight), scales)
+            self.backend.check_values(self.module, weight, codes)
+        moe.layouts.bump_generation(self.module)
+        live_codes, live_scales, kb = self._block_views(weight)
+        e, r, b = blocks.unbind(1)
+        live_scales[e, r, b] = scales.to(live_scales.device)
+        if kb:
+            live_codes[e, b, r] = to_kb_major(codes.reshape(1, -1, 16), weight).view(-1, 16).to(live_codes.device)
+        else:
+            live_codes[e, r, b] = codes.to(live_codes.device)
 
     # ---- expert biases (canonical rows, through the layout like the codes) --------------------------------------
     def all_experts(self) -> torch.Tensor:

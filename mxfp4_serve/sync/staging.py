@@ -1,13 +1,16 @@
 """Stage, verify and commit a weight sync on one engine rank, atomically.
 
 `stage(payload)` builds, for every entry, the complete canonical bytes this rank will serve (a full payload is
-sliced to the rank's shard, a delta is applied onto a copy of the live bytes, dense weights are quantized with the
-engine's profile; expert biases and unmerged expert adapters are sliced like their weights; non-expert parameters
-are kept for the model's own loader, sync/params.py) and checks their audit hash against the learner's before
-keeping them. Nothing served changes.
+sliced to the rank's shard, dense weights are quantized with the engine's profile; expert biases and unmerged
+expert adapters are sliced like their weights; non-expert parameters are kept for the model's own loader,
+sync/params.py) and checks their audit hash against the learner's before keeping them. A block delta is kept as its
+changed blocks where the layer's layout can write single blocks (canonical, kb-major: StagedBlocks, whose hash
+comes from the served weight's fingerprint lanes updated with the changed words), else applied onto a copy of the
+live bytes. Nothing served changes.
 `commit(sync_id, names)` is one RPC, so vLLM runs it between two engine steps: it refuses unless every named entry
-is staged against the version still served, then writes only the experts whose bytes differ, in place, keeping
-their previous bytes until every write and the re-read hash check succeeded; any failure restores them. A sync
+is staged against the version still served, then writes only the experts (or a delta's blocks) whose bytes differ,
+in place, keeping their previous bytes until every write and the byte-for-byte read-back succeeded; any failure
+restores them. A sync
 interrupted before commit (learner crash, failed stage, abort) therefore leaves the previous version whole.
 """
 
@@ -20,11 +23,13 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import dense_hash, same_bytes, tensor_hash
+from common.audit import dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
+from common.fingerprint import update_lanes
 from common.moe import params as P
+from common.moe import scale_name as moe_scale_name
 from common.moe.wire import (
     DENSE_DTYPES,
     FULL_KEY,
@@ -52,6 +57,25 @@ class Staged:
     codes: torch.Tensor  # canonical, this rank's shard, new contiguous storage
     scales: torch.Tensor
     hash: str
+    lanes: tuple[list[int], list[int]]  # fingerprint lanes of codes and scales (behind hash)
+    base_version: int
+    payload_bytes: int
+
+
+@dataclasses.dataclass
+class StagedBlocks:
+    """A block delta staged sparsely (SyncedLayer.block_writable layers): the changed local 32-blocks and their new
+    canonical bytes. Its hash and lanes are those of the whole weight the blocks make, computed from the served
+    weight's lanes and the changed words alone (common.fingerprint.update_lanes): a 1% delta costs about 1% of a
+    full stage and commit, not a copy, a rehash and a rewrite of the whole weight."""
+
+    layer: SyncedLayer
+    weight: str
+    blocks: torch.Tensor  # long [M, 3] local (expert, row, block), each once
+    codes: torch.Tensor  # uint8 [M, 16] canonical
+    scales: torch.Tensor  # uint8 [M]
+    hash: str
+    lanes: tuple[list[int], list[int]]
     base_version: int
     payload_bytes: int
 
@@ -126,7 +150,7 @@ class EngineSync:
         self.targets = ParamTargets(model, list(self.layers))
         self.version = 0
         self.param_hashes: dict[str, str] = {}  # checkpoint name -> hash of the bytes last loaded by a sync
-        self._staged: dict[str, dict[str, Staged | StagedExtra | StagedParam]] = {}
+        self._staged: dict[str, dict[str, Staged | StagedBlocks | StagedExtra | StagedParam]] = {}
         self._committed: dict | None = None  # {"version", "hashes", "phases"} as the last commit read them back
 
     # ---- read-only ------------------------------------------------------------------------------------------------
@@ -242,6 +266,8 @@ class EngineSync:
             dev = layer.loader.params[weight].device
             codes = _shard_of(codes.to(dev), desc, BLOCK_SIZE // 2).contiguous()
             scales = _shard_of(scales.to(dev), desc, 1).contiguous()
+        elif kind == "delta" and layer.block_writable():
+            return self._stage_blocks(entry, layer, weight, desc, n)
         elif kind == "delta":
             codes, scales, nbytes = self._apply_delta(entry, layer, weight, desc, n)
         else:
@@ -258,13 +284,18 @@ class EngineSync:
             check_scale_bytes(scales, self.profile, name)
         except CheckpointError as exc:
             raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
-        h = tensor_hash(MXFP4Tensor(codes, scales, self.profile))
+        q = MXFP4Tensor(codes, scales, self.profile)
+        lanes = mxfp4_lanes(q)
+        h = hash_of_lanes(q.shape, q.profile, *lanes, codes.numel(), scales.numel())
+        self._check_hash(entry, layer, weight, kind, h)
+        return Staged(layer, weight, codes, scales, h, lanes, self.version, nbytes)
+
+    def _check_hash(self, entry: dict, layer: SyncedLayer, weight: str, kind: str, h: str) -> None:
         expected = self._expected(entry, layer, weight)
         if h != expected:
-            raise SyncPayloadError(f"sync entry '{name}' ({kind}): the staged bytes hash to {h[:16]}... but the "
-                                   f"learner expects {expected[:16]}...: corrupted payload (or a delta computed "
+            raise SyncPayloadError(f"sync entry '{entry['name']}' ({kind}): the staged bytes hash to {h[:16]}... but "
+                                   f"the learner expects {expected[:16]}...: corrupted payload (or a delta computed "
                                    f"against other bytes); nothing was changed")
-        return Staged(layer, weight, codes, scales, h, self.version, nbytes)
 
     def _stage_extra(self, entry: dict) -> StagedExtra:
         """An expert bias or an unmerged expert adapter: this rank's shard, checked, its hash compared."""
@@ -305,7 +336,11 @@ class EngineSync:
                                    f"learner expects {expected[:16]}...: corrupted payload; nothing was changed")
         return StagedExtra(kind, layer, suffix if kind == "bias" else weight, tensors, h, self.version, nbytes)
 
-    def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
+    def _delta_fields(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int,
+                      device: torch.device):
+        """(local blocks [M, 3] long, codes [M, 16], scales [M], payload bytes) of a delta entry: its base checked
+        against what is served, its fields' dtypes and shapes, its index inside the weight; the blocks of this
+        rank's shard only, on `device`."""
         name = entry["name"]
         where = f"sync entry '{name}'"
         base = self._expected(entry, layer, weight, "base_hashes")
@@ -320,19 +355,62 @@ class EngineSync:
         cb = field(entry, "codes", where, torch.uint8, (m, BLOCK_SIZE // 2))
         sb = field(entry, "scales", where, torch.uint8, (m,))
         e, n, k = layer.full_shape(weight)
-        codes, scales = (t.detach().clone() for t in layer.read(weight))
         # the index, its checks and the scatter stay on the weight's device: a 1% delta of a 428 MB layer is 0.3 M
         # triples, which a round trip through the host made the slowest step of a GPU delta sync
-        index, cb, sb = (t.to(codes.device) for t in (index, cb, sb))
-        bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=codes.device)
+        index, cb, sb = (t.to(device) for t in (index, cb, sb))
+        bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=device)
         if m and bool(((index < 0) | (index >= bounds)).any()):
             raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks {bounds.tolist()}")
         keep, local = _local_index(index, desc, n_rows)
+        nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
+        return local, cb[keep], sb[keep], nbytes
+
+    def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
+        codes, scales = (t.detach().clone() for t in layer.read(weight))
+        local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, codes.device)
         ei, ri, bi = local.unbind(1)
-        scales[ei, ri, bi] = sb[keep]
+        scales[ei, ri, bi] = sb
         blocks = codes.view(*codes.shape[:2], -1, BLOCK_SIZE // 2)
-        blocks[ei, ri, bi] = cb[keep]
-        return codes, scales, index.numel() * index.element_size() + cb.numel() + sb.numel()
+        blocks[ei, ri, bi] = cb
+        return codes, scales, nbytes
+
+    def _stage_blocks(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None,
+                      n_rows: int) -> StagedBlocks:
+        name = entry["name"]
+        live_scales = layer.loader.params[moe_scale_name(weight)]
+        local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
+        e, n, k = layer.local_shape(weight)
+        kb = k // BLOCK_SIZE
+        lin = (local[:, 0] * n + local[:, 1]) * kb + local[:, 2]  # the block's index in the canonical [E, N, KB]
+        if lin.numel() and torch.unique(lin).numel() != lin.numel():
+            raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
+                                   f"changed")
+        if bool((sb == E8M0_NAN).any()):
+            raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
+        try:
+            check_scale_bytes(sb, self.profile, name)
+        except CheckpointError as exc:
+            raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
+        code_lanes, scale_lanes = layer.lanes(weight)
+        old_codes, _ = layer.read_blocks(weight, local)
+        cb = cb.contiguous()
+        # a block is 16 canonical code bytes at byte 16 * lin: words 2 lin and 2 lin + 1 of the codes
+        words = torch.stack((2 * lin, 2 * lin + 1), 1)
+        code_lanes = update_lanes(code_lanes, words, old_codes.contiguous().view(torch.int64), cb.view(torch.int64))
+        if lin.numel():
+            # a scale byte is byte lin % 8 of word lin // 8; several changed bytes may share a word (zero padded
+            # past the end, as common.fingerprint.words_of pads)
+            wpos, inv = torch.unique(lin // 8, return_inverse=True)
+            flat = live_scales.reshape(-1)
+            at = wpos[:, None] * 8 + torch.arange(8, device=flat.device)
+            old = torch.where(at < flat.numel(), flat[at.clamp(max=flat.numel() - 1)], 0).to(torch.uint8)
+            new = old.clone()
+            new[inv, lin % 8] = sb
+            scale_lanes = update_lanes(scale_lanes, wpos, old.view(torch.int64), new.view(torch.int64))
+        lanes = (code_lanes, scale_lanes)
+        h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
+        self._check_hash(entry, layer, weight, "delta", h)
+        return StagedBlocks(layer, weight, local, cb, sb.contiguous(), h, lanes, self.version, nbytes)
 
     # ---- commit / abort -------------------------------------------------------------------------------------------
     def abort(self, sync_id: str) -> dict:
@@ -387,6 +465,8 @@ class EngineSync:
             for name, s in staged.items():
                 if isinstance(s, Staged):
                     changed[name] = self._write_packed(s, undo)
+                elif isinstance(s, StagedBlocks):
+                    changed[name] = self._write_blocks(s, undo)
                 elif isinstance(s, StagedExtra):
                     self._write_extra(s, undo)
             phases["write experts"] = time.perf_counter() - t
@@ -399,9 +479,18 @@ class EngineSync:
                 if isinstance(s, Staged):
                     # read back and compared with the staged bytes, whose hash the stage checked against the
                     # learner's: as strong as hashing what was read (stronger: equality, not a fingerprint)
-                    if not s.layer.serves(s.weight, s.codes, s.scales, s.hash):
+                    if not s.layer.serves(s.weight, s.codes, s.scales, s.hash, s.lanes):
                         raise SyncError(f"sync commit: '{name}' reads back other bytes than were staged (backend "
                                         f"layout conversion is not a byte permutation?)")
+                    read_back[name] = s.hash
+                elif isinstance(s, StagedBlocks):
+                    # the written blocks, read back through the layout and compared byte for byte; the others were
+                    # not written (an indexed write touches its blocks only)
+                    now_codes, now_scales = s.layer.read_blocks(s.weight, s.blocks)
+                    if not (same_bytes(now_codes, s.codes) and same_bytes(now_scales, s.scales)):
+                        raise SyncError(f"sync commit: '{name}' reads back other bytes than were staged in the "
+                                        f"delta's blocks (backend layout conversion is not a byte permutation?)")
+                    s.layer.adopt(s.weight, s.hash, s.lanes)
                     read_back[name] = s.hash
                 elif isinstance(s, StagedExtra):
                     read_back[name] = s.layer.extra_hash(_split_name(name)[1])
@@ -444,6 +533,20 @@ class EngineSync:
         else:
             s.layer.write(s.weight, experts, s.codes.index_select(0, experts), s.scales.index_select(0, experts))
         return int(experts.numel())
+
+    @staticmethod
+    def _write_blocks(s: StagedBlocks, undo: list) -> int:
+        old_codes, old_scales = s.layer.read_blocks(s.weight, s.blocks)
+
+        def restore() -> None:
+            s.layer.write_blocks(s.weight, s.blocks, old_codes, old_scales)
+            now_codes, now_scales = s.layer.read_blocks(s.weight, s.blocks)
+            if not (same_bytes(now_codes, old_codes) and same_bytes(now_scales, old_scales)):
+                raise SyncError(f"'{s.layer.name}.{s.weight}' does not read back its previous bytes after the restore")
+
+        undo.append(restore)
+        s.layer.write_blocks(s.weight, s.blocks, s.codes, s.scales)
+        return int(torch.unique(s.blocks[:, 0]).numel()) if s.blocks.numel() else 0
 
     @staticmethod
     def _write_extra(s: StagedExtra, undo: list) -> None:

@@ -203,3 +203,26 @@ def test_same_bytes_compares_every_byte_whatever_the_alignment():
     f = torch.tensor([0.0, 1.0])
     assert not same_bytes(f, torch.tensor([-0.0, 1.0]))  # bytes, not values: -0.0 == 0.0 but differs
     assert same_bytes(torch.tensor([float("nan")]), torch.tensor([float("nan")]))  # same NaN bytes are the same
+
+
+def test_lanes_update_from_the_changed_words_alone():
+    """The fingerprint's lanes are modular sums of per-word terms: the lanes of a tensor after a sparse change equal
+    its old lanes updated with the changed words (what an engine does for a block delta), for changes in the middle
+    and in the zero-padded last word, and tensor_hash is hash_of_lanes of its lanes."""
+    from common import fingerprint as F
+    from common.audit import hash_of_lanes, mxfp4_lanes
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    t = torch.randint(0, 256, (1003,), dtype=torch.uint8, generator=g)  # 125 whole words and 3 bytes of padding
+    words = F.words_of(t)
+    assert F.lane_terms(torch.arange(words.numel()), words) == F.lanes(t)
+    new = t.clone()
+    at = torch.randint(0, t.numel(), (40,), generator=g)
+    new[at] ^= torch.randint(1, 256, (40,), dtype=torch.uint8, generator=g)
+    new[-1] ^= 0x5A  # the padded last word
+    nw = F.words_of(new)
+    pos = (nw != words).nonzero().squeeze(1)
+    assert F.update_lanes(F.lanes(t), pos, words[pos], nw[pos]) == F.lanes(new)
+    assert F.update_lanes(F.lanes(t), pos, words[pos], nw[pos]) != F.lanes(t)
+    q = quantize(torch.randn(3, 8, 64, generator=g), profile="flashinfer")
+    assert tensor_hash(q) == hash_of_lanes(q.shape, q.profile, *mxfp4_lanes(q), q.codes.numel(), q.scales.numel())

@@ -24,6 +24,7 @@ from mxfp4_serve.sync import (
     SyncProfileError,
     SyncStateError,
 )
+from mxfp4_serve.sync.staging import StagedBlocks
 
 PROFILE = "flashinfer"
 E, H, I, LAYERS = 8, 128, 64, 2
@@ -149,29 +150,154 @@ def test_full_sync_writes_in_place_and_reports_hashes():
     assert res["version"] == 1 and set(res["changed_experts"].values()) == {E}
 
 
-def test_delta_and_full_leave_identical_bytes():
+def _delta_case(seed: int = 3) -> tuple[dict, list[dict]]:
+    """(new packed weights, delta entries from packed_full(0) to them): ~1% of the blocks changed, among them codes
+    only, scales only, and blocks sharing one 8-byte word of the scales."""
     base, new = packed_full(0), packed_full(0)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     entries = []
-    for name, q in new.items():  # change ~1% of the blocks, among them codes only, scales only, and a -0 flip
+    for name, q in new.items():
         blocks = q.codes.view(E, q.codes.shape[1], -1, 16)
         pick = torch.rand(q.scales.shape, generator=g) < 0.01
         pick[0, 0, 0] = pick[E - 1, -1, -1] = True
         blocks[pick] ^= torch.randint(1, 256, (int(pick.sum()), 16), generator=g, dtype=torch.uint8)
         q.scales[0, 0, 0] = (int(q.scales[0, 0, 0]) + 1) % 254
+        q.scales.view(-1)[9] = (int(q.scales.view(-1)[9]) + 2) % 254  # same scale word as byte 10, if picked
         changed = ((blocks != base[name].codes.view(blocks.shape)).any(-1) | (q.scales != base[name].scales))
         idx = changed.nonzero().to(torch.int32)
         entries.append({"name": name, "kind": "delta", "index": idx, "codes": blocks[changed], "scales":
                         q.scales[changed], "hashes": {"full": tensor_hash(q)},
                         "base_hashes": {"full": tensor_hash(base[name])}})
-    a, b = engine_model(0), engine_model(0)
+    return new, entries
+
+
+def _kb_major_model(seed: int = 0) -> nn.Module:
+    """engine_model with hopper_triton's kb-major codes (prepared on the CPU: the layout's torch conversion)."""
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    backend = HopperTritonBackend()
+    model = engine_model(seed, backend=backend)
+    for layer in model.children():
+        backend.prepare(layer)
+    return model
+
+
+MODELS = {"canonical": lambda: engine_model(0, backend=CPUReferenceBackend()), "kb_major": _kb_major_model}
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+def test_delta_and_full_leave_identical_bytes(layout):
+    """A block delta is staged as its blocks (no copy of the weight) and written block by block into the served
+    layout; the bytes equal a full sync's, and its hashes, built from the served lanes and the changed words only,
+    equal a fresh fingerprint of everything served."""
+    new, entries = _delta_case()
+    a, b = MODELS[layout](), MODELS[layout]()
     full_sync(EngineSync(a), new)
     sb = EngineSync(b)
     sb.stage(payload("d", entries))
+    assert all(isinstance(s, StagedBlocks) for s in sb._staged["d"].values())
     res = sb.commit("d", [e["name"] for e in entries])
     sa, sbv = served(a), served(b)
     assert all(torch.equal(sa[k], sbv[k]) for k in sa)
-    assert res["hashes"] == EngineSync(a).hashes()
+    assert res["hashes"] == EngineSync(a).hashes() == sb.hashes(fresh=True)
+    assert all(res["hashes"][n] == tensor_hash(q) for n, q in new.items())
+    for e in entries:
+        assert res["changed_experts"][e["name"]] == len(set(e["index"][:, 0].tolist()))
+    # a second delta on top of the first: the lanes adopted at commit are the served ones
+    newer, more = _delta_case(seed=4)
+    for e in more:
+        e["base_hashes"] = {"full": res["hashes"][e["name"]]}
+        q = newer[e["name"]]
+        blocks = q.codes.view(E, q.codes.shape[1], -1, 16)
+        e["index"], e["codes"], e["scales"] = _delta_from(sb, e["name"], blocks, q.scales)
+    sb.stage(payload("d2", more))
+    res2 = sb.commit("d2", [e["name"] for e in more])
+    assert res2["hashes"] == sb.hashes(fresh=True) and all(res2["hashes"][n] == tensor_hash(q)
+                                                           for n, q in newer.items())
+
+
+def _delta_from(sync: EngineSync, name: str, blocks: torch.Tensor, scales: torch.Tensor):
+    """(index, codes, scales) of the blocks that differ between what `sync` serves for `name` and the targets."""
+    live = sync.read(name)
+    changed = (blocks != live["codes"].view(blocks.shape)).any(-1) | (scales != live["scales"])
+    return changed.nonzero().to(torch.int32), blocks[changed], scales[changed]
+
+
+@pytest.mark.parametrize("case, err, msg", [
+    ("twice", SyncPayloadError, "names a block more than once"),
+    ("nan", SyncPayloadError, r"scale byte 0xFF \(E8M0 NaN\)"),
+    ("bytes", SyncPayloadError, "staged bytes hash to .* corrupted payload"),
+    ("outside", SyncPayloadError, "delta index outside the weight's blocks"),
+])
+def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg):
+    _, entries = _delta_case()
+    e = entries[1]
+    if case == "twice":
+        e["index"] = torch.cat([e["index"], e["index"][:1]])
+        e["codes"] = torch.cat([e["codes"], e["codes"][:1]])
+        e["scales"] = torch.cat([e["scales"], e["scales"][:1]])
+    elif case == "nan":
+        e["scales"] = e["scales"].clone()
+        e["scales"][0] = 0xFF
+    elif case == "bytes":
+        e["codes"] = e["codes"].clone()
+        e["codes"][0, 3] ^= 0x10
+    else:
+        e["index"] = e["index"].clone()
+        e["index"][0, 2] = 10**6
+    model = MODELS["kb_major"]()
+    sync = EngineSync(model)
+    before, bytes_before = sync.hashes(), served(model)
+    with pytest.raises(err, match=msg):
+        sync.stage(payload("d", entries))
+    assert sync.version == 0 and sync.hashes(fresh=True) == before
+    assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
+
+
+def test_block_delta_commit_failure_restores_the_blocks(monkeypatch):
+    """A write that fails after others succeeded (here the third weight's) restores every written block and the
+    engine keeps serving the previous version, its hashes those of the bytes read afresh."""
+    from mxfp4_serve.sync.layers import SyncedLayer
+
+    _, entries = _delta_case()
+    model = MODELS["kb_major"]()
+    sync = EngineSync(model)
+    before, bytes_before = sync.hashes(), served(model)
+    sync.stage(payload("d", entries))
+    real, calls = SyncedLayer.write_blocks, []
+
+    def flaky(self, weight, blocks, codes, scales):
+        calls.append(weight)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(self, weight, blocks, codes, scales)
+
+    monkeypatch.setattr(SyncedLayer, "write_blocks", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sync.commit("d", [e["name"] for e in entries])
+    assert sync.version == 0 and sync.hashes(fresh=True) == before == sync.hashes()
+    assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
+
+
+def test_block_delta_keeps_the_one_multiply_bound():
+    """hopper_triton's one-multiply layers refuse a block delta bringing a scale byte > 128, as a full sync."""
+    new, entries = _delta_case()
+    model = MODELS["kb_major"]()
+    for layer in model.children():
+        layer._mxfp4_rl_one_mul = True  # as prepare() sets it for a layer loaded with small scale bytes
+    sync = EngineSync(model)
+    before = served(model)
+    e = entries[0]
+    q = new[e["name"]]
+    x, r, b = e["index"][1].tolist()
+    q.scales[x, r, b] = 131
+    e["scales"] = e["scales"].clone()
+    e["scales"][1] = 131
+    e["hashes"] = {"full": tensor_hash(q)}
+    sync.stage(payload("d", [e]))
+    with pytest.raises(SyncError, match=r"scale byte \d+ \(> 128.*Nothing was written"):
+        sync.commit("d", [e["name"]])
+    assert sync.version == 0 and all(torch.equal(v, before[k]) for k, v in served(model).items())
 
 
 def test_dense_path_quantizes_with_the_engine_profile():
@@ -346,6 +472,7 @@ class _LossyBackend(CPUReferenceBackend):
     a layout conversion can have), in the second layer's w2 only; `times` writes of it are lossy."""
 
     name = "lossy_test_backend"
+    block_writes = False  # its write_experts does more than the layout's write
 
     def __init__(self, times: int) -> None:
         self.times = times
