@@ -54,9 +54,9 @@ def block_delta(old: MXFP4Tensor, new: MXFP4Tensor) -> BlockDelta:
         raise ShapeError(f"block delta: shapes differ, {list(old.shape)} vs {list(new.shape)}")
     nb = new.codes.reshape(*new.codes.shape[:-1], -1, BLOCK_SIZE // 2)
     ob = old.codes.to(new.codes.device).reshape(nb.shape)
-    # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes
-    words = (BLOCK_SIZE // 2) // 8
-    same_codes = (nb.contiguous().view(torch.int64) == ob.contiguous().view(torch.int64)).sum(-1) == words
+    # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes (all(), not a
+    # sum of the bools: 2.5 vs 10 ms for 16 MB on 2 CPU cores)
+    same_codes = (nb.contiguous().view(torch.int64) == ob.contiguous().view(torch.int64)).all(-1)
     old_scales = old.scales.to(new.scales.device)
     scale_changed = new.scales != old_scales
     changed = ~same_codes | scale_changed
