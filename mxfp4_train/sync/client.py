@@ -33,6 +33,7 @@ from common.moe.wire import (
     shard_key,
     shard_of,
 )
+from common.constants import BLOCK_SIZE
 from common.tensor import MXFP4Tensor
 
 from ..conversion import experts_modules
@@ -278,8 +279,7 @@ class WeightSync:
         commit_s = time.perf_counter() - t1
         self._verify(expect, infos, results, [e for e in entries if e["kind"] in ("bias", "lora", "param")],
                      weights)
-        self.last = {n: MXFP4Tensor(q.codes.detach().clone(), q.scales.detach().clone(), q.profile)
-                     for n, q in weights.items()}
+        self.last = self._kept(weights, {e["name"]: e for e in entries})
         self.last_hashes = expect
         tracker.last = versions
         phases.mark("verify + keep")
@@ -295,6 +295,22 @@ class WeightSync:
             engine_version=int(results[0]["version"]),
             hashes=dict(full), param_bytes=sum(payload_bytes(e) for e in params),
             phases=phases.seconds, engine_phases=dict(results[0].get("phases") or {}))
+
+    def _kept(self, weights: dict[str, MXFP4Tensor], entries: dict[str, dict]) -> dict[str, MXFP4Tensor]:
+        """The bytes just synced, kept as the next delta's base: a weight sent as a delta updates its kept copy in
+        place with the delta's blocks (its other blocks are equal by construction); any other weight is copied."""
+        kept = {}
+        for name, q in weights.items():
+            e, last = entries.get(name, {}), self.last.get(name)
+            if e.get("kind") == "delta" and last is not None:
+                i = e["index"].long().to(last.codes.device)
+                blocks = last.codes.view(*last.codes.shape[:-1], -1, BLOCK_SIZE // 2)
+                blocks[i[:, 0], i[:, 1], i[:, 2]] = e["codes"].to(last.codes.device)
+                last.scales[i[:, 0], i[:, 1], i[:, 2]] = e["scales"].to(last.scales.device)
+                kept[name] = last
+            else:
+                kept[name] = MXFP4Tensor(q.codes.detach().clone(), q.scales.detach().clone(), q.profile)
+        return kept
 
     def _stage(self, sync_id: str, profile: str, entries: list[dict]) -> float:
         """One stage call per MoE layer (bounded message size); an error aborts the whole sync."""
