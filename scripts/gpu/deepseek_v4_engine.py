@@ -50,10 +50,13 @@ ROOT = Path(__file__).resolve().parents[2]
 #   wrong output);
 # - sliding window 64: FlashMLA's sm90 sparse decode asserts topk % 64 == 0, and the window is its decode topk;
 # - 32 indexer heads: DeepGEMM's sm90 MQA-logits kernels take 32 or 64 heads; index_topk 64, a multiple of every
-#   top-k block its kernels read.
+#   top-k block its kernels read;
+# - hc_mult 4 (the release's): tilelang's small-batch mHC kernel for 8-16 tokens (vLLM's 16-token warmup batch) runs
+#   n_out // 3 tiles of its n_out = (2 + hc_mult) * hc_mult outputs; with hc_mult 2 (n_out 8) two outputs stay
+#   unwritten (torch.empty) and the sinkhorn reads garbage, without an error (read from its source, not run).
 ENGINE_DIMS = {"head_dim": 512, "qk_rope_head_dim": 64, "index_head_dim": 128, "o_lora_rank": 128, "q_lora_rank": 128,
                "moe_intermediate_size": 128, "hidden_size": 2048, "sliding_window": 64, "index_n_heads": 32,
-               "index_topk": 64}
+               "index_topk": 64, "hc_mult": 4}
 PROMPTS = [[1, 5, 9, 17, 33], [2, 200, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]]
 MODES = ["default", "mxfp4_rl", "mxfp4_rl:cpu_reference"]
 # three modes within one 10-minute device command; one mode may take longer (DeepGEMM compiles its kernels at start)

@@ -108,8 +108,8 @@ D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel
   done
   [ -n "$TVM" ] || TVM=/tmp/tvm_0.1.9
   DSV4_PATH=$TVM:/tmp/site:/tmp/dsv4site:/tmp/dsv4site/nvidia_cutlass_dsl/python_packages
-  PYTHONPATH=$DSV4_PATH DSV4_CHILD_TIMEOUT_S=${DSV4_CHILD_TIMEOUT_S:-420} VLLM_DEEP_GEMM_WARMUP=skip \
-    timeout $(( ${DSV4_CHILD_TIMEOUT_S:-420} + 60 )) python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
+  PYTHONPATH=$DSV4_PATH DSV4_CHILD_TIMEOUT_S=${DSV4_CHILD_TIMEOUT_S:-500} VLLM_DEEP_GEMM_WARMUP=skip \
+    timeout $(( ${DSV4_CHILD_TIMEOUT_S:-500} + 60 )) python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
 *) echo "usage: round_session.sh A|B|C|K|K2|R|D|P"; exit 2 ;;
