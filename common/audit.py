@@ -44,6 +44,23 @@ def mxfp4_lanes(q: MXFP4Tensor) -> tuple[list[int], list[int]]:
     return lanes(q.codes), lanes(q.scales)
 
 
+def mxfp4_lanes_after(lane_values: tuple[list[int], list[int]], old: MXFP4Tensor, new: MXFP4Tensor,
+                      blocks: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The lanes of `new`, given the lanes of `old` and the blocks [M, 3] (expert, row, block) where they may differ
+    (every other block equal): only those blocks' code words and scale words are fingerprinted."""
+    from .fingerprint import update_lanes, words_of
+
+    _, n, kb = new.scales.shape
+    b = blocks.to(torch.int64).to(new.codes.device)
+    lin = (b[:, 0] * n + b[:, 1]) * kb + b[:, 2]
+    code_words = torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1)  # a block: 16 code bytes, two words
+    scale_words = torch.unique(lin // 8)
+    oc, nc = words_of(old.codes), words_of(new.codes)
+    os_, ns = words_of(old.scales), words_of(new.scales)
+    return (update_lanes(lane_values[0], code_words, oc[code_words], nc[code_words]),
+            update_lanes(lane_values[1], scale_words, os_[scale_words], ns[scale_words]))
+
+
 def hash_of_lanes(shape, profile: str, code_lanes: list[int], scale_lanes: list[int], code_bytes: int,
                   scale_bytes: int) -> str:
     """tensor_hash of an MXFP4 tensor given its shape, profile and the lanes and byte counts of codes and scales."""

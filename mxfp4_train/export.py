@@ -54,16 +54,17 @@ def _bias_params(mod: MXFP4Experts) -> dict[str, torch.Tensor]:
     return {P.W13_BIAS: b13.contiguous(), P.W2_BIAS: mod.b2.detach().contiguous()}
 
 
-def export_for_engine(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield (vLLM parameter name, tensor, audit hash) for every expert parameter the engine serves."""
+def export_for_engine(model: nn.Module, hashed: bool = True) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+    """Yield (vLLM parameter name, tensor, audit hash) for every expert parameter the engine serves; hashed=False
+    leaves the packed weights' hashes None (a caller that derives them otherwise: the sync's block deltas)."""
     blocks = experts_modules(model)
     if not blocks:
         raise ValueError("export_for_engine: the model has no MXFP4Experts (convert it first)")
     for prefix, mod in blocks:
         with torch.no_grad():
             params = to_vllm_moe(*_gate_up_down(mod))
-        hashes = {w: tensor_hash(common.MXFP4Tensor(params[w], params[P.scale_name(w)], mod.profile))
-                  for w in P.PACKED_WEIGHTS}
+        hashes = {w: tensor_hash(common.MXFP4Tensor(params[w], params[P.scale_name(w)], mod.profile)) if hashed
+                  else None for w in P.PACKED_WEIGHTS}
         for name, t in params.items():
             yield f"{prefix}.{name}", t, hashes[name.removesuffix("_scale")]
         for name, t in _bias_params(mod).items():

@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from common.audit import diff
+from common.audit import diff, hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after
 from common.moe import params as P
 from common.moe.wire import (
     FULL_KEY,
@@ -93,10 +93,12 @@ def learner_weights(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor]]:
     return profile, out
 
 
-def learner_weights_and_hashes(model: nn.Module) -> tuple[str, dict[str, MXFP4Tensor], dict[str, str]]:
-    """learner_weights plus each weight's whole-tensor audit hash, as the export computed it (hashed once)."""
+def learner_weights_and_hashes(model: nn.Module, hashed: bool = True
+                               ) -> tuple[str, dict[str, MXFP4Tensor], dict[str, str | None]]:
+    """learner_weights plus each weight's whole-tensor audit hash, as the export computed it (hashed once);
+    hashed=False: the hashes None, for a caller that derives them from its last sync (WeightSync)."""
     blocks = experts_modules(model)
-    exported = {name: (t, h) for name, t, h in export_for_engine(model)}
+    exported = {name: (t, h) for name, t, h in export_for_engine(model, hashed=hashed)}
     profiles = {m.profile for _, m in blocks}
     if len(profiles) != 1:
         raise ValueError(f"sync: the model's experts use several profiles {sorted(profiles)}")
@@ -143,6 +145,9 @@ class WeightSync:
         self.engine = EngineHandle.of(engine)
         self.last: dict[str, MXFP4Tensor] = {}
         self.last_hashes: dict[str, dict[str, str]] = {}  # of self.last, per shard key: a delta's base, not re-hashed
+        # fingerprint lanes of self.last (common.audit.mxfp4_lanes): the next sync hashes a weight from them and the
+        # blocks its delta changed, instead of fingerprinting every weight again
+        self.last_lanes: dict[str, tuple[list[int], list[int]]] = {}
         # per learner model (one WeightSync may serve several in turn): its non-expert parameters' versions at its
         # last successful sync, to send exactly those that changed
         self._params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -222,14 +227,14 @@ class WeightSync:
         return infos
 
     def _entry(self, name: str, q: MXFP4Tensor, hashes: dict[str, str], descs: list, infos: list, dense,
-               use_delta: bool, stats: dict):
+               use_delta: bool, stats: dict, deltas: dict):
         if dense is not None:
             return {"name": name, "kind": "dense", "weight": dense[name], "hashes": hashes}
         last = self.last.get(name) if use_delta else None
         if last is not None:
             base = expected_hashes(last, descs, self.last_hashes.get(name))
             if all(info["weights"][name]["hash"] == base[info["weights"][name]["key"]] for info in infos):
-                d = block_delta(last, q)
+                d = deltas.get(name) or block_delta(last, q)
                 for k in ("codes_flipped", "scales_changed", "blocks_changed"):
                     stats[k] = (stats.get(k) or 0) + getattr(d, k)
                 if choose_kind(d, q.nbytes) == "delta":
@@ -246,18 +251,27 @@ class WeightSync:
             raise ValueError(f"sync mode must be one of {MODES}, got {mode!r}")
         t0 = time.perf_counter()
         phases = Phases()
-        profile, weights, full = learner_weights_and_hashes(model)
+        profile, weights, full = learner_weights_and_hashes(model, hashed=False)
         dense = dense_weights(model) if mode == "dense" else None
+        delta_ok = delta and bool(self.last) and all(n in self.last for n in weights)
+        lanes, deltas = {}, {}
+        for name, q in weights.items():
+            last, last_lanes = self.last.get(name), self.last_lanes.get(name)
+            if delta_ok and dense is None and last is not None and last_lanes is not None:
+                deltas[name] = block_delta(last, q)
+                lanes[name] = mxfp4_lanes_after(last_lanes, last, q, deltas[name].index)
+            else:
+                lanes[name] = mxfp4_lanes(q)
+            full[name] = hash_of_lanes(q.shape, q.profile, *lanes[name], q.codes.numel(), q.scales.numel())
         phases.mark("learner export + hash")
         infos = self._info(profile, set(weights))
         phases.mark("engine info")
         self._check_payload_is_the_forward(model, infos[0])
         sync_id = uuid.uuid4().hex
         stats: dict = {}
-        delta_ok = delta and bool(self.last) and all(n in self.last for n in weights)
         expect = _expected(weights, full, infos)
-        entries = [self._entry(name, q, expect[name], _descriptors(infos, name), infos, dense, delta_ok, stats)
-                   for name, q in weights.items()]
+        entries = [self._entry(name, q, expect[name], _descriptors(infos, name), infos, dense, delta_ok, stats,
+                               deltas) for name, q in weights.items()]
         entries += self._extra_entries(model, infos)
         tracker = self._params.setdefault(model, ParamTracker())
         current = current_params(model)  # merges each dense adapter once, for the three uses below
@@ -280,6 +294,7 @@ class WeightSync:
         self._verify(expect, infos, results, [e for e in entries if e["kind"] in ("bias", "lora", "param")],
                      weights)
         self.last = self._kept(weights, {e["name"]: e for e in entries})
+        self.last_lanes = lanes
         self.last_hashes = expect
         tracker.last = versions
         phases.mark("verify + keep")

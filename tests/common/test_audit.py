@@ -226,3 +226,20 @@ def test_lanes_update_from_the_changed_words_alone():
     assert F.update_lanes(F.lanes(t), pos, words[pos], nw[pos]) != F.lanes(t)
     q = quantize(torch.randn(3, 8, 64, generator=g), profile="flashinfer")
     assert tensor_hash(q) == hash_of_lanes(q.shape, q.profile, *mxfp4_lanes(q), q.codes.numel(), q.scales.numel())
+
+
+def test_mxfp4_lanes_after_a_block_change_equal_a_fresh_fingerprint():
+    """The learner's hash of a delta: the lanes of the new weight from the old lanes and the changed blocks alone
+    (codes only, scales only, two changed scale bytes in one word, the last block of the tensor)."""
+    from common.audit import mxfp4_lanes, mxfp4_lanes_after
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    old = quantize(torch.randn(3, 7, 96, generator=g), profile="flashinfer")  # 63 scale bytes: a padded last word
+    new = MXFP4Tensor(old.codes.clone(), old.scales.clone(), old.profile)
+    blocks = torch.tensor([[0, 0, 0], [0, 0, 1], [1, 3, 2], [2, 6, 2]])
+    new.codes.view(3, 7, 3, 16)[0, 0, 0, 5] ^= 0x21  # codes only
+    new.scales[0, 0, 1] += 1  # scale only, same scale word as block 0
+    new.codes.view(3, 7, 3, 16)[1, 3, 2] ^= 0xFF
+    new.scales[2, 6, 2] -= 1  # the last byte, in the zero-padded last word
+    after = mxfp4_lanes_after(mxfp4_lanes(old), old, new, blocks)
+    assert after == mxfp4_lanes(new) and after != mxfp4_lanes(old)
