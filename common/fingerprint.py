@@ -102,4 +102,4 @@ def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: tor
                  new_words: torch.Tensor) -> list[int]:
     """The lanes after the words at `positions` changed from old_words to new_words (each position once)."""
     new, old = lane_terms(positions, new_words), lane_terms(positions, old_words)
-    return [_signed(v + n - o) for v, n, o in zip(lane_values, new, old)]
+    return [_signed(v + n - o) for v, n, o in zip(lane_values, new, old, strict=True)]

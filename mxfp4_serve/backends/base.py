@@ -81,6 +81,7 @@ class MoEBackend(abc.ABC):
     def check_values(self, layer: torch.nn.Module, param_name: str, values: torch.Tensor) -> None:
         """Raise (common.moe.wire.SyncError) for canonical values of `param_name` this layer cannot serve; called
         before every write, whole experts or blocks. Default: accept everything."""
+        return None
 
     def activation_refusal(self, activation: ActivationSpec) -> str:
         """Why this backend cannot compute `activation` ("" when it can): asked once at engine start by the MoE

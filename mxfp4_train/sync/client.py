@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.audit import diff, hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after
+from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import (
     FULL_KEY,
@@ -33,7 +34,6 @@ from common.moe.wire import (
     shard_key,
     shard_of,
 )
-from common.constants import BLOCK_SIZE
 from common.tensor import MXFP4Tensor
 
 from ..conversion import experts_modules
