@@ -152,6 +152,17 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.T
     return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 
 
+def _experts_mm(inp: torch.Tensor, w: Packed, scratch: torch.Tensor, lo: int, hi: int, offs: torch.Tensor,
+                factors: tuple[torch.Tensor, torch.Tensor] | None, scaling: float) -> torch.Tensor:
+    """inp_e @ W_e^T (+ scaling * (inp_e A_e^T) B_e^T) for experts lo..hi (rows grouped by offs, starting at 0),
+    through the bf16 scratch: one projection of the layer."""
+    out = _grouped_mm(inp, dequantize_experts(*w, slice(lo, hi), out=scratch), offs[1:])
+    if factors is not None:
+        a, b = factors
+        out = out + _grouped_mm(L.project(inp, offs, a[lo:hi], scaling), b[lo:hi].to(torch.bfloat16), offs[1:])
+    return out
+
+
 def moe_layer_forward_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                             w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
                             bias2: torch.Tensor | None = None,
@@ -161,6 +172,7 @@ def moe_layer_forward_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     canonical codes, unmerged LoRA factors with their scaling) through dequantized weights and cuBLAS; see the
     module docstring for what differs. scratch_bytes: the bf16 weight budget (default scratch_budget_bytes())."""
     t, k = topk_ids.shape
+    scaling = lora[4] if lora is not None else 1.0
     e, n13, h = weight_dims(*w13)
     e2, h2, i = weight_dims(*w2)
     if e2 != e or h2 != h or n13 != 2 * i:
@@ -186,23 +198,12 @@ def moe_layer_forward_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_weight
         if r1 == r0:
             continue
         offs = routing.offsets[lo:hi + 1] - routing.offsets[lo]  # int32 [E'+1], starting at 0
-        xc = xs[r0:r1]
-        wb = dequantize_experts(*w13, slice(lo, hi), out=scratch13)
-        pre = _grouped_mm(xc, wb, offs[1:])
-        if lora is not None:
-            a13, b13, _, _, scaling = lora
-            hs = L.project(xc, offs, a13[lo:hi], scaling)
-            pre = pre + _grouped_mm(hs, b13[lo:hi].to(torch.bfloat16), offs[1:])
+        pre = _experts_mm(xs[r0:r1], w13, scratch13, lo, hi, offs, None if lora is None else lora[0:2], scaling)
         act = gated_rows(pre, activation, limit=limit,
                          bias=None if bias13 is None else bias13[lo:hi],
                          row_experts=None if row_experts is None else row_experts[r0:r1] - lo)
         del pre
-        wb = dequantize_experts(*w2, slice(lo, hi), out=scratch2)
-        yc = _grouped_mm(act, wb, offs[1:])
-        if lora is not None:
-            _, _, a2, b2, scaling = lora
-            hs = L.project(act, offs, a2[lo:hi], scaling)
-            yc = yc + _grouped_mm(hs, b2[lo:hi].to(torch.bfloat16), offs[1:])
+        yc = _experts_mm(act, w2, scratch2, lo, hi, offs, None if lora is None else lora[2:4], scaling)
         if host is None:
             y = yc
         else:
