@@ -72,15 +72,16 @@ class MoEBackend(abc.ABC):
         self.check_values(layer, param_name, values)
         moe.write_canonical(layer, param_name, local_experts, values)
 
-    # Whether a sync may write single 32-blocks of this backend's layers in place through their layout
-    # (mxfp4_serve/sync/layers.py: block deltas), i.e. write_experts is the layout's write plus check_values and
-    # nothing else. A backend whose writes do more sets it False; layouts other than canonical and kb-major
-    # (FlashInfer's swizzled scales) take the whole-expert path regardless.
-    block_writes: bool = True
+    # Whether a sync may write this backend's layers directly in their layout (mxfp4_serve/sync/layers.py: staged
+    # bytes converted once to the served form, raw diff / write / read-back; single 32-blocks for deltas), i.e.
+    # write_experts is the layout's write plus check_values and nothing else. A backend whose writes do more sets it
+    # False; layouts other than canonical and kb-major (FlashInfer's swizzled scales) take the generic path regardless.
+    layout_writes: bool = True
 
     def check_values(self, layer: torch.nn.Module, param_name: str, values: torch.Tensor) -> None:
         """Raise (common.moe.wire.SyncError) for canonical values of `param_name` this layer cannot serve; called
-        before every write, whole experts or blocks. Default: accept everything."""
+        before every write, whole experts or blocks (scales always; codes where the write has them canonical: a
+        direct write of kb-major codes stages the stored form only). Default: accept everything."""
         return None
 
     def activation_refusal(self, activation: ActivationSpec) -> str:

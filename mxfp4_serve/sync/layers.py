@@ -35,9 +35,10 @@ class SyncedLayer:
     module: nn.Module
     loader: ExpertWeightLoader
     backend: MoEBackend | None
-    # weight -> ((layer generation, loader writes), hash, fingerprint lanes): what hash() last read back. Every writer of the layer's
-    # bytes in this codebase moves that key (common.moe.layouts.bump_generation, the loader's count), so a cached
-    # hash is the served bytes' until the next write; `fresh` reads them again regardless (the audit RPC does).
+    # weight -> ((layer generation, loader writes), hash, fingerprint lanes): what hash() last read back. Every
+    # writer of the layer's bytes in this codebase moves that key (common.moe.layouts.bump_generation, the loader's
+    # count), so a cached hash is the served bytes' until the next write; `fresh` reads them again regardless (the
+    # audit RPC does).
     _hashes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -156,13 +157,52 @@ class SyncedLayer:
         self.adopt(weight, staged_hash, lanes)
         return True
 
+    # ---- the served form (layout_writable layers) --------------------------------------------------------------------
+    def stored_form(self, weight: str, codes: torch.Tensor) -> torch.Tensor:
+        """Canonical codes [E, N, K/2] of all local experts as the layer stores them (kb-major bytes for
+        hopper_triton, in a tensor of the parameter's shape); scales are stored canonical."""
+        from common.grouped_gemm.layout import to_kb_major
+
+        if moe.layout_of(self.module) is moe.KB_MAJOR:
+            return to_kb_major(codes, weight).view(codes.shape)
+        return codes
+
+    def raw(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live (codes, scales) parameters as stored: no conversion, no copy."""
+        return self.loader.params[weight].data, self.loader.params[moe.scale_name(weight)].data
+
+    def write_stored(self, weight: str, experts: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                     canonical_codes: torch.Tensor | None = None) -> None:
+        """Copy stored-form bytes of the given local experts into the live parameters (the backend checks the
+        scales, and the canonical codes where given, first)."""
+        if experts.numel() == 0:
+            return
+        if self.backend is not None:
+            self.backend.check_values(self.module, moe.scale_name(weight), scales)
+            if canonical_codes is not None:
+                self.backend.check_values(self.module, weight, canonical_codes)
+        moe.layouts.bump_generation(self.module)
+        live_codes, live_scales = self.raw(weight)
+        moe.layouts.copy_experts(live_scales, experts, scales)
+        moe.layouts.copy_experts(live_codes, experts, codes)
+
+    def serves_stored(self, weight: str, codes: torch.Tensor, scales: torch.Tensor, staged_hash: str,
+                      lanes: tuple[list[int], list[int]]) -> bool:
+        """serves() for stored-form bytes: the live parameters compared with them as they are, byte for byte."""
+        live_codes, live_scales = self.raw(weight)
+        if not (same_bytes(live_codes, codes) and same_bytes(live_scales, scales)):
+            return False
+        self.adopt(weight, staged_hash, lanes)
+        return True
+
     # ---- single 32-blocks (block deltas) ---------------------------------------------------------------------------
-    def block_writable(self) -> bool:
-        """Whether single blocks can be read and written in place: the backend's writes are its layout's
-        (MoEBackend.block_writes) and the layout keeps each block's 16 code bytes together and its scale byte
-        canonical (canonical, kb-major)."""
+    def layout_writable(self) -> bool:
+        """Whether a sync may write the served form directly (whole weights as stored_form gives them, single
+        blocks): the backend's writes are its layout's (MoEBackend.layout_writes) and the layout converts each
+        parameter on its own, keeping each block's 16 code bytes together and its scale byte canonical (canonical,
+        kb-major)."""
         layout = moe.layout_of(self.module)
-        return (self.backend is None or self.backend.block_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
+        return (self.backend is None or self.backend.layout_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
 
     def _block_views(self, weight: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(codes as [E, N, KB, 16] or kb-major [E, KB, N, 16], scales [E, N, KB], kb-major?) of the live params."""

@@ -10,7 +10,8 @@ live bytes. Nothing served changes.
 `commit(sync_id, names)` is one RPC, so vLLM runs it between two engine steps: it refuses unless every named entry
 is staged against the version still served, then writes only the experts (or a delta's blocks) whose bytes differ,
 in place, keeping their previous bytes until every write and the byte-for-byte read-back succeeded; any failure
-restores them. A sync
+restores them. On layout-writable layers (SyncedLayer.layout_writable) the stage converts the bytes to the served
+form once, so the commit (inside the engine's pause) diffs, writes and reads back raw bytes. A sync
 interrupted before commit (learner crash, failed stage, abort) therefore leaves the previous version whole.
 """
 
@@ -54,17 +55,20 @@ from .params import ParamTargets, StagedParam, load_params, stage_param
 class Staged:
     layer: SyncedLayer
     weight: str
-    codes: torch.Tensor  # canonical, this rank's shard, new contiguous storage
+    codes: torch.Tensor | None  # canonical, this rank's shard, new contiguous storage (None: only `stored` kept)
     scales: torch.Tensor
     hash: str
     lanes: tuple[list[int], list[int]]  # fingerprint lanes of codes and scales (behind hash)
     base_version: int
     payload_bytes: int
+    # the codes as the layer stores them (SyncedLayer.stored_form), converted once here, before the pause, so that
+    # the commit diffs, writes and reads back raw bytes; None where the layer is written through its backend
+    stored: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
 class StagedBlocks:
-    """A block delta staged sparsely (SyncedLayer.block_writable layers): the changed local 32-blocks and their new
+    """A block delta staged sparsely (SyncedLayer.layout_writable layers): the changed local 32-blocks and their new
     canonical bytes. Its hash and lanes are those of the whole weight the blocks make, computed from the served
     weight's lanes and the changed words alone (common.fingerprint.update_lanes): a 1% delta costs about 1% of a
     full stage and commit, not a copy, a rehash and a rewrite of the whole weight."""
@@ -266,7 +270,7 @@ class EngineSync:
             dev = layer.loader.params[weight].device
             codes = _shard_of(codes.to(dev), desc, BLOCK_SIZE // 2).contiguous()
             scales = _shard_of(scales.to(dev), desc, 1).contiguous()
-        elif kind == "delta" and layer.block_writable():
+        elif kind == "delta" and layer.layout_writable():
             return self._stage_blocks(entry, layer, weight, desc, n)
         elif kind == "delta":
             codes, scales, nbytes = self._apply_delta(entry, layer, weight, desc, n)
@@ -288,7 +292,10 @@ class EngineSync:
         lanes = mxfp4_lanes(q)
         h = hash_of_lanes(q.shape, q.profile, *lanes, codes.numel(), scales.numel())
         self._check_hash(entry, layer, weight, kind, h)
-        return Staged(layer, weight, codes, scales, h, lanes, self.version, nbytes)
+        stored = layer.stored_form(weight, codes) if layer.layout_writable() else None
+        if stored is not None and stored is not codes:
+            codes = None  # the stored form replaces the canonical copy: one staged copy of the policy, not two
+        return Staged(layer, weight, codes, scales, h, lanes, self.version, nbytes, stored)
 
     def _check_hash(self, entry: dict, layer: SyncedLayer, weight: str, kind: str, h: str) -> None:
         expected = self._expected(entry, layer, weight)
@@ -479,7 +486,9 @@ class EngineSync:
                 if isinstance(s, Staged):
                     # read back and compared with the staged bytes, whose hash the stage checked against the
                     # learner's: as strong as hashing what was read (stronger: equality, not a fingerprint)
-                    if not s.layer.serves(s.weight, s.codes, s.scales, s.hash, s.lanes):
+                    ok = (s.layer.serves(s.weight, s.codes, s.scales, s.hash, s.lanes) if s.stored is None
+                          else s.layer.serves_stored(s.weight, s.stored, s.scales, s.hash, s.lanes))
+                    if not ok:
                         raise SyncError(f"sync commit: '{name}' reads back other bytes than were staged (backend "
                                         f"layout conversion is not a byte permutation?)")
                     read_back[name] = s.hash
@@ -514,24 +523,43 @@ class EngineSync:
 
     @staticmethod
     def _write_packed(s: Staged, undo: list) -> int:
-        codes, scales = s.layer.read(s.weight)
-        diff = _experts_differ(codes, s.codes) | _experts_differ(scales, s.scales)
+        """Write the experts whose bytes differ, keeping the old ones for the undo. On the stored form where the
+        stage converted it (s.stored: the live bytes diffed, kept and overwritten as they are stored, no conversion
+        in the commit), else in canonical bytes through the backend's read and write."""
+        if s.stored is not None:
+            def read():
+                return s.layer.raw(s.weight)
+
+            def write(experts, codes, scales, canonical_codes=None):
+                s.layer.write_stored(s.weight, experts, codes, scales, canonical_codes)
+            new_codes = s.stored
+        else:
+            def read():
+                return s.layer.read(s.weight)
+
+            def write(experts, codes, scales, canonical_codes=None):
+                s.layer.write(s.weight, experts, codes, scales)
+            new_codes = s.codes
+        codes, scales = read()
+        diff = _experts_differ(codes, new_codes) | _experts_differ(scales, s.scales)
         experts = diff.nonzero().flatten()
         # index_select copies (the undo's values); advanced indexing took 10x longer on the CPU
         old_codes, old_scales = codes.index_select(0, experts), scales.index_select(0, experts)
 
         def restore() -> None:
-            s.layer.write(s.weight, experts, old_codes, old_scales)
-            now_codes, now_scales = s.layer.read(s.weight)  # a restore through a faulty layout must not pass silently
+            write(experts, old_codes, old_scales)
+            now_codes, now_scales = read()  # a restore through a faulty layout must not pass silently
             if not (same_bytes(now_codes.index_select(0, experts), old_codes)
                     and same_bytes(now_scales.index_select(0, experts), old_scales)):
                 raise SyncError(f"'{s.layer.name}.{s.weight}' does not read back its previous bytes after the restore")
 
         undo.append(restore)
-        if experts.numel() == codes.shape[0]:  # every expert changed (a full sync): the staged tensors as they are
-            s.layer.write(s.weight, experts, s.codes, s.scales)
-        else:
-            s.layer.write(s.weight, experts, s.codes.index_select(0, experts), s.scales.index_select(0, experts))
+        every = experts.numel() == codes.shape[0]  # a full sync: the staged tensors as they are
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if every else t.index_select(0, experts)
+
+        write(experts, pick(new_codes), pick(s.scales), pick(s.codes) if s.codes is not None else None)
         return int(experts.numel())
 
     @staticmethod

@@ -436,6 +436,7 @@ class _FailingBackend(CPUReferenceBackend):
     """A backend with its own layout hooks whose write number `fail_at` fails once (a transient fault mid-commit)."""
 
     name = "failing_test_backend"
+    layout_writes = False  # its write_experts does more than the layout's write
 
     def __init__(self, fail_at: int) -> None:
         self.calls, self.fail_at = 0, fail_at
@@ -472,7 +473,7 @@ class _LossyBackend(CPUReferenceBackend):
     a layout conversion can have), in the second layer's w2 only; `times` writes of it are lossy."""
 
     name = "lossy_test_backend"
-    block_writes = False  # its write_experts does more than the layout's write
+    layout_writes = False  # its write_experts does more than the layout's write
 
     def __init__(self, times: int) -> None:
         self.times = times
@@ -574,3 +575,51 @@ def test_served_hashes_are_reused_until_something_writes_the_layer(monkeypatch):
     codes[1, 0, 0] ^= 0x01
     assert sync.hashes()[name] == first[name]
     assert LocalEngine(model).collective_rpc("mxfp4_sync_hashes")[0][name] != first[name]
+
+
+@pytest.mark.parametrize("layout", sorted(MODELS))
+def test_direct_writes_of_the_served_form(layout, monkeypatch):
+    """A full sync into a layout-writable layer converts the staged bytes to the served form at the stage and diffs,
+    writes and reads back raw bytes at the commit: the served bytes equal a canonical engine's converted, the hashes
+    a fresh fingerprint's. A write that fails midway, and one that loses a bit, are both undone."""
+    from common.grouped_gemm.layout import to_kb_major
+    from mxfp4_serve.sync.layers import SyncedLayer
+
+    target = packed_full(seed=100)
+    model = MODELS[layout]()
+    sync = EngineSync(model)
+    sync.stage(payload("s", [packed_entry(n, q) for n, q in target.items()]))
+    assert all(s.stored is not None for s in sync._staged["s"].values())
+    res = sync.commit("s", list(target))
+    now = served(model)
+    for name, q in target.items():
+        want = to_kb_major(q.codes).view(q.codes.shape) if layout == "kb_major" else q.codes
+        assert torch.equal(now[name], want) and torch.equal(now[name + "_scale"], q.scales)
+    assert res["hashes"] == sync.hashes(fresh=True) == {n: tensor_hash(q) for n, q in target.items()}
+
+    real, calls = SyncedLayer.write_stored, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(self, *args, **kwargs)
+
+    lost = []
+
+    def lossy(self, weight, experts, codes, scales, canonical_codes=None):
+        real(self, weight, experts, codes, scales, canonical_codes)
+        if weight == "w2_weight" and not lost:  # the first write of a w2 loses a bit, the restore does not
+            lost.append(1)
+            self.raw(weight)[0][int(experts[0]), 0, 0] ^= 0x04
+
+    for fault, msg in ((failing, "injected failure"), (lossy, "w2_weight' reads back other bytes")):
+        before, bytes_before = sync.hashes(fresh=True), served(model)
+        monkeypatch.setattr(SyncedLayer, "write_stored", fault)
+        again = packed_full(seed=200)
+        sync.stage(payload("t", [packed_entry(n, q) for n, q in again.items()]))
+        with pytest.raises((RuntimeError, SyncError), match=msg):
+            sync.commit("t", list(again))
+        monkeypatch.setattr(SyncedLayer, "write_stored", real)
+        assert sync.version == 1 and sync.hashes(fresh=True) == before == sync.hashes()
+        assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
