@@ -157,7 +157,15 @@ class SyncedLayer:
         self.adopt(weight, staged_hash, lanes)
         return True
 
-    # ---- the served form (layout_writable layers) --------------------------------------------------------------------
+    # ---- the served form, written directly (layout_writable layers) ------------------------------------------------
+    def layout_writable(self) -> bool:
+        """Whether a sync may write the served form directly (whole weights as stored_form gives them, single
+        blocks): the backend's writes are its layout's (MoEBackend.layout_writes) and the layout converts each
+        parameter on its own, keeping each block's 16 code bytes together and its scale byte canonical (canonical,
+        kb-major)."""
+        layout = moe.layout_of(self.module)
+        return (self.backend is None or self.backend.layout_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
+
     def stored_form(self, weight: str, codes: torch.Tensor) -> torch.Tensor:
         """Canonical codes [E, N, K/2] of all local experts as the layer stores them (kb-major bytes for
         hopper_triton, in a tensor of the parameter's shape); scales are stored canonical."""
@@ -196,20 +204,11 @@ class SyncedLayer:
         return True
 
     # ---- single 32-blocks (block deltas) ---------------------------------------------------------------------------
-    def layout_writable(self) -> bool:
-        """Whether a sync may write the served form directly (whole weights as stored_form gives them, single
-        blocks): the backend's writes are its layout's (MoEBackend.layout_writes) and the layout converts each
-        parameter on its own, keeping each block's 16 code bytes together and its scale byte canonical (canonical,
-        kb-major)."""
-        layout = moe.layout_of(self.module)
-        return (self.backend is None or self.backend.layout_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
-
     def _block_views(self, weight: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(codes as [E, N, KB, 16] or kb-major [E, KB, N, 16], scales [E, N, KB], kb-major?) of the live params."""
         from common.grouped_gemm.layout import BLOCK_BYTES, kb_major_view
 
-        codes = self.loader.params[weight]
-        scales = self.loader.params[moe.scale_name(weight)]
+        codes, scales = self.raw(weight)
         if moe.layout_of(self.module) is moe.KB_MAJOR:
             return kb_major_view(codes, weight), scales, True
         e, n, kh = codes.shape
