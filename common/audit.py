@@ -44,17 +44,24 @@ def mxfp4_lanes(q: MXFP4Tensor) -> tuple[list[int], list[int]]:
     return lanes(q.codes), lanes(q.scales)
 
 
+def block_words(blocks: torch.Tensor, rows: int, kblocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the blocks (expert, row, block) [M, 3] of a canonical MXFP4 weight of `rows` rows and `kblocks` blocks a
+    row sit among the 64-bit words its fingerprint sums (common.fingerprint.words_of): (lin [M], each block's flat
+    index, i.e. the byte of its scale; its code words [2M], 2 lin and 2 lin + 1, as its 16 code bytes start at byte
+    16 lin; the scale words [U], sorted and unique: word lin // 8 holds scale byte lin). The learner's and the
+    engine's sparse rehash of a delta both place the blocks through this."""
+    b = blocks.to(torch.int64)
+    lin = (b[:, 0] * rows + b[:, 1]) * kblocks + b[:, 2]
+    return lin, torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1), torch.unique(lin // 8)
+
+
 def mxfp4_lanes_after(lane_values: tuple[list[int], list[int]], old: MXFP4Tensor, new: MXFP4Tensor,
                       blocks: torch.Tensor) -> tuple[list[int], list[int]]:
     """The lanes of `new`, given the lanes of `old` and the blocks [M, 3] (expert, row, block) where they may differ
     (every other block equal): only those blocks' code words and scale words are fingerprinted."""
     from .fingerprint import update_lanes, words_of
 
-    _, n, kb = new.scales.shape
-    b = blocks.to(torch.int64).to(new.codes.device)
-    lin = (b[:, 0] * n + b[:, 1]) * kb + b[:, 2]
-    code_words = torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1)  # a block: 16 code bytes, two words
-    scale_words = torch.unique(lin // 8)
+    _, code_words, scale_words = block_words(blocks.to(new.codes.device), *new.scales.shape[1:])
     oc, nc = words_of(old.codes), words_of(new.codes)
     os_, ns = words_of(old.scales), words_of(new.scales)
     return (update_lanes(lane_values[0], code_words, oc[code_words], nc[code_words]),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
+from common.audit import block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
@@ -388,7 +388,7 @@ class EngineSync:
         local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
         e, n, k = layer.local_shape(weight)
         kb = k // BLOCK_SIZE
-        lin = (local[:, 0] * n + local[:, 1]) * kb + local[:, 2]  # the block's index in the canonical [E, N, KB]
+        lin, code_words, scale_words = block_words(local, n, kb)
         if lin.numel() and torch.unique(lin).numel() != lin.numel():
             raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
                                    f"changed")
@@ -401,19 +401,17 @@ class EngineSync:
         code_lanes, scale_lanes = layer.lanes(weight)
         old_codes, _ = layer.read_blocks(weight, local)
         cb = cb.contiguous()
-        # a block is 16 canonical code bytes at byte 16 * lin: words 2 lin and 2 lin + 1 of the codes
-        words = torch.stack((2 * lin, 2 * lin + 1), 1)
-        code_lanes = update_lanes(code_lanes, words, old_codes.contiguous().view(torch.int64), cb.view(torch.int64))
+        code_lanes = update_lanes(code_lanes, code_words, old_codes.contiguous().view(torch.int64),
+                                  cb.view(torch.int64))
         if lin.numel():
-            # a scale byte is byte lin % 8 of word lin // 8; several changed bytes may share a word (zero padded
-            # past the end, as common.fingerprint.words_of pads)
-            wpos, inv = torch.unique(lin // 8, return_inverse=True)
+            # several changed scale bytes may share a word (zero padded past the end, as words_of pads): the old
+            # words read from the live scales, the new ones with the delta's bytes put in
             flat = live_scales.reshape(-1)
-            at = wpos[:, None] * 8 + torch.arange(8, device=flat.device)
+            at = scale_words[:, None] * 8 + torch.arange(8, device=flat.device)
             old = torch.where(at < flat.numel(), flat[at.clamp(max=flat.numel() - 1)], 0).to(torch.uint8)
             new = old.clone()
-            new[inv, lin % 8] = sb
-            scale_lanes = update_lanes(scale_lanes, wpos, old.view(torch.int64), new.view(torch.int64))
+            new[torch.searchsorted(scale_words, lin // 8), lin % 8] = sb
+            scale_lanes = update_lanes(scale_lanes, scale_words, old.view(torch.int64), new.view(torch.int64))
         lanes = (code_lanes, scale_lanes)
         h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
         self._check_hash(entry, layer, weight, "delta", h)
