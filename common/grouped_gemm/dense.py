@@ -56,20 +56,22 @@ def scratch_budget_bytes() -> int:
     return mb << 20
 
 
-def use_dense(rows: int, experts: int, device: torch.device, bf16_bytes: int = 0) -> bool:
-    """Whether moe_layer_forward takes this path for `rows` = T * k routed rows over `experts` local experts whose
-    bf16 weights take bf16_bytes (envs.HOPPER_PREFILL: "fused" never, "dense" always where it can run, "auto" from
-    AUTO_MIN_ROWS_PER_EXPERT on CUDA). While the current stream captures a CUDA graph only a layer that fits the
-    scratch in one chunk can (a chunked one reads the routing's offsets on the host)."""
+def use_dense(rows: int, experts: int, device: torch.device, weights: tuple[Packed, Packed] | None = None) -> bool:
+    """Whether moe_layer_forward takes this path for `rows` = T * k routed rows over `experts` local experts
+    (envs.HOPPER_PREFILL: "fused" never, "dense" always where it can run, "auto" from AUTO_MIN_ROWS_PER_EXPERT on
+    CUDA). While the current stream captures a CUDA graph only a layer whose (w13, w2) `weights` fit the scratch in
+    one chunk can (a chunked one reads the routing's offsets on the host). Cheap where it says no: the decode path
+    asks on every call."""
     mode = envs.HOPPER_PREFILL.get()
     if mode == "fused" or not hasattr(torch, "_grouped_mm"):
         return False
-    if (device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-            and bf16_bytes > scratch_budget_bytes()):
-        return False
     if mode == "dense":
-        return device.type == "cuda" or interpreting()
-    return device.type == "cuda" and rows >= AUTO_MIN_ROWS_PER_EXPERT * experts
+        if not (device.type == "cuda" or interpreting()):
+            return False
+    elif not (device.type == "cuda" and rows >= AUTO_MIN_ROWS_PER_EXPERT * experts):
+        return False
+    capturing = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (capturing and weights is not None and layer_bf16_bytes(*weights) > scratch_budget_bytes())
 
 
 def layer_bf16_bytes(w13: Packed, w2: Packed) -> int:

@@ -116,7 +116,7 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     t, k = topk_ids.shape
     from . import dense  # the prefill sizes' path: bf16 scratch + cuBLAS (dense.py)
 
-    if dense.use_dense(t * k, w13[0].shape[0], x.device, dense.layer_bf16_bytes(w13, w2)):
+    if dense.use_dense(t * k, w13[0].shape[0], x.device, (w13, w2)):
         return dense.moe_layer_forward_dense(x, topk_ids, topk_weights, w13, w2, activation=activation, bias13=bias13,
                                              bias2=bias2, lora=lora, limit=limit)
     routing = route(topk_ids, w13[0].shape[0])
