@@ -68,6 +68,11 @@ class ExpertLayout(abc.ABC):
         it to convert once)."""
         return {n: self.to_canonical(params, n) for n in params}
 
+    def stored_form(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Canonical bytes of parameter `name` (any leading expert count) as this layout stores them, where it
+        converts that parameter on its own (a sync writes the result directly: mxfp4_serve/sync/layers.py)."""
+        raise NotImplementedError(f"layout {self.name!r} converts its parameters jointly, not '{name}' on its own")
+
     def write(self, params: Mapping[str, torch.Tensor], name: str, experts: torch.Tensor,
               values: torch.Tensor) -> None:
         """Set the canonical bytes of `name` for the given local experts, keeping the layout (the generic way:
@@ -91,6 +96,9 @@ class Canonical(ExpertLayout):
     def to_canonical(self, params, name):
         return params[name]
 
+    def stored_form(self, name, values):
+        return values
+
     def write(self, params, name, experts, values) -> None:
         p = params[name]
         copy_experts(p, _ids(experts, p.device), values.to(p.device).reshape(-1, *p.shape[1:]))
@@ -113,15 +121,15 @@ class KbMajor(ExpertLayout):
         p = params[name]
         return from_kb_major(kb_major_view(p, name), name) if name in PACKED_WEIGHTS else p
 
-    def write(self, params, name, experts, values) -> None:
+    def stored_form(self, name, values):
         from ..grouped_gemm.layout import to_kb_major
 
+        return to_kb_major(values, name).view(values.shape) if name in PACKED_WEIGHTS else values
+
+    def write(self, params, name, experts, values) -> None:
         p = params[name]
         ids = _ids(experts, p.device)
-        values = values.to(p.device).reshape(ids.numel(), *p.shape[1:])
-        if name in PACKED_WEIGHTS:
-            values = to_kb_major(values, name).view(values.shape)
-        copy_experts(p, ids, values)
+        copy_experts(p, ids, self.stored_form(name, values.to(p.device).reshape(ids.numel(), *p.shape[1:])))
 
 
 class FlashInferTrtllm(ExpertLayout):

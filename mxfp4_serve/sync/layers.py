@@ -167,13 +167,9 @@ class SyncedLayer:
         return (self.backend is None or self.backend.layout_writes) and layout in (moe.CANONICAL, moe.KB_MAJOR)
 
     def stored_form(self, weight: str, codes: torch.Tensor) -> torch.Tensor:
-        """Canonical codes [E, N, K/2] of all local experts as the layer stores them (kb-major bytes for
-        hopper_triton, in a tensor of the parameter's shape); scales are stored canonical."""
-        from common.grouped_gemm.layout import to_kb_major
-
-        if moe.layout_of(self.module) is moe.KB_MAJOR:
-            return to_kb_major(codes, weight).view(codes.shape)
-        return codes
+        """Canonical codes [E, N, K/2] of all local experts as the layer stores them (its layout's stored_form:
+        kb-major bytes for hopper_triton, in a tensor of the parameter's shape); scales are stored canonical."""
+        return moe.layout_of(self.module).stored_form(weight, codes)
 
     def raw(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The live (codes, scales) parameters as stored: no conversion, no copy."""
