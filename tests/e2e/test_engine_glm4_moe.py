@@ -12,7 +12,14 @@ import torch
 
 import mxfp4_train
 from common.checkpoint import quantize_checkpoint, write_tiny_checkpoint
-from tests.serve.reference import LOGPROB_TOL, assert_same_bytes, max_logprob_error, packed_vllm_params, run_engine
+from tests.serve.reference import (
+    LOGPROB_TOL,
+    assert_same_bytes,
+    draw_decisive_prompts,
+    max_logprob_error,
+    packed_vllm_params,
+    run_engine,
+)
 
 pytestmark = pytest.mark.engine
 PROFILE, WRONG = "flashinfer", "ocp"
@@ -35,14 +42,14 @@ def ckpt(tmp_path_factory):
 
 def test_glm4_moe_engine_serves_the_bytes_at_the_learner_floor(ckpt):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
-    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (5, 12, 24)]
+    learner = mxfp4_train.load_mxfp4_model(ckpt["good"], "lora", lora=None, dtype=torch.float32).eval()
+    prompts = draw_decisive_prompts(learner, (5, 12, 24), max_tokens=8, generator=g)
     spec = {"model": str(ckpt["good"]), "quantization": "mxfp4_rl", "prompts": prompts, "max_tokens": 8,
             "logprobs": 5, "dump_params": True}
     proc, result, params = run_engine(spec, ckpt["root"] / "offline")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "mxfp4_rl: profile 'flashinfer', format 'native'" in proc.stdout + proc.stderr  # (vLLM's stream)
     assert_same_bytes(params, packed_vllm_params(ckpt["good"]))
-    learner = mxfp4_train.load_mxfp4_model(ckpt["good"], "lora", lora=None, dtype=torch.float32).eval()
     err, flips = max_logprob_error(result, learner)
     assert err <= LOGPROB_TOL and flips == 0, (err, flips)
     other = mxfp4_train.load_mxfp4_model(ckpt["wrong"], "lora", lora=None, dtype=torch.float32).eval()

@@ -95,6 +95,82 @@ def max_logprob_error(result: dict, model) -> tuple[float, int]:
 LOGPROB_TOL = 0.02
 
 
+# Decisive inputs. A token whose fp32 router scores put its k-th and (k+1)-th experts closer than the fp16 engine's
+# score error may route differently in the engine: both choices serve the same bytes correctly, yet the outputs
+# differ by a whole expert (measured: one such token in layer 0 moved layer 1's router logits by 0.14, and a CI run
+# failed at 0.158 nats). Parity tests therefore draw prompts whose reference trajectory (prompt + greedy tokens) has
+# no such near-tie. Margins are in the units the router selects by; the bounds are 2.5x the worst pairwise fp16
+# error measured with the learner in fp16 against fp32 on these tiny models (4e-4 per sigmoid score of GLM-4 ->
+# 8e-4 per pair; 2e-3 per softmax-router logit of Qwen3-MoE -> 4e-3 per pair).
+ROUTER_MARGIN = {"sigmoid": 2e-3, "softmax": 1e-2}
+# A greedy step flips only if its top-2 log-probs are closer than twice the per-log-prob error bound.
+TOKEN_MARGIN = 2 * LOGPROB_TOL
+
+
+def router_margins(model, ids: list[int]) -> torch.Tensor:
+    """[len(ids)] smallest margin, over every routed layer, between each token's k-th and (k+1)-th router choice,
+    in ROUTER_MARGIN's units (the fp32 reference's scores)."""
+    k = model.config.num_experts_per_tok
+    per_layer = []
+
+    def hook(mod, inp, _out):
+        h = inp[0].reshape(-1, inp[0].shape[-1]).float()
+        s = h @ mod.weight.float().t()
+        if getattr(mod, "bias", None) is not None:
+            s = s + mod.bias.float()
+        if hasattr(mod, "e_score_correction_bias"):
+            s = s.sigmoid() + mod.e_score_correction_bias.float()
+        top = s.topk(k + 1, dim=-1).values
+        per_layer.append(top[:, k - 1] - top[:, k])
+
+    routers = [m for n, m in model.named_modules() if n.endswith((".mlp.gate", ".mlp.router"))
+               and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    if not routers:
+        raise ValueError(f"no router module (*.mlp.gate / *.mlp.router) in {type(model).__name__}")
+    handles = [r.register_forward_hook(hook) for r in routers]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return torch.stack(per_layer).min(dim=0).values
+
+
+def router_kind(model) -> str:
+    return "sigmoid" if any(hasattr(m, "e_score_correction_bias") for m in model.modules()) else "softmax"
+
+
+def draw_decisive_prompts(model, lengths, max_tokens: int, generator: torch.Generator, vocab=(2, 256),
+                          tries: int = 200) -> list[list[int]]:
+    """One random prompt per length whose reference trajectory is decisive: every token of prompt + max_tokens
+    greedy tokens routes with margin >= ROUTER_MARGIN, and every greedy step's top-2 log-probs differ by >=
+    TOKEN_MARGIN. Fresh random inputs, minus the near-ties at which two correct engines may disagree."""
+    need = ROUTER_MARGIN[router_kind(model)]
+    out = []
+    for n in lengths:
+        for _ in range(tries):
+            ids = torch.randint(vocab[0], vocab[1], (n,), generator=generator).tolist()
+            if float(router_margins(model, ids).min()) < need:  # cheap early refusal: the prompt alone ties
+                continue
+            seq, decisive = list(ids), True
+            with torch.no_grad():
+                for _ in range(max_tokens):
+                    lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, -1].float(), dim=-1)
+                    top = lp.topk(2).values
+                    if float(top[0] - top[1]) < TOKEN_MARGIN:
+                        decisive = False
+                        break
+                    seq.append(int(lp.argmax()))
+            if decisive and float(router_margins(model, seq).min()) >= need:
+                out.append(ids)
+                break
+        else:
+            raise AssertionError(f"no decisive prompt of length {n} in {tries} draws (router margin {need}, "
+                                 f"token margin {TOKEN_MARGIN}): the tiny model is too close to ties to test parity")
+    return out
+
+
 def packed_vllm_params(packed_dir: Path) -> dict[str, torch.Tensor]:
     """What the engine must hold for a checkpoint: vLLM's per-layer MoE params, w13 = [gate; up] rows."""
     by_layer: dict[int, dict[str, list]] = {}
