@@ -5,6 +5,11 @@ graphs when the selected backend supports them), and checks: the served expert b
 (torch.equal), greedy tokens and log-probs against the fp32 transformers reference with dequantized experts.
 Prints one JSON line per mode and writes them to $OUT/vllm_e2e.json.
 
+Modes prefill_fused / prefill_dense / prefill_auto (MXFP4_RL_HOPPER_PREFILL) add one 3840-token prompt, so that
+the MoE layer runs 960 rows per expert (auto takes common/grouped_gemm/dense.py from 704), with CUDA graphs for
+the decode steps; "dense_calls" counts the layer calls that took the dense path, and the last line compares the
+dense and fused engines' log-probs token for token.
+
 usage (device, after the vLLM bundle is installed): PYTHONPATH=/tmp/site python3 scripts/gpu/vllm_e2e.py [modes...]
 """
 
@@ -23,16 +28,38 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 PROMPTS = [[1, 5, 9, 17, 33], [2, 200, 7], [100, 101, 102, 103, 104, 105]]
+LONG = 3840  # + 256 = the tiny config's max_position_embeddings
+
+
+def prompts(mode: str) -> list[list[int]]:
+    if not mode.startswith("prefill"):
+        return PROMPTS
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(2, 256, (LONG,), generator=g).tolist(), *PROMPTS]
 
 
 def serve(model: str, mode: str) -> dict:
     from vllm import LLM, SamplingParams
 
+    import common.grouped_gemm.dense as dense
     from mxfp4_serve.introspect import packed_expert_params
 
+    calls = {"dense": 0}
+    dense_forward = dense.moe_layer_forward_dense
+
+    def counted(*a, **kw):  # mlp.moe_layer_forward looks the function up on the module at each call
+        calls["dense"] += 1
+        return dense_forward(*a, **kw)
+
+    dense.moe_layer_forward_dense = counted
+    long = mode.startswith("prefill")
     kwargs = dict(model=model, quantization="mxfp4_rl", dtype="bfloat16", skip_tokenizer_init=True,
-                  gpu_memory_utilization=0.3, max_model_len=256, max_num_seqs=4, seed=0,
+                  gpu_memory_utilization=0.3, max_model_len=LONG + 256 if long else 256, max_num_seqs=4, seed=0,
                   attention_config={"backend": "TRITON_ATTN"})
+    if long:
+        kwargs["max_num_batched_tokens"] = LONG + 256
     if mode == "eager":
         kwargs["enforce_eager"] = True
     else:
@@ -41,14 +68,14 @@ def serve(model: str, mode: str) -> dict:
     llm = LLM(**kwargs)
     start_s = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=8, logprobs=5, detokenize=False, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts(mode)], sp, use_tqdm=False)
     result = {"outputs": [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids),
                            "logprobs": [{str(t): float(lp.logprob) for t, lp in s.items()}
                                         for s in o.outputs[0].logprobs]} for o in outs]}
     (params,) = llm.apply_model(packed_expert_params)
     params = {k: v.cpu() for k, v in params.items()}
     del llm
-    return {"start_s": round(start_s, 1), "result": result, "params": params}
+    return {"start_s": round(start_s, 1), "result": result, "params": params, "dense_calls": calls["dense"]}
 
 
 def serve_in_child(model: str, mode: str, work: Path) -> dict:
@@ -61,7 +88,11 @@ def serve_in_child(model: str, mode: str, work: Path) -> dict:
 
     out = work / f"serve_{mode}"
     out.mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, __file__, "--serve", model, mode, str(out)], capture_output=True, text=True)
+    env = dict(os.environ)
+    if mode.startswith("prefill_"):
+        env["MXFP4_RL_HOPPER_PREFILL"] = mode.removeprefix("prefill_")
+    proc = subprocess.run([sys.executable, __file__, "--serve", model, mode, str(out)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"engine ({mode}) failed:\n{proc.stderr[-3000:]}")
     meta = json.loads((out / "result.json").read_text())
@@ -82,8 +113,13 @@ def main(modes: list[str]) -> int:
 
     from common.checkpoint import quantize_checkpoint
     from common.checkpoint.tiny import write_tiny_checkpoint
-    from tests.serve.reference import (assert_same_bytes, dequantized_experts, hf_model_with_experts,
-                                       max_logprob_error, packed_vllm_params)
+    from tests.serve.reference import (
+        assert_same_bytes,
+        dequantized_experts,
+        hf_model_with_experts,
+        max_logprob_error,
+        packed_vllm_params,
+    )
 
     work = Path(tempfile.mkdtemp())
     src = write_tiny_checkpoint(work / "bf16", arch="qwen3_moe", seed=0)
@@ -92,7 +128,7 @@ def main(modes: list[str]) -> int:
     wrong_model = hf_model_with_experts(src, dequantized_experts(
         quantize_checkpoint(src, work / "ocp", profile="ocp", progress=False)))
     expected = packed_vllm_params(dst)
-    rows = []
+    rows, results = [], {}
     for mode in modes:
         row = {"mode": mode, "device": torch.cuda.get_device_name(0)}
         try:
@@ -103,6 +139,8 @@ def main(modes: list[str]) -> int:
             row["max_logprob_err_wrong_profile"], row["greedy_flips_wrong_profile"] = max_logprob_error(
                 got["result"], wrong_model)
             row["start_s"] = got["start_s"]
+            row["dense_calls"] = got["dense_calls"]
+            results[mode] = got["result"]
             row["tokens"] = [o["tokens"] for o in got["result"]["outputs"]]
             row["ok"] = True
         except Exception as exc:  # report every mode, even after one fails
@@ -111,10 +149,27 @@ def main(modes: list[str]) -> int:
             traceback.print_exc()
         print("E2E", json.dumps(row), flush=True)
         rows.append(row)
+    if "prefill_dense" in results and "prefill_fused" in results:
+        print("E2E", json.dumps({"dense_vs_fused": compare(results["prefill_dense"], results["prefill_fused"])}))
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm_e2e.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Two engines' greedy runs: max |log-prob difference| over the top-k tokens both returned, and the number of
+    steps whose greedy token differs (after the first, the sequences differ and later steps are not compared)."""
+    worst, flips, steps = 0.0, 0, 0
+    for oa, ob in zip(a["outputs"], b["outputs"], strict=True):
+        for ta, tb, la, lb in zip(oa["tokens"], ob["tokens"], oa["logprobs"], ob["logprobs"], strict=True):
+            steps += 1
+            for t in set(la) & set(lb):
+                worst = max(worst, abs(la[t] - lb[t]))
+            if ta != tb:
+                flips += 1
+                break
+    return {"max_logprob_diff": worst, "greedy_flips": flips, "steps": steps}
 
 
 if __name__ == "__main__":
