@@ -12,11 +12,12 @@ each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
 --project-tiles BLOCK_KxSTAGES,... also times "new" with other tiles of the projection kernel
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
 128x3; the learner's projections change with it, and their bits: another K tile sums in another order; a tile past
-the shared-memory budget falls back to lora.FALLBACK_TILE). --one-mul passes max_scale_byte=128, as hopper_triton
+the shared-memory budget falls back to lora.FALLBACK_TILE). --parts times each launch of the layer alone, from
+its own CUDA graph, with and without the adapters' share (where the adapters' time goes). --one-mul passes max_scale_byte=128, as hopper_triton
 does for a layer whose scale bytes all are <= 128 (these are).
 Where vLLM is importable, vLLM's Marlin MXFP4 MoE without adapters runs on the same bytes and routing (the issue's
 second baseline). usage: python bench/lora_layer.py [--shapes dsv4] [--tokens 16,128,1024] [--rank 16] [--one-mul]
-                                  [--project-tiles 256x3,256x4]
+                                  [--project-tiles 256x3,256x4] [--parts]
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--one-mul", action="store_true")
     ap.add_argument("--project-tiles", default="")
+    ap.add_argument("--parts", action="store_true")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     r, msb = args.rank, (128 if args.one_mul else None)
@@ -95,6 +97,7 @@ def main() -> None:
     print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | new LoRA ms | new ratio | bits new == old |"
           f"{extra} Marlin ms | new / Marlin | rel. change of the output |")
     print("|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
+    parts_rows = []
     for name in args.shapes.split(","):
         s = B.SHAPES[name]
         w, _ = B.make_weights(s, gen)
@@ -141,7 +144,56 @@ def main() -> None:
                 vs = " - | - |"
             print(f"| {name} | {t} | {base:.3f} | {t_old:.3f} | {t_old / base:.2f} | {t_new:.3f} | "
                   f"{t_new / base:.2f} | {same} |{swept}{vs} {change:.1e} |", flush=True)
+            if args.parts:
+                parts_rows.append((name, t, parts(x, ids, tw, w, s["act"], served, msb)))
         del w
+    if parts_rows:
+        names = list(parts_rows[0][2])
+        print("\nEach launch alone from its own CUDA graph, ms (median of triton.testing.do_bench); sum = the launches "
+              "added up (the layer's graph also pays the gaps between them)")
+        print("| shape | tokens | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for name, t, row in parts_rows:
+            print(f"| {name} | {t} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " |", flush=True)
+
+
+def parts(x, ids, tw, w, act_name, served, msb) -> dict[str, float]:
+    """moe_layer_forward's launches one by one (mlp.py's order), the LoRA ones and the GEMMs with and without
+    their LoRA epilogue."""
+    from common.grouped_gemm.ops import reduction_order
+
+    a13, b13, a2, b2, scaling = served
+    t, k = ids.shape
+    rt = route(ids, w["w13"][0].shape[0])
+    rows = tw.reshape(-1).float()
+    order = reduction_order(w["w2"][0], t * k)
+    h13 = L.project(x, rt.offsets, a13, scaling, gather_rows=rt.token)
+
+    def gated(lora):
+        return grouped_mm_mxfp4_gated(x, rt.offsets, *w["w13"], activation=act_name, lora=lora,
+                                      gather_rows=rt.token, out_order=order, max_scale_byte=msb)[0]
+
+    act = gated(None)
+    a2o = L.factor_in_order(a2, order)
+    h2 = L.project(act, rt.offsets, a2o, scaling)
+
+    def down(lora):
+        return grouped_mm_mxfp4(act, rt.offsets, *w["w2"], lora=lora, scatter_rows=rt.source, row_weights=rows,
+                                x_order=order, max_scale_byte=msb)
+
+    y = down(None)
+    one = torch.zeros(1, device=x.device)
+    out = {"a 1-element kernel": graph_ms(lambda: one.add_(1)),
+           "route": graph_ms(lambda: route(ids, w["w13"][0].shape[0])),
+           "A13 project": graph_ms(lambda: L.project(x, rt.offsets, a13, scaling, gather_rows=rt.token)),
+           "gated": graph_ms(lambda: gated(None)), "gated + B13": graph_ms(lambda: gated((h13, b13))),
+           "A2 project": graph_ms(lambda: L.project(act, rt.offsets, a2o, scaling)),
+           "down": graph_ms(lambda: down(None)), "down + B2": graph_ms(lambda: down((h2, b2))),
+           "sum slots": graph_ms(lambda: sum_slots(y, k, x.dtype))}
+    out["sum, no LoRA"] = out["route"] + out["gated"] + out["down"] + out["sum slots"]
+    out["sum, LoRA"] = (out["route"] + out["A13 project"] + out["gated + B13"] + out["A2 project"]
+                        + out["down + B2"] + out["sum slots"])
+    return out
 
 
 if __name__ == "__main__":

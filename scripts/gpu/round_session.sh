@@ -18,7 +18,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2
 nvidia-smi --query-gpu=name --format=csv,noheader
 refit_bench() {  # refit_bench TIMEOUT_S LAYERS: colocated refit through a real engine, dsv4 expert shape
   echo "=== colocated refit bench (dsv4 expert shape, $2 layers)"
-  timeout "$1" python3 bench/refit.py --layers "$2" --repeats 2 --no-old-path --json "$OUT/refit_bench.json" \
+  timeout "$1" python3 bench/refit.py --layers "$2" --repeats 3 --no-old-path --json "$OUT/refit_bench.json" \
     > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench rc=$?"
   grep -v "^INFO\|^(EngineCore" "$OUT/bench.log" | tail -24
   grep -E "Error|error" "$OUT/bench.err" | grep -v "^\s*File" | sort -u | tail -10
@@ -71,6 +71,17 @@ R)  # the refit end to end with the one-pass layout kernel (its own bench: bench
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode, as hopper_triton serves these)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128,1024 --project-tiles 128x3 2>&1 | tail -8
   ;;
+S)  # where the served adapters' time goes at decode sizes (each launch alone), Marlin in the same run; then the
+    # refit with sparse block deltas and served-form commits, each kind timed after one untimed sync (bundle installed)
+  echo "=== engine layer with expert LoRA vs none and vs Marlin, and its launches one by one (one-multiply decode)"
+  timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128 --parts 2>&1 | grep -E "^\||^Each|^NVIDIA"
+  refit_bench 300 6
+  ;;
+E)  # the dense prefill path inside vLLM 0.25 (bundle installed): a 3840-token prompt, fused / dense / auto
+  PYTHONPATH=/tmp/site:. timeout 540 python3 scripts/gpu/vllm_e2e.py prefill_fused prefill_dense prefill_auto \
+    > "$OUT/e2e.log" 2>&1; echo "e2e rc=$?"
+  grep "^E2E" "$OUT/e2e.log" | cut -c1-1500; grep -E "Error" "$OUT/e2e.log" | sort -u | tail -8
+  ;;
 P)  # the dense prefill path (bundle installed): native tests, where its time goes, every peer that runs without
     # carried wheels in one process (ours as served = auto, and both paths forced)
   echo "=== native: dense prefill path, combine, grouped GEMM layer"
@@ -112,5 +123,5 @@ D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel
     timeout $(( ${DSV4_CHILD_TIMEOUT_S:-500} + 60 )) python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
-*) echo "usage: round_session.sh A|B|C|K|K2|R|D|P"; exit 2 ;;
+*) echo "usage: round_session.sh A|B|C|K|K2|R|D|P|S|E"; exit 2 ;;
 esac
