@@ -659,10 +659,10 @@ from common.grouped_gemm.aot import compile_sm90
 kind = sys.argv[1]
 fn = K._grouped_dx_kernel if kind.startswith("dx") else K._grouped_fwd_kernel
 words = kind not in ("dx", "dx_pairs", "gated_bytes")
-kb = kind in ("gated", "gated_one_mul")
+kb = kind in ("gated", "gated_one_mul", "gated_lora")
 pairs = kind.endswith("_pairs")  # gpt-oss's interleaved gate/up rows, pre written and read as pairs
-const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=0, SAVE_PRE=pairs, GATHER=True, SCATTER=False,
-             E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, WORDS=words,
+const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=16 if kind == "gated_lora" else 0,
+             SAVE_PRE=pairs, GATHER=True, SCATTER=False, E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
              BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs)
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
@@ -681,7 +681,7 @@ print("decode", marker in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "w
 
 
 @pytest.mark.parametrize("kind", ["gated", "gated_one_mul", "gated_canonical", "gated_pairs", "gated_bytes", "dx",
-                                  "dx_pairs"])
+                                  "dx_pairs", "gated_lora"])
 def test_bf16x2_decode_compiles_for_sm90(kind):
     """The bf16x2 decode is inline PTX that the interpreter never runs: compile the kernels that use it for sm_90
     ahead of time (Triton's bundled ptxas, no GPU needed; in a child process, since this one imported Triton in
