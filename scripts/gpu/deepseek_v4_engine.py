@@ -16,7 +16,11 @@ checkpoint's. Then one `VERDICT` line per plugin mode:
 - `bytes`: EQUAL (every served byte is the checkpoint's) / DIFFER (count, first place) / n/a (engine did not start);
 - `logprobs`: AT_FLOOR when max |dlogp| <= max(1.5 x the default mode's, 0.05 nats) and greedy flips <= the
   default's (FLOOR 0.05 when the default mode did not run: LOGPROB_TOL of tests/serve/reference.py x 2.5 for bf16),
-  else ABOVE_FLOOR; BLOCKED with the exception and where when the engine did not start or run.
+  else ABOVE_FLOOR; BLOCKED with the exception and where when the engine did not start or run;
+- `vs_default`: the plugin's engine against vLLM's own in the same run (tests/serve/reference.engine_logprob_diff):
+  same model code and FP8 numerics, only the routed experts' method differs. On the tiny random checkpoint vLLM's FP8
+  KV cache and activations flip near-tied routing, so both engines sit nats from the fp32 learner (bench/RESULTS.md,
+  fifth round); this row is the tighter comparison.
 Writes $OUT/deepseek_v4_engine.json (rows + verdicts). Exit 0 only when every plugin mode is EQUAL and AT_FLOOR.
 
 usage (device, repo root, vLLM 0.25 bundle installed in /tmp/site: calls 1-3 of ../shared/vllm_device/README.md):
@@ -160,12 +164,15 @@ def _run_mode(ckpt: Path, mode: str, work: Path, learner) -> dict:
     got = json.loads((out / "result.json").read_text())
     row["max_dlogp_vs_learner"], row["greedy_flips"] = max_logprob_error(got["result"], learner)
     row["tokens"] = [o["tokens"] for o in got["result"]["outputs"]]
+    row["outputs"] = got["result"]["outputs"]  # tokens and top-5 log-probs, for engine-vs-engine comparisons
     row["served"] = got["served"]
     row["ok"] = True
     return row
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
+    from tests.serve.reference import engine_logprob_diff
+
     base = next((r for r in rows if r["mode"] == "default" and r["ok"]), None)
     floor = FLOOR_NATS if base is None else max(1.5 * base["max_dlogp_vs_learner"], FLOOR_NATS)
     flips = None if base is None else base["greedy_flips"]
@@ -183,7 +190,11 @@ def verdicts(rows: list[dict]) -> list[dict]:
         out.append({"mode": r["mode"], "bytes": "EQUAL" if equal else f"DIFFER ({s})",
                     "logprobs": "AT_FLOOR" if at_floor else "ABOVE_FLOOR",
                     "max_dlogp": r["max_dlogp_vs_learner"], "floor": floor, "greedy_flips": r["greedy_flips"],
-                    "default_flips": flips})
+                    "default_flips": flips,
+                    # the plugin's engine against vLLM's own in this run: the same model code and FP8 numerics, only
+                    # the routed experts' method differs
+                    "vs_default": None if base is None else engine_logprob_diff({"outputs": r["outputs"]},
+                                                                                {"outputs": base["outputs"]})})
     return out
 
 

@@ -116,6 +116,7 @@ def main(modes: list[str]) -> int:
     from tests.serve.reference import (
         assert_same_bytes,
         dequantized_experts,
+        engine_logprob_diff,
         hf_model_with_experts,
         max_logprob_error,
         packed_vllm_params,
@@ -150,26 +151,12 @@ def main(modes: list[str]) -> int:
         print("E2E", json.dumps(row), flush=True)
         rows.append(row)
     if "prefill_dense" in results and "prefill_fused" in results:
-        print("E2E", json.dumps({"dense_vs_fused": compare(results["prefill_dense"], results["prefill_fused"])}))
+        print("E2E", json.dumps({"dense_vs_fused": engine_logprob_diff(results["prefill_dense"],
+                                                                        results["prefill_fused"])}))
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm_e2e.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
-
-
-def compare(a: dict, b: dict) -> dict:
-    """Two engines' greedy runs: max |log-prob difference| over the top-k tokens both returned, and the number of
-    steps whose greedy token differs (after the first, the sequences differ and later steps are not compared)."""
-    worst, flips, steps = 0.0, 0, 0
-    for oa, ob in zip(a["outputs"], b["outputs"], strict=True):
-        for ta, tb, la, lb in zip(oa["tokens"], ob["tokens"], oa["logprobs"], ob["logprobs"], strict=True):
-            steps += 1
-            for t in set(la) & set(lb):
-                worst = max(worst, abs(la[t] - lb[t]))
-            if ta != tb:
-                flips += 1
-                break
-    return {"max_logprob_diff": worst, "greedy_flips": flips, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -86,6 +86,22 @@ def max_logprob_error(result: dict, model) -> tuple[float, int]:
     return worst, flips
 
 
+def engine_logprob_diff(a: dict, b: dict) -> dict:
+    """Two engines' greedy runs on the same prompts: max |log-prob difference| over the top-k tokens both returned,
+    and the number of prompts whose greedy tokens part (each prompt is compared up to and including its first
+    differing step; after it the sequences differ)."""
+    worst, flips, steps = 0.0, 0, 0
+    for oa, ob in zip(a["outputs"], b["outputs"], strict=True):
+        for ta, tb, la, lb in zip(oa["tokens"], ob["tokens"], oa["logprobs"], ob["logprobs"], strict=True):
+            steps += 1
+            for t in set(la) & set(lb):
+                worst = max(worst, abs(la[t] - lb[t]))
+            if ta != tb:
+                flips += 1
+                break
+    return {"max_logprob_diff": worst, "greedy_flips": flips, "steps": steps}
+
+
 # Greedy log-probs of the engine (fp16 activations, the CPU engine dtype: see engine_runner) against the fp32
 # reference. fp16 rounds with unit roundoff u = 2^-11 ~ 4.9e-4; each of the 2 layers rounds the residual stream
 # about 10 times (norms, q/k/v/o, attention, router, experts, residual adds), and log-softmax at most doubles a logit
