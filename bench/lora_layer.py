@@ -13,8 +13,8 @@ each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
 128x3; the learner's projections change with it, and their bits: another K tile sums in another order; a tile past
 the shared-memory budget falls back to lora.FALLBACK_TILE). --parts times each launch of the layer alone, from
-its own CUDA graph, with and without the adapters' share (where the adapters' time goes). --one-mul passes max_scale_byte=128, as hopper_triton
-does for a layer whose scale bytes all are <= 128 (these are).
+its own CUDA graph, with and without the adapters' share (where the adapters' time goes). --one-mul passes
+max_scale_byte=128, as hopper_triton does for a layer whose scale bytes all are <= 128 (these are).
 Where vLLM is importable, vLLM's Marlin MXFP4 MoE without adapters runs on the same bytes and routing (the issue's
 second baseline). usage: python bench/lora_layer.py [--shapes dsv4] [--tokens 16,128,1024] [--rank 16] [--one-mul]
                                   [--project-tiles 256x3,256x4] [--parts]

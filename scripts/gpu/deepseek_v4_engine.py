@@ -216,7 +216,9 @@ def main(modes: list[str]) -> int:
             traceback.print_exc()
             row = {"mode": mode, "ok": False, "stage": "comparison", "error": f"{type(exc).__name__}: {exc}"[:1500],
                    "where": _where(exc)}
-        print("DSV4", json.dumps(row), flush=True)
+        # the printed line leaves the log-probs out (the JSON file keeps them): the round prints it cut to 2000
+        # characters, and served / ok come after them
+        print("DSV4", json.dumps({k: v for k, v in row.items() if k != "outputs"}), flush=True)
         rows.append(row)
     result = verdicts(rows)
     for v in result:

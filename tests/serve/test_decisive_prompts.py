@@ -18,9 +18,11 @@ def learner(request, tmp_path_factory):
     q = quantize_checkpoint(src, root / "q", profile="flashinfer", progress=False)
     return mxfp4_train.load_mxfp4_model(q, "lora", lora=None, dtype=torch.float32).eval()
 
+
 def test_router_kind_follows_the_architecture(learner):
     expected = "sigmoid" if learner.config.model_type == "glm4_moe" else "softmax"
     assert router_kind(learner) == expected
+
 
 def test_drawn_prompts_are_decisive_along_the_greedy_trajectory(learner):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
@@ -38,6 +40,7 @@ def test_drawn_prompts_are_decisive_along_the_greedy_trajectory(learner):
         margins = router_margins(learner, seq)
         assert margins.shape == (len(seq),)
         assert float(margins.min()) >= need
+
 
 def test_a_router_with_every_expert_tied_is_refused(learner):
     """Identical router rows give every token an exact k-th / (k+1)-th tie: nothing is decisive, and the draw says so
