@@ -32,7 +32,10 @@ from ._tiles import (
     _load_code_words,
     _load_packed_codes,
     _load_scales,
+    _lora_h,
+    _lora_term,
     _lora_tile,
+    _lora_w,
     _tile_rows,
 )
 
@@ -81,6 +84,15 @@ def _grouped_fwd_kernel(
     else:
         src = rows
     a_ptrs = x_ptr + src[:, None] * stride_xm + kk[None, :]
+    if LORA_R > 0:
+        # the LoRA operands are loaded before the K loop and used after it: their global latency then overlaps
+        # the mainloop instead of adding to each tile's epilogue (the term and its place in the sum unchanged)
+        # lw = B [E, Nw, R]: element (r, n) sits at n * stride_lwn + r
+        lw_e = lw_ptr + e64 * stride_lwe
+        lora_h = _lora_h(lh_ptr, stride_lhm, rows, row_ok, LORA_R)
+        lora_g = _lora_w(lw_e, 1, stride_lwn, g_rows, col_ok, LORA_R)
+        if ACT != ACT_NONE:
+            lora_u = _lora_w(lw_e, 1, stride_lwn, u_rows, col_ok, LORA_R)
     # the decode's bf16x2 PTX pairs a word's nibbles i and i + 4 in one register, the MMA's pair only where the
     # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode
     WDEC: tl.constexpr = DECODE if WORD_PAIRS else DECODE_BITS
@@ -143,12 +155,9 @@ def _grouped_fwd_kernel(
         if ACT != ACT_NONE:
             acc_up += tl.load(bias_ptr + e64 * stride_be + u_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if LORA_R > 0:
-        # lw = B [E, Nw, R]: element (r, n) sits at n * stride_lwn + r
-        lw_e = lw_ptr + e64 * stride_lwe
-        acc += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, g_rows, col_ok, LORA_R, F32_DOT)
+        acc += _lora_term(lora_h, lora_g, F32_DOT)
         if ACT != ACT_NONE:
-            acc_up += _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_e, 1, stride_lwn, u_rows, col_ok, LORA_R,
-                                 F32_DOT)
+            acc_up += _lora_term(lora_h, lora_u, F32_DOT)
     mask = row_ok[:, None] & col_ok[None, :]
     if ACT != ACT_NONE:
         if SAVE_PRE:

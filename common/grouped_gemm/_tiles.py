@@ -438,13 +438,31 @@ def _dot_xw(a, w, acc, SWAP_AB: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _lora_h(lh_ptr, stride_lhm, rows, row_ok, LORA_R: tl.constexpr):
+    """[BM, R] rows of the projected activations lh (already scaled) of a LoRA term."""
+    r = tl.arange(0, LORA_R)
+    return tl.load(lh_ptr + rows[:, None] * stride_lhm + r[None, :], mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _lora_w(lw_ptr, stride_lwr, stride_lwo, cols, col_ok, LORA_R: tl.constexpr):
+    """[R, BC] columns of the up factor lw of a LoRA term."""
+    r = tl.arange(0, LORA_R)
+    return tl.load(lw_ptr + r[:, None] * stride_lwr + cols[None, :] * stride_lwo, mask=col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _lora_term(h, w, F32_DOT: tl.constexpr):
+    """fp32 [BM, BC] = h @ w, the low-rank term of one output tile, from its operands (_lora_h, _lora_w)."""
+    return _mma(h, w, tl.zeros((h.shape[0], w.shape[1]), dtype=tl.float32), F32_DOT)
+
+
+@triton.jit
 def _lora_tile(lh_ptr, stride_lhm, rows, row_ok, lw_ptr, stride_lwr, stride_lwo, cols, col_ok,
                LORA_R: tl.constexpr, F32_DOT: tl.constexpr):
     """fp32 [BM, BC] = lh[rows, :R] @ lw[:R, cols]: the low-rank term of one output tile (lh already scaled)."""
-    r = tl.arange(0, LORA_R)
-    h = tl.load(lh_ptr + rows[:, None] * stride_lhm + r[None, :], mask=row_ok[:, None], other=0.0)
-    w = tl.load(lw_ptr + r[:, None] * stride_lwr + cols[None, :] * stride_lwo, mask=col_ok[None, :], other=0.0)
-    return _mma(h, w, tl.zeros((h.shape[0], w.shape[1]), dtype=tl.float32), F32_DOT)
+    return _lora_term(_lora_h(lh_ptr, stride_lhm, rows, row_ok, LORA_R),
+                      _lora_w(lw_ptr, stride_lwr, stride_lwo, cols, col_ok, LORA_R), F32_DOT)
 
 
 @triton.jit
