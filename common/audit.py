@@ -59,13 +59,14 @@ def mxfp4_lanes_after(lane_values: tuple[list[int], list[int]], old: MXFP4Tensor
                       blocks: torch.Tensor) -> tuple[list[int], list[int]]:
     """The lanes of `new`, given the lanes of `old` and the blocks [M, 3] (expert, row, block) where they may differ
     (every other block equal): only those blocks' code words and scale words are fingerprinted."""
-    from .fingerprint import update_lanes, words_of
+    from .fingerprint import update_lanes_of, words_of
 
     _, code_words, scale_words = block_words(blocks.to(new.codes.device), *new.scales.shape[1:])
     oc, nc = words_of(old.codes), words_of(new.codes)
     os_, ns = words_of(old.scales), words_of(new.scales)
-    return (update_lanes(lane_values[0], code_words, oc[code_words], nc[code_words]),
-            update_lanes(lane_values[1], scale_words, os_[scale_words], ns[scale_words]))
+    codes, scales = update_lanes_of([(lane_values[0], code_words, oc[code_words], nc[code_words]),
+                                     (lane_values[1], scale_words, os_[scale_words], ns[scale_words])])
+    return codes, scales
 
 
 def hash_of_lanes(shape, profile: str, code_lanes: list[int], scale_lanes: list[int], code_bytes: int,

@@ -85,21 +85,41 @@ def fingerprint_of_lanes(lane_values: list[int], nbytes: int) -> bytes:
     return b"".join(int(v).to_bytes(8, "little", signed=True) for v in lane_values) + nbytes.to_bytes(8, "little")
 
 
+def _mixed(positions: torch.Tensor, words: torch.Tensor, a: int, b: int, m1: int) -> torch.Tensor:
+    """One lane's per-word terms before its final multiply: ((i * A + B) ^ w) * M1, then low half ^= high half."""
+    x = torch.bitwise_xor(positions * a + _signed(b), words) * m1
+    return torch.bitwise_xor(x, torch.bitwise_and(x >> 32, 0xFFFFFFFF))
+
+
 def lane_terms(positions: torch.Tensor, words: torch.Tensor) -> list[int]:
     """Each lane's share (signed int64, mod 2^64) of the words at the given word positions: the lanes of a tensor
     are lane_terms(arange(n), words_of(t)). Modular sums of per-word terms, so a sparse change of a tensor updates
     its lanes from the changed words alone (update_lanes)."""
     pos, w = positions.reshape(-1).to(torch.int64), words.reshape(-1).to(torch.int64)
-    out = []
-    for a, b, m1, m2 in LANES:
-        x = torch.bitwise_xor(pos * a + _signed(b), w) * m1
-        x = torch.bitwise_xor(x, torch.bitwise_and(x >> 32, 0xFFFFFFFF))  # low half ^= high half (x >>> 32)
-        out.append(_signed(int(x.sum()) * m2))
-    return out
+    sums = torch.stack([_mixed(pos, w, a, b, m1).sum() for a, b, m1, _ in LANES]).tolist()  # one host read
+    return [_signed(v * m2) for v, (_, _, _, m2) in zip(sums, LANES)]
 
 
 def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: torch.Tensor,
                  new_words: torch.Tensor) -> list[int]:
     """The lanes after the words at `positions` changed from old_words to new_words (each position once)."""
-    new, old = lane_terms(positions, new_words), lane_terms(positions, old_words)
-    return [_signed(v + n - o) for v, n, o in zip(lane_values, new, old, strict=True)]
+    return update_lanes_of([(lane_values, positions, old_words, new_words)])[0]
+
+
+def update_lanes_of(updates: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[list[int]]:
+    """update_lanes of several tensors (lanes, positions, old words, new words) with one host read of the device's
+    sums for all of them: a block delta updates a weight's code and scale lanes at once, and on a GPU each read
+    waits for the queue to drain. The lane moves by M2 * sum(new terms - old terms), mod 2^64 as every sum here."""
+    sums = []
+    for _, positions, old_words, new_words in updates:
+        pos = positions.reshape(-1).to(torch.int64)
+        new, old = new_words.reshape(-1).to(torch.int64), old_words.reshape(-1).to(torch.int64)
+        sums += [(_mixed(pos, new, a, b, m1) - _mixed(pos, old, a, b, m1)).sum() for a, b, m1, _ in LANES]
+    if not sums:
+        return []
+    moved = torch.stack(sums).tolist()
+    out = []
+    for i, (values, *_) in enumerate(updates):
+        d = moved[i * len(LANES):(i + 1) * len(LANES)]
+        out.append([_signed(v + dv * m2) for v, dv, (_, _, _, m2) in zip(values, d, LANES, strict=True)])
+    return out

@@ -28,7 +28,7 @@ from common.audit import block_words, dense_hash, hash_of_lanes, mxfp4_lanes, sa
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
-from common.fingerprint import update_lanes
+from common.fingerprint import update_lanes_of
 from common.moe import params as P
 from common.moe import scale_name as moe_scale_name
 from common.moe.wire import (
@@ -389,10 +389,14 @@ class EngineSync:
         e, n, k = layer.local_shape(weight)
         kb = k // BLOCK_SIZE
         lin, code_words, scale_words = block_words(local, n, kb)
-        if lin.numel() and torch.unique(lin).numel() != lin.numel():
+        # both refusals from one host read (on a GPU each read waits for the queue): a block named twice (sorted
+        # neighbours equal), a NaN scale byte
+        order = lin.sort().values
+        dup, nan = torch.stack(((order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any())).tolist()
+        if dup:
             raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
                                    f"changed")
-        if bool((sb == E8M0_NAN).any()):
+        if nan:
             raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
         try:
             check_scale_bytes(sb, self.profile, name)
@@ -401,8 +405,7 @@ class EngineSync:
         code_lanes, scale_lanes = layer.lanes(weight)
         old_codes, _ = layer.read_blocks(weight, local)
         cb = cb.contiguous()
-        code_lanes = update_lanes(code_lanes, code_words, old_codes.contiguous().view(torch.int64),
-                                  cb.view(torch.int64))
+        updates = [(code_lanes, code_words, old_codes.contiguous().view(torch.int64), cb.view(torch.int64))]
         if lin.numel():
             # several changed scale bytes may share a word (zero padded past the end, as words_of pads): the old
             # words read from the live scales, the new ones with the delta's bytes put in
@@ -411,7 +414,9 @@ class EngineSync:
             old = torch.where(at < flat.numel(), flat[at.clamp(max=flat.numel() - 1)], 0).to(torch.uint8)
             new = old.clone()
             new[torch.searchsorted(scale_words, lin // 8), lin % 8] = sb
-            scale_lanes = update_lanes(scale_lanes, scale_words, old.view(torch.int64), new.view(torch.int64))
+            updates.append((scale_lanes, scale_words, old.view(torch.int64), new.view(torch.int64)))
+        code_lanes, *moved = update_lanes_of(updates)  # one host read for both
+        scale_lanes = moved[0] if moved else scale_lanes
         lanes = (code_lanes, scale_lanes)
         h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
         self._check_hash(entry, layer, weight, "delta", h)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Where a block-delta sync's time goes, without vLLM (issue 21: through a real engine on an H100 a 1% delta of 6
+dsv4 layers took longer than a full sync, bench/RESULTS.md). One dsv4 layer (32 experts, gate/up 4096x2048 and
+down 2048x4096, packed), a fraction of its blocks changed; each phase alone, synchronized, median of --repeat:
+  learner  block diff (mxfp4_train.sync.block_delta), lanes update (common.audit.mxfp4_lanes_after) and hash
+  engine   mxfp4_serve.sync.EngineSync.stage of the delta entries, then commit (canonical layout, bench/sync.py)
+then each side once under torch.profiler: the ops with the most self time on the host and on the device, and the
+host reads of device values (aten::_local_scalar_dense: one sync each; nonzero and unique sync as well).
+usage: python bench/delta_profile.py [--fraction 0.01] [--repeat 5] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import common
+from common.moe.layouts import bump_generation
+from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
+from mxfp4_serve.sync import PROTOCOL, EngineSync
+from mxfp4_train.sync.delta import block_delta
+from sync import PROFILE, engine_layer
+
+SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, repeat: int, setup=lambda: None) -> float:
+    setup()
+    fn()  # warm-up: kernels compile, the allocator grows
+    times = []
+    for _ in range(repeat):
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def profiled(fn, device: str, title: str, rows: int) -> None:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    syncs = {e.key: e.count for e in events if e.key in SYNCING_OPS}
+    print(f"\n### {title}: host reads of device values {syncs}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    if device == "cuda":
+        print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fraction", type=float, default=0.01, help="fraction of blocks changed")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=18, help="profiler rows per table")
+    ap.add_argument("--small", action="store_true", help="CI-sized shapes on the CPU")
+    args = ap.parse_args()
+    e, h, i = (4, 256, 128) if args.small else (32, 4096, 2048)
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    model, params = engine_layer(e, h, i, device)
+    sync = EngineSync(model)
+    g = torch.Generator(device=device).manual_seed(0)
+    dense = {"w13_weight": torch.randn(e, 2 * i, h, generator=g, device=device).mul_(0.02).bfloat16(),
+             "w2_weight": torch.randn(e, h, i, generator=g, device=device).mul_(0.02).bfloat16()}
+    old = {n: common.quantize(w, profile=PROFILE) for n, w in dense.items()}
+    new = {}
+    for n, q in old.items():
+        t = common.MXFP4Tensor(q.codes.clone(), q.scales.clone(), PROFILE)
+        pick = torch.rand(q.scales.shape, generator=g, device=device) < args.fraction
+        t.codes.view(*q.scales.shape, 16)[..., 0][pick] ^= 0x01
+        new[n] = t
+    old_lanes = {n: mxfp4_lanes(q) for n, q in old.items()}
+    prefix = "model.layers.0.mlp.experts."
+
+    def restore() -> None:  # the engine serves the old bytes again: every delta applies to the same base
+        for n, q in old.items():
+            params[n].copy_(q.codes)
+            params[n + "_scale"].copy_(q.scales)
+        layer = sync.layers[prefix.rstrip(".")]
+        bump_generation(layer.module)  # the bytes changed behind the layer's back: its cached audit is stale
+        for n in old:
+            layer.hash(n)  # read again here, outside the timing, as a live engine holds it from its last commit
+
+    def learner() -> list[dict]:
+        entries = []
+        for n, q in new.items():
+            d = block_delta(old[n], q)
+            lanes = mxfp4_lanes_after(old_lanes[n], old[n], q, d.index)
+            hsh = hash_of_lanes(q.shape, q.profile, *lanes, q.codes.numel(), q.scales.numel())
+            entries.append({"name": prefix + n, "kind": "delta", "index": d.index, "codes": d.codes,
+                            "scales": d.scales, "hashes": {"full": hsh}, "base_hashes": {"full": base[n]}})
+        return entries
+
+    base = {n: tensor_hash(q) for n, q in old.items()}
+    restore()
+    entries = learner()
+    counter = iter(range(10**9))
+
+    def engine() -> None:
+        sid = f"delta{next(counter)}"
+        sync.stage({"protocol": PROTOCOL, "sync_id": sid, "profile": PROFILE, "entries": entries})
+        sync.commit(sid, [x["name"] for x in entries])
+
+    blocks = sum(x["index"].shape[0] for x in entries)
+    print(f"one dsv4-shaped layer (E {e}, H {h}, I {i}) on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}"
+          f": {blocks} changed blocks ({100 * args.fraction:g}%), {sum(q.nbytes for q in new.values()) / 1e6:.0f} MB"
+          f" packed")
+    t_learner = median_ms(learner, device, args.repeat)
+    t_engine = median_ms(engine, device, args.repeat, setup=restore)
+    print(f"| phase | ms (median of {args.repeat}) |\n|---|---|\n| learner: diff + lanes + hash | {t_learner:.2f} |\n"
+          f"| engine: stage + commit | {t_engine:.2f} |")
+    profiled(learner, device, "learner", args.rows)
+    restore()
+    profiled(engine, device, "engine", args.rows)
+
+
+if __name__ == "__main__":
+    main()
