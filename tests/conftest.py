@@ -25,3 +25,10 @@ def _commands_leave_the_environment_as_it_was():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files that start vLLM engines first (about 15 of the suite's 21 serial minutes on 2 cores): with `make
+    test`'s workers taking one file at a time in this order, the long files start early and the many short ones
+    fill in behind them, instead of one engine file running alone at the end. Order within each part kept."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/"))
