@@ -52,7 +52,8 @@ class MXFP4MoEMethodMixin:
     def __init__(self, moe_config, settings: ServeSettings) -> None:
         super().__init__(moe_config)
         self.settings = settings
-        self.backend = select_backend(DeviceInfo.of(_device_of(moe_config)), settings.backend)
+        self.backend = select_backend(DeviceInfo.of(_device_of(moe_config)), settings.backend,
+                                      needs_lora=settings.expert_lora is not None)
         if settings.activations not in self.backend.activation_modes:
             raise ValueError(f"mxfp4_rl: expert activations {settings.activations!r} were requested but MoE backend "
                              f"{self.backend.name!r} runs only {self.backend.activation_modes}")

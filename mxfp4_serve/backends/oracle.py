@@ -1,7 +1,10 @@
 """Choose the MoE backend: an explicit override, or the first supported one in priority order.
 
 Every candidate answers (ok, reason); when nothing fits, the error lists each rejection, so a user sees why
-the fast backends were skipped (pattern of vLLM's fused_moe/oracle).
+the fast backends were skipped (pattern of vLLM's fused_moe/oracle). A checkpoint that serves expert LoRA
+unmerged skips, in the automatic choice, the backends that cannot apply it (on a B200: FlashInfer's fused kernel
+has no place for the gate/up term, so the Triton kernels serve it); an explicit override is kept and refused with
+the backend's reason by the MoE method.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def available_backends(candidates: tuple[type[MoEBackend], ...] = PRIORITY) -> l
 
 
 def select_backend(device: DeviceInfo, override: str | None = None,
-                   candidates: tuple[type[MoEBackend], ...] = PRIORITY) -> MoEBackend:
-    """The backend instance to use on device. override: a backend name (from MXFP4_RL_MOE_BACKEND or the config)."""
+                   candidates: tuple[type[MoEBackend], ...] = PRIORITY, needs_lora: bool = False) -> MoEBackend:
+    """The backend instance to use on device. override: a backend name (from MXFP4_RL_MOE_BACKEND or the config);
+    needs_lora: the layer serves expert adapters unmerged, so the automatic choice takes a backend that applies them."""
     by_name = {c.name: c for c in candidates}
     if override:
         cls = by_name.get(override)
@@ -52,6 +56,8 @@ def select_backend(device: DeviceInfo, override: str | None = None,
     rejections = []
     for cls in candidates:
         ok, reason = cls.supports(device)
+        if ok and needs_lora and not cls.serves_lora:
+            ok, reason = False, f"does not serve expert LoRA ({cls.lora_refusal})"
         if ok:
             skipped = f"; skipped: {'; '.join(rejections)}" if rejections else ""
             _log_once(f"mxfp4_rl: MoE backend {cls.name} on {device}{skipped}")

@@ -39,6 +39,28 @@ def test_hopper_picks_triton_and_older_gpus_fall_back_to_the_reference():
         select_backend(DeviceInfo("cuda", (8, 0)), override="hopper_triton")
 
 
+def test_expert_lora_skips_a_backend_that_cannot_apply_it_unless_requested():
+    """On a B200 (FlashInfer importable) a checkpoint with expert adapters served unmerged gets the Triton kernels,
+    with the reason logged; without adapters FlashInfer's kernel; asked for by name, FlashInfer is kept (the MoE
+    method then refuses it with its reason)."""
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+    from mxfp4_serve.backends.sm100_flashinfer import SM100FlashInferBackend
+
+    class _B200Ready(SM100FlashInferBackend):  # supports() as on a B200 with FlashInfer installed
+        @classmethod
+        def supports(cls, device):
+            return True, ""
+
+    b200 = DeviceInfo("cuda", (10, 0))
+    order = (_B200Ready, HopperTritonBackend, CPUReferenceBackend)
+    assert type(select_backend(b200, candidates=order)) is _B200Ready
+    assert type(select_backend(b200, candidates=order, needs_lora=True)) is HopperTritonBackend
+    assert type(select_backend(b200, "sm100_flashinfer", candidates=order, needs_lora=True)) is _B200Ready
+    with pytest.raises(BackendUnavailableError, match=r"sm100_flashinfer: does not serve expert LoRA \(FlashInfer's "
+                                                      r"TRT-LLM MoE computes both expert GEMMs"):
+        select_backend(b200, candidates=order[:1], needs_lora=True)
+
+
 def test_unknown_override_lists_available():
     with pytest.raises(BackendUnavailableError, match=r"unknown MXFP4 MoE backend 'marlin'; available: "
                                                       r"sm100_flashinfer, hopper_triton, cpu_reference"):
