@@ -9,7 +9,7 @@ without adapters); "new", moe_layer_forward with the bf16 kernel copies mxfp4_se
 more: the two rank-R projections, the A13 one gathering the rows itself). "bits" says whether new == old
 (torch.equal; it holds on kb-major codes where both gated GEMMs get the same tile, which the autotuner picks for
 each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
---project-tiles BLOCK_KxSTAGES,... also times "new" with other tiles of the projection kernel
+--project-tiles BLOCK_KxSTAGES[xWARPS],... also times "new" with other tiles of the projection kernel
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
 128x3; the learner's projections change with it, and their bits: another K tile sums in another order; a tile past
 the shared-memory budget falls back to lora.FALLBACK_TILE). --parts times each launch of the layer alone, from
@@ -89,11 +89,12 @@ def main() -> None:
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     r, msb = args.rank, (128 if args.one_mul else None)
-    tiles = [tuple(map(int, t.split("x"))) for t in args.project_tiles.split(",") if t]
+    # BLOCK_KxSTAGES or BLOCK_KxSTAGESxWARPS (warps: lora.PROJECT_WARPS, 4 unless given)
+    tiles = [(tuple(map(int, t.split("x"))) + (L.PROJECT_WARPS,))[:3] for t in args.project_tiles.split(",") if t]
     print(f"{torch.cuda.get_device_name()}: engine MoE layer from a CUDA graph, expert LoRA r={r} vs none; "
           f"max_scale_byte={msb}; projection tile {L.PROJECT_BLOCK_K}x{L.PROJECT_STAGES}; ms, median of "
           f"triton.testing.do_bench; Marlin: vLLM's MXFP4 MoE without adapters, same bytes and routing")
-    extra = "".join(f" new {bk}x{st} ms |" for bk, st in tiles)
+    extra = "".join(f" new {bk}x{st}x{wp} ms |" for bk, st, wp in tiles)
     print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | new LoRA ms | new ratio | bits new == old |"
           f"{extra} Marlin ms | new / Marlin | rel. change of the output |")
     print("|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
@@ -128,14 +129,14 @@ def main() -> None:
             change = ((new().float() - plain().float()).norm() / plain().float().norm()).item()
             base, t_old, t_new = graph_ms(plain), graph_ms(old), graph_ms(new)
             swept = ""
-            default = (L.PROJECT_BLOCK_K, L.PROJECT_STAGES)
+            default = (L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS)
             ref = new()
-            for bk, st in tiles:
-                L.PROJECT_BLOCK_K, L.PROJECT_STAGES = bk, st
+            for tile in tiles:
+                L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS = tile
                 # "=" when the bits equal the default tile's (the MMA may chain its k-steps in the same order
                 # whatever the tile), "!=" when this tile would change the learner's and the engine's bits
                 swept += f" {graph_ms(new):.3f} {'=' if torch.equal(new(), ref) else '!='} |"
-                L.PROJECT_BLOCK_K, L.PROJECT_STAGES = default
+                L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS = default
             if marlin is not None:
                 ti, twf = ids.to(torch.int32).contiguous(), tw.float().contiguous()
                 t_marlin = graph_ms(lambda: marlin(x, twf, ti))

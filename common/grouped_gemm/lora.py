@@ -44,6 +44,7 @@ def _check(offsets: torch.Tensor, rows: int, *named: tuple[str, torch.Tensor]) -
 # falls back to FALLBACK_TILE.
 PROJECT_BLOCK_K = 256
 PROJECT_STAGES = 4
+PROJECT_WARPS = 4
 FALLBACK_TILE = (128, 3)
 SMEM_BUDGET = 160 * 1024  # bytes of bf16 x and factor tiles over all stages; 64 + 16 rows at 256 x 4 ran on an H100
 
@@ -85,8 +86,8 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
                        gather_rows.contiguous() if gather_rows is not None else offsets, out, k, e, r, float(scaling),
                        x.stride(0), factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
                        GATHER=gather_rows is not None, E_POW2=max(2, next_pow2(e)), F32_DOT=interp,
-                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else block_k, num_warps=4,
-                       num_stages=stages)
+                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else block_k,
+                       num_warps=PROJECT_WARPS, num_stages=stages)
     return out
 
 
