@@ -6,7 +6,7 @@ demo:
 	.venv/bin/mxfp4-rl demo
 
 # Two workers, one test file to each at a time (a file's engine fixtures stay in one process), in the order
-# tests/conftest.py gives: the whole suite took 15.5 minutes on 2 cores against 21 serially. TEST_WORKERS=0: serial.
+# tests/conftest.py gives: the whole suite took 14.3 minutes on 2 cores against 21 serially. TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 
 test:

@@ -81,10 +81,15 @@ def test_run_blocks_execute_as_written(doc, tmp_path):
 
 def test_make_targets_are_the_readme_commands():
     """README's `make demo` / `make test` block: the demo is tests/e2e/test_demo.py, the test command is CI itself
-    (.ci/run calls `make test`); here only that the targets run what the README says they run."""
+    (.ci/run calls `make test`); here only that the targets run what the README says they run (make test: every
+    test, on the workers its TEST_WORKERS names)."""
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo:\n(\t.*\n)*\t\.venv/bin/mxfp4-rl demo\s*$", make, re.M), make
-    assert re.search(r"^test:\n(\t.*\n)*\t\.venv/bin/python -m pytest\s*$", make, re.M), make
+    run = re.search(r"^test:\n(?:\t.*\n)*?\t\.venv/bin/python -m pytest(.*)$", make, re.M)
+    assert run, make
+    # the whole suite, spread over workers (pytest-xdist) at most: no selection, deselection or early stop
+    options = run.group(1).replace("$(if $(filter 0,$(TEST_WORKERS)),,", "").rstrip(")").split()
+    assert options == ["-n", "$(TEST_WORKERS)", "--dist", "loadfile", "--no-loadscope-reorder"] or not options, options
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
 
 
