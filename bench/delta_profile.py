@@ -16,13 +16,13 @@ import statistics
 import time
 
 import torch
+from sync import PROFILE, engine_layer
 
 import common
-from common.moe.layouts import bump_generation
 from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
+from common.moe.layouts import bump_generation
 from mxfp4_serve.sync import PROTOCOL, EngineSync
 from mxfp4_train.sync.delta import block_delta
-from sync import PROFILE, engine_layer
 
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
 
@@ -115,9 +115,10 @@ def main() -> None:
         sync.commit(sid, [x["name"] for x in entries])
 
     blocks = sum(x["index"].shape[0] for x in entries)
-    print(f"one dsv4-shaped layer (E {e}, H {h}, I {i}) on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}"
-          f": {blocks} changed blocks ({100 * args.fraction:g}%), {sum(q.nbytes for q in new.values()) / 1e6:.0f} MB"
-          f" packed")
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    mb = sum(q.nbytes for q in new.values()) / 1e6
+    print(f"one dsv4-shaped layer (E {e}, H {h}, I {i}) on {where}: {blocks} changed blocks "
+          f"({100 * args.fraction:g}%), {mb:.0f} MB packed")
     t_learner = median_ms(learner, device, args.repeat)
     t_engine = median_ms(engine, device, args.repeat, setup=restore)
     print(f"| phase | ms (median of {args.repeat}) |\n|---|---|\n| learner: diff + lanes + hash | {t_learner:.2f} |\n"

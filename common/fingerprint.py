@@ -97,7 +97,7 @@ def lane_terms(positions: torch.Tensor, words: torch.Tensor) -> list[int]:
     its lanes from the changed words alone (update_lanes)."""
     pos, w = positions.reshape(-1).to(torch.int64), words.reshape(-1).to(torch.int64)
     sums = torch.stack([_mixed(pos, w, a, b, m1).sum() for a, b, m1, _ in LANES]).tolist()  # one host read
-    return [_signed(v * m2) for v, (_, _, _, m2) in zip(sums, LANES)]
+    return [_signed(v * m2) for v, (_, _, _, m2) in zip(sums, LANES, strict=True)]
 
 
 def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: torch.Tensor,
