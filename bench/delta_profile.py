@@ -16,12 +16,11 @@ import statistics
 import time
 
 import torch
-from sync import PROFILE, engine_layer
+from sync import PROFILE, serve_again, synced_layer
 
 import common
 from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
-from common.moe.layouts import bump_generation
-from mxfp4_serve.sync import PROTOCOL, EngineSync
+from mxfp4_serve.sync import PROTOCOL
 from mxfp4_train.sync.delta import block_delta
 
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
@@ -68,14 +67,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=18, help="profiler rows per table")
     ap.add_argument("--small", action="store_true", help="CI-sized shapes on the CPU")
     args = ap.parse_args()
-    e, h, i = (4, 256, 128) if args.small else (32, 4096, 2048)
-    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
-    model, params = engine_layer(e, h, i, device)
-    sync = EngineSync(model)
-    g = torch.Generator(device=device).manual_seed(0)
-    dense = {"w13_weight": torch.randn(e, 2 * i, h, generator=g, device=device).mul_(0.02).bfloat16(),
-             "w2_weight": torch.randn(e, h, i, generator=g, device=device).mul_(0.02).bfloat16()}
-    old = {n: common.quantize(w, profile=PROFILE) for n, w in dense.items()}
+    (e, h, i), device, params, sync, g, _, old = synced_layer(args.small)
     new = {}
     for n, q in old.items():
         t = common.MXFP4Tensor(q.codes.clone(), q.scales.clone(), PROFILE)
@@ -86,13 +78,7 @@ def main() -> None:
     prefix = "model.layers.0.mlp.experts."
 
     def restore() -> None:  # the engine serves the old bytes again: every delta applies to the same base
-        for n, q in old.items():
-            params[n].copy_(q.codes)
-            params[n + "_scale"].copy_(q.scales)
-        layer = sync.layers[prefix.rstrip(".")]
-        bump_generation(layer.module)  # the bytes changed behind the layer's back: its cached audit is stale
-        for n in old:
-            layer.hash(n)  # read again here, outside the timing, as a live engine holds it from its last commit
+        serve_again(sync, params, old)
 
     def learner() -> list[dict]:
         entries = []
