@@ -131,14 +131,12 @@ def main() -> int:
     rows = []
 
     def measure(label: str, fraction, **kw) -> None:
-        flip_experts(model, fraction, gen)
-        synchronize()
-        cold = refit.sync(model, **kw).seconds
-        reps = []
-        for _ in range(args.repeats):
+        runs = []
+        for _ in range(args.repeats + 1):  # the first untimed: its seconds are the "first" column
             flip_experts(model, fraction, gen)
             synchronize()
-            reps.append(refit.sync(model, **kw))
+            runs.append(refit.sync(model, **kw))
+        cold, reps = runs[0].seconds, runs[1:]
         sec = statistics.median(r.seconds for r in reps)
         mid = sorted(reps, key=lambda r: r.seconds)[len(reps) // 2]
         rows.append({"payload": label, "payload_MB": mid.payload_bytes / 1e6, "seconds": sec, "first_s": cold,
