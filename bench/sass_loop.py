@@ -46,7 +46,7 @@ def compile_sass(o: dict) -> str:
                  SCATTER=bool(o["scatter"]), E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True,
                  WORDS=words, ONE_MUL=bool(o["one_mul"]), OUT_ORDER=0,
                  WORD_PAIRS=words and o["nw"] == 4 and o["bn"] >= 64, EVEN_K=True, KB_MAJOR=bool(o["kb"]),
-                 GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])
+                 PDL=0, GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])
     ck = compile_sm90(KERNEL, const, ptrs, ints, num_warps=o["nw"], num_stages=o["ns"])
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

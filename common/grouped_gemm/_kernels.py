@@ -16,6 +16,7 @@ Row tiles vary fastest, so programs that share a weight tile run together and hi
 import triton
 import triton.language as tl
 
+from ..kernels.pdl import pdl_after_loop, pdl_enter
 from ._tiles import (
     ACT_NONE,
     DECODE_BITS,
@@ -51,10 +52,12 @@ def _grouped_fwd_kernel(
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
         OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
-        KB_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        KB_MAJOR: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block.
     # kb-major words scatter each element's bits (layout.py): the word decode reads them, the byte decode cannot
     tl.static_assert(not KB_MAJOR or WORDS)
+    pdl_enter(PDL)
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
         return
@@ -147,6 +150,7 @@ def _grouped_fwd_kernel(
                 acc_up = _dot_xwt(a, _dequant_tile(wp, s_up_cur, BLOCK_N, BLOCK_K, DECODE), acc_up, SWAP_AB,
                                   F32_DOT)
         a_ptrs += BLOCK_K
+    pdl_after_loop(PDL)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)

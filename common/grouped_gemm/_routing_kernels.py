@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels import interpreting
+from ..kernels import interpreting, pdl
+from ..kernels.pdl import pdl_enter
 
 # Above this many experts the blocks get too thin (< 8 entries) to pay off; route() then uses the torch sort.
 MAX_EXPERTS = 2048
@@ -53,17 +54,20 @@ def _one_hot(ids_ptr, pid, P, E, BLOCK: tl.constexpr, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, P, E, BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, P, E, BLOCK: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr):
     """counts[block, e] = entries of expert e in the block (lanes >= E stay 0)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     _, _, hot = _one_hot(ids_ptr, pid, P, E, BLOCK, E_POW2)
     tl.store(counts_ptr + pid * E_POW2 + tl.arange(0, E_POW2), tl.sum(hot.to(tl.int32), axis=0))
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, num_blocks, E_POW2: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
+def _scan_kernel(counts_ptr, num_blocks, E_POW2: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr,
+                 PDL: tl.constexpr):
     """In place over counts [num_blocks + 1, E_POW2]: each block's row becomes the expert's entries in earlier
     blocks (an exclusive prefix down the column), and row num_blocks the totals. One strip of COLS experts each."""
+    pdl_enter(PDL)
     cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
     carry = tl.zeros([COLS], dtype=tl.int32)
     for r0 in range(0, num_blocks, ROWS):
@@ -78,8 +82,9 @@ def _scan_kernel(counts_ptr, num_blocks, E_POW2: tl.constexpr, COLS: tl.constexp
 
 @triton.jit
 def _scatter_kernel(ids_ptr, counts_ptr, source_ptr, token_ptr, inverse_ptr, offsets_ptr, P, E, K, num_blocks,
-                    BLOCK: tl.constexpr, E_POW2: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, E_POW2: tl.constexpr, ONE_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Sorted row of each entry of the block, from the scanned counts table (ONE_BLOCK: from its own counts)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     lanes = tl.arange(0, E_POW2)
     idx, ok, hot = _one_hot(ids_ptr, pid, P, E, BLOCK, E_POW2)
@@ -141,12 +146,13 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, *, block: int | Non
     block = _block(p, e_pow2, block)
     nb = triton.cdiv(p, block)
     counts = ids  # a placeholder pointer: a single block needs no table
+    pdl_kw = pdl.launch_options(pdl.mode(ids), small=True)
     if nb > 1:
         counts = torch.empty(nb + 1, e_pow2, dtype=torch.int32, device=dev)
-        _count_kernel[(nb,)](ids, counts, p, num_experts, BLOCK=block, E_POW2=e_pow2, num_warps=_NUM_WARPS)
+        _count_kernel[(nb,)](ids, counts, p, num_experts, BLOCK=block, E_POW2=e_pow2, num_warps=_NUM_WARPS, **pdl_kw)
         cols = min(_SCAN_COLS, e_pow2)
         _scan_kernel[(e_pow2 // cols,)](counts, nb, E_POW2=e_pow2, COLS=cols, ROWS=_rows(nb, cols),
-                                        num_warps=_NUM_WARPS)
+                                        num_warps=_NUM_WARPS, **pdl_kw)
     _scatter_kernel[(nb,)](ids, counts, source, token, inverse, offsets, p, num_experts, k, nb, BLOCK=block,
-                           E_POW2=e_pow2, ONE_BLOCK=nb == 1, num_warps=_NUM_WARPS)
+                           E_POW2=e_pow2, ONE_BLOCK=nb == 1, num_warps=_NUM_WARPS, **pdl_kw)
     return source, token, inverse, offsets

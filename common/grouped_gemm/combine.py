@@ -13,13 +13,16 @@ import triton
 import triton.language as tl
 
 from ..errors import DTypeError, ShapeError
-from ..kernels import interpreting
+from ..kernels import interpreting, pdl
+from ..kernels.pdl import pdl_enter
 
 BLOCK_H = 1024  # output columns per program: 2 KB of bf16 per slot row, 4 warps of 8-element vectors
 
 
 @triton.jit
-def _sum_slots_kernel(y_ptr, out_ptr, H, stride_y, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_slots_kernel(y_ptr, out_ptr, H, stride_y, stride_out, K: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -46,7 +49,7 @@ def sum_slots(y: torch.Tensor, top_k: int, out_dtype: torch.dtype | None = None)
     if y.stride(1) != 1:
         y = y.contiguous()
     _sum_slots_kernel[(t, triton.cdiv(h, BLOCK_H))](y, out, h, y.stride(0), out.stride(0), K=top_k, BLOCK=BLOCK_H,
-                                                    num_warps=4)
+                                                    num_warps=4, **pdl.launch_options(pdl.mode(y), small=True))
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ShapeError
-from ..kernels import fast_launch, interpreting
+from ..kernels import fast_launch, interpreting, pdl
 from ._lora_kernels import _lora_project_kernel, _lora_wgrad_kernel
 from .configs import cdiv, next_pow2, padded_rank
 from .interleave import reorder_k
@@ -56,13 +56,36 @@ def _project_tile(block_m: int, block_r: int) -> tuple[int, int]:
     return FALLBACK_TILE
 
 
+# Per-device tile counters of the split-K projections (zero between launches: each tile's last program puts its
+# count back). Grown, never shrunk; a replaced buffer is kept alive, since a captured CUDA graph may still use it.
+_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, tiles: int, split_k: int, block_m: int, block_r: int, dummy: torch.Tensor):
+    """(partials, counters) of a launch with `tiles` programs along grid axes 0-1 and split_k along axis 2."""
+    if split_k == 1:
+        return dummy, dummy
+    kept = _COUNTS.setdefault(device, [])
+    if not kept or kept[-1].numel() < tiles:
+        kept.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
+    return torch.empty(tiles * split_k * block_m * block_r, dtype=torch.float32, device=device), kept[-1]
+
+
+def _check_split(split_k: int) -> None:
+    if not isinstance(split_k, int) or not 1 <= split_k <= 64:
+        raise ValueError(f"LoRA projection: split_k must be an int in [1, 64], got {split_k!r}")
+
+
 def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scaling: float = 1.0, *,
-            gather_rows: torch.Tensor | None = None) -> torch.Tensor:
+            gather_rows: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """h [M, R] bf16 = scaling * x_e @ factor_e^T per expert's rows, factor [E, R, K] at any strides (an A factor
     as stored, or B.transpose(1, 2) of a B factor [E, K, R]); x [M, K] is bf16 or wider (rounded to bf16 first,
     as the factor is, by torch's round to nearest; a bf16 factor is used as it is, no copy).
     With gather_rows [M] (int32/int64), x is the unsorted [T, K] and sorted row r reads x[gather_rows[r]]: the
-    same bits as project(x[gather_rows], ...) without the copy (the engine's MoE layer, as its gated GEMM)."""
+    same bits as project(x[gather_rows], ...) without the copy (the engine's MoE layer, as its gated GEMM).
+    split_k > 1 sums K in that many chunks on separate programs, added in chunk order by the last of them (one
+    launch, deterministic; other bits than split_k=1: the engine's decode-size layer uses it, the learner not)."""
+    _check_split(split_k)
     m = x.shape[0] if gather_rows is None else gather_rows.shape[0]
     _check(offsets, m, *(() if gather_rows is not None else (("x", x),)))
     if gather_rows is not None:
@@ -76,19 +99,24 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
         return out
     # rounded here, not in the kernel: the interpreter's in-kernel cast truncates where torch and GPUs round
     x, factor = x.to(torch.bfloat16).contiguous(), factor.to(torch.bfloat16)
-    avg = cdiv(m, e)
     interp = interpreting()
-    block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
+    block_m = _project_block_m(cdiv(m, e), interp)
     block_r = _rank_block(r)
     block_k, stages = _project_tile(block_m, block_r)
-    grid = (cdiv(m, block_m) + e, cdiv(r, block_r))
+    grid = (cdiv(m, block_m) + e, cdiv(r, block_r), split_k)
+    parts, counts = _split_buffers(x.device, grid[0] * grid[1], split_k, block_m, block_r, out)
     fast_launch.launch(_lora_project_kernel, grid, x, factor, offsets,
-                       gather_rows.contiguous() if gather_rows is not None else offsets, out, k, e, r, float(scaling),
-                       x.stride(0), factor.stride(0), factor.stride(1), factor.stride(2), out.stride(0),
-                       GATHER=gather_rows is not None, E_POW2=max(2, next_pow2(e)), F32_DOT=interp,
-                       BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64 if interp else block_k,
-                       num_warps=PROJECT_WARPS, num_stages=stages)
+                       gather_rows.contiguous() if gather_rows is not None else offsets, out, parts, counts, k, e, r,
+                       float(scaling), x.stride(0), factor.stride(0), factor.stride(1), factor.stride(2),
+                       out.stride(0), GATHER=gather_rows is not None,
+                       E_POW2=max(2, next_pow2(e)), F32_DOT=interp, SPLIT_K=split_k, BLOCK_M=block_m,
+                       BLOCK_R=block_r, BLOCK_K=64 if interp else block_k, num_warps=PROJECT_WARPS,
+                       num_stages=stages, **pdl.launch_options(pdl.mode(x), small=True))
     return out
+
+
+def _project_block_m(rows_per_expert: int, interp: bool) -> int:
+    return 16 if (rows_per_expert <= 16 or interp) else 32 if rows_per_expert <= 32 else 64
 
 
 def _check_gather(x: torch.Tensor, rows: torch.Tensor, m: int, device: torch.device) -> None:

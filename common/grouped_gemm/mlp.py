@@ -93,6 +93,12 @@ def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Pac
     return grouped_mm_mxfp4(act, offsets, *w2, bias=bias2, x_order=order, max_scale_byte=max_scale_byte)
 
 
+# K chunks of the engine layer's rank-R projections (lora.project's split_k): at decode sizes a few dozen row tiles
+# each walked K alone; split in 4, the layer with r=16 adapters took 0.203 instead of 0.207 ms at 16 tokens on an
+# H100 (bench/RESULTS.md, seventh round). The learner's projections stay whole (split_k=1).
+LORA_SPLIT_K = 4
+
+
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
                       bias2: torch.Tensor | None = None, max_scale_byte: int | None = None,
@@ -126,13 +132,15 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     if lora is not None:
         a13, b13, a2, b2, scaling = lora
         # the A13 projection gathers the sorted rows itself, as the gated GEMM does (no copy of the tokens)
-        lora13 = (L.project(x, routing.offsets, a13, scaling, gather_rows=routing.token), _bf16(b13))
+        lora13 = (L.project(x, routing.offsets, a13, scaling, gather_rows=routing.token, split_k=LORA_SPLIT_K),
+                  _bf16(b13))
     act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13, lora=lora13,
                                     gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte,
                                     limit=limit)
     if lora is not None:
         # act's columns are in `order`: A2's are put in the same one (the same sum, in another order)
-        lora2 = (L.project(act, routing.offsets, L.factor_in_order(a2, order), scaling), _bf16(b2))
+        lora2 = (L.project(act, routing.offsets, L.factor_in_order(a2, order), scaling, split_k=LORA_SPLIT_K),
+                 _bf16(b2))
     y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, lora=lora2, scatter_rows=routing.source,
                          row_weights=rows, x_order=order, max_scale_byte=max_scale_byte)
     return sum_slots(y, k, x.dtype)

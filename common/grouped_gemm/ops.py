@@ -15,7 +15,7 @@ import triton
 
 from .. import envs
 from ..errors import DTypeError, ShapeError
-from ..kernels import fast_launch, interpreting
+from ..kernels import fast_launch, interpreting, pdl
 from ..tensor import check_packed
 from . import activations as A
 from ._kernels import _grouped_dx_kernel as _dx_jit
@@ -224,8 +224,10 @@ _PICKED: dict[tuple, TileConfig] = {}
 
 def _signature(kind: str, grid_n: int, k: int, e: int, bucket: int, args: list, kw: dict) -> tuple:
     """What the best tile depends on: the autotuner's key (sizes but the row count, which it buckets, and the
-    tensors' dtypes) and the flags, so that a call the autotuner would tune anew is not served a stale pick."""
-    return (kind, grid_n, k, e, bucket, *kw.items(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    tensors' dtypes) and the flags, so that a call the autotuner would tune anew is not served a stale pick. Not
+    the launch's PDL mode (pdl.py), which changes no tile's work."""
+    flags = (item for item in kw.items() if item[0] not in ("PDL", "launch_pdl"))
+    return (kind, grid_n, k, e, bucket, *flags, *(a.dtype for a in args if isinstance(a, torch.Tensor)))
 
 
 def _launch(kind: str, kernel, grid_n: int, m: int, e: int, k: int, config: TileConfig | None, args: list,
@@ -322,7 +324,8 @@ def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_
     kw = dict(ACT=act, ALPHA=alpha, LIMIT=limit, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
-              OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major, GATE_UP_PAIRS=bool(act) and pairs)
+              OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major, GATE_UP_PAIRS=bool(act) and pairs,
+              **pdl.launch_options(pdl.mode(x)))
     _launch(kind, _fwd_jit, n, m, e, k, config, args, kw)
     return y, pre
 

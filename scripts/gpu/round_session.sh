@@ -8,6 +8,7 @@
 #   R  after the bundle: layout conversion, refit through a real engine, LoRA layer vs none and vs Marlin
 #   D  after the bundle and the DeepSeek-V4 kernel packages (see D below): the probe of the plugin mode
 #   P  after the bundle: the dense prefill path's native tests, its parts, and the peers table with it
+#   T  after the bundle: the LoRA layer against Marlin, then the refit (seventh round)
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -76,6 +77,12 @@ S)  # where the served adapters' time goes at decode sizes (each launch alone), 
   echo "=== engine layer with expert LoRA vs none and vs Marlin, and its launches one by one (one-multiply decode)"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128 --parts 2>&1 | grep -E "^\||^Each|^NVIDIA"
   refit_bench 300 6
+  ;;
+T)  # seventh round (bundle installed): the LoRA layer with split-K projections against none and against Marlin in one
+    # process (PDL as MXFP4_PDL says), then the refit with the delta's lane kernel, each kind after one untimed sync
+  echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode), MXFP4_PDL=${MXFP4_PDL:-off}"
+  timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128 2>&1 | grep -E "^\||^NVIDIA|Error"
+  refit_bench 330 6
   ;;
 E)  # the dense prefill path inside vLLM 0.25 (bundle installed): a 3840-token prompt, fused / dense / auto
   PYTHONPATH=/tmp/site:. timeout 540 python3 scripts/gpu/vllm_e2e.py prefill_fused prefill_dense prefill_auto \

@@ -664,7 +664,8 @@ pairs = kind.endswith("_pairs")  # gpt-oss's interleaved gate/up rows, pre writt
 const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=16 if kind == "gated_lora" else 0,
              SAVE_PRE=pairs, GATHER=True, SCATTER=False, E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
-             BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs)
+             BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs,
+             PDL=3 if kind == "gated_lora" else 0)
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
        "dst_ptr": "*i64", "rw_ptr": "*fp32"}
 try:
@@ -676,7 +677,7 @@ ptx = compiled.asm["ptx"]
 # the kb-major word decode's rotation / the canonical one's nibble shift / the byte decode's spread
 marker = "shf.l.wrap.b32 x, " if kb else "shr.u32 x, " if words else "prmt.b32 t, "
 print("decode", marker in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
-      "cubin", len(compiled.asm["cubin"]))
+      "cubin", len(compiled.asm["cubin"]), "pdl", ptx.count("griddepcontrol"))
 """
 
 
@@ -699,6 +700,8 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
     words = out.stdout.split()
     assert words[:2] == ["decode", "True"] and int(words[3]) > 0, out.stdout
     assert words[5] == "True" and int(words[7]) > 0, out.stdout
+    # the LoRA kind compiles PDL's wait (first) and its signal (after the K loop) too; the others neither
+    assert words[9] == ("2" if kind == "gated_lora" else "0"), out.stdout
 
 
 def test_decode_mode_defaults_and_reduction_order(monkeypatch):

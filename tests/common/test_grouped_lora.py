@@ -143,6 +143,28 @@ def test_project_gathers_rows_bit_exactly(index_dtype):
         L.project(x, offs, factor, gather_rows=rows.float())
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 4, 8])
+def test_split_k_projection_is_one_deterministic_launch(split_k):
+    """split_k > 1 (the engine layer's projections): K summed in chunks by separate programs, the chunks' fp32
+    partials added in chunk order by the tile's last program. Within the loop's bound of the reference (other sum
+    order), the same bits on every run, a chunk past K (k=96 in 8 chunks of 64) contributes nothing, and every tile
+    counter is back at zero after the launch (the next launch relies on it)."""
+    e, m, k = len(COUNTS), sum(COUNTS), 96 if split_k == 8 else 320
+    x = _rand(m, k, seed=42)
+    x[4, :3] = torch.tensor([2.0**60, -(2.0**60), 3e-39])
+    factor = _rand(e, 16, k, seed=43, dtype=torch.float32)
+    got = L.project(x, _offsets(COUNTS), factor, -0.75, split_k=split_k)
+    ref, mag = _project_ref(x, factor, COUNTS, -0.75)
+    _assert_within(got, ref, mag, k, 2.0**-7)
+    assert torch.equal(got, L.project(x, _offsets(COUNTS), factor, -0.75, split_k=split_k))
+    assert not L._COUNTS[x.device][-1].any()
+    rows = (torch.arange(m) * 7 % 11).to(DEVICE)
+    assert torch.equal(L.project(x[:11], _offsets(COUNTS), factor, 0.5, gather_rows=rows, split_k=split_k),
+                       L.project(x[:11][rows], _offsets(COUNTS), factor, 0.5, split_k=split_k))
+    with pytest.raises(ValueError, match="split_k must be an int in \\[1, 64\\], got 0"):
+        L.project(x, _offsets(COUNTS), factor, split_k=0)
+
+
 def test_factor_in_order_projects_a_reordered_activation():
     """An activation kept in the down GEMM's K order ("interleaved" for canonical codes) projected by A2 with its
     columns in that order is the same sum in another order: within the loop's bound of the natural projection;
@@ -164,7 +186,7 @@ def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch)
     kb-major codes (the engine's layout, whose K order is the natural one); on canonical codes the activation stays
     in the word decode's order and only the A2 projection's sum order changes (<= one bf16 step of h2)."""
     import common
-    from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, moe_layer_forward, route
+    from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, mlp, moe_layer_forward, route
 
     # on a GPU the autotuner tunes the gathering and the copying gated GEMM separately (another tile sums in another
     # order): both get the bucket's first tile here, as under the interpreter
@@ -190,13 +212,15 @@ def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch)
         pad.narrow(dim, 0, r).copy_(f)
         kernel.append(pad)
     got = moe_layer_forward(x, ids, tw, w13, w2, activation="silu", lora=(*kernel, 2.0))
-    # the replaced composition, step by step
+    # the replaced composition, step by step (the projections split K as the layer's do)
+    split = mlp.LORA_SPLIT_K
     rt = route(ids, e)
     xs = x.index_select(0, rt.token.long())
     bf = [f.to(torch.bfloat16) for f in fp32]
     act, _ = grouped_mm_mxfp4_gated(xs, rt.offsets, *w13, activation="silu",
-                                    lora=(L.project(xs, rt.offsets, fp32[0], 2.0), bf[1]))
-    y = grouped_mm_mxfp4(act, rt.offsets, *w2, lora=(L.project(act, rt.offsets, fp32[2], 2.0), bf[3]),
+                                    lora=(L.project(xs, rt.offsets, fp32[0], 2.0, split_k=split), bf[1]))
+    y = grouped_mm_mxfp4(act, rt.offsets, *w2,
+                         lora=(L.project(act, rt.offsets, fp32[2], 2.0, split_k=split), bf[3]),
                          scatter_rows=rt.source, row_weights=tw.reshape(-1).float())
     old = sum_slots(y, topk, x.dtype)
     base = moe_layer_forward(x, ids, tw, w13, w2, activation="silu")
