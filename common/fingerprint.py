@@ -109,17 +109,22 @@ def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: tor
 def update_lanes_of(updates: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[list[int]]:
     """update_lanes of several tensors (lanes, positions, old words, new words) with one host read of the device's
     sums for all of them: a block delta updates a weight's code and scale lanes at once, and on a GPU each read
-    waits for the queue to drain. The lane moves by M2 * sum(new terms - old terms), mod 2^64 as every sum here."""
-    sums = []
+    waits for the queue to drain. The lane moves by M2 * sum(new terms - old terms), mod 2^64 as every sum here;
+    on CUDA one kernel per update computes it (common.kernels.fingerprint.lane_moves_triton)."""
+    moves = []
     for _, positions, old_words, new_words in updates:
-        pos = positions.reshape(-1).to(torch.int64)
-        new, old = new_words.reshape(-1).to(torch.int64), old_words.reshape(-1).to(torch.int64)
-        sums += [(_mixed(pos, new, a, b, m1) - _mixed(pos, old, a, b, m1)).sum() for a, b, m1, _ in LANES]
-    if not sums:
+        pos = positions.reshape(-1).to(torch.int64).contiguous()
+        new = new_words.reshape(-1).to(torch.int64).contiguous()
+        old = old_words.reshape(-1).to(torch.int64).contiguous()
+        if new.is_cuda:
+            from .kernels.fingerprint import lane_moves_triton
+
+            moves.append(lane_moves_triton(pos, old, new))
+        else:
+            moves.append(torch.stack([(_mixed(pos, new, a, b, m1) - _mixed(pos, old, a, b, m1)).sum() * _signed(m2)
+                                      for a, b, m1, m2 in LANES]))
+    if not moves:
         return []
-    moved = torch.stack(sums).tolist()
-    out = []
-    for i, (values, *_) in enumerate(updates):
-        d = moved[i * len(LANES):(i + 1) * len(LANES)]
-        out.append([_signed(v + dv * m2) for v, dv, (_, _, _, m2) in zip(values, d, LANES, strict=True)])
-    return out
+    moved = torch.stack(moves).tolist()  # the one host read
+    return [[_signed(v + d) for v, d in zip(values, row, strict=True)]
+            for (values, *_), row in zip(updates, moved, strict=True)]

@@ -243,3 +243,26 @@ def test_mxfp4_lanes_after_a_block_change_equal_a_fresh_fingerprint():
     new.scales[2, 6, 2] -= 1  # the last byte, in the zero-padded last word
     after = mxfp4_lanes_after(mxfp4_lanes(old), old, new, blocks)
     assert after == mxfp4_lanes(new) and after != mxfp4_lanes(old)
+
+
+def test_lane_moves_kernel_equals_the_torch_terms():
+    """The sparse rehash's kernel (interpreter on CPU, native on a GPU) moves the lanes exactly as the torch terms:
+    random words, all-ones, zero, the extremes of int64, positions past 2^32, and a block straddling its BLOCK."""
+    from common import fingerprint as F
+    from common.kernels.fingerprint import _BLOCK, lane_moves_triton
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = _BLOCK + 77
+    pos = torch.randperm(3 * n, generator=g)[:n].to(torch.int64)
+    pos[:4] = torch.tensor([0, 2**32 + 5, 2**40 + 1, 2**62])
+    old = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=g)
+    new = torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=g)
+    new[:4] = torch.tensor([-1, 0, -2**63, 2**63 - 1])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    moved = lane_moves_triton(pos.to(dev), old.to(dev), new.to(dev)).tolist()
+    want = [F._signed(n_ - o) for n_, o in zip(F.lane_terms(pos, new), F.lane_terms(pos, old), strict=True)]
+    assert moved == want
+    assert lane_moves_triton(pos[:0].to(dev), old[:0].to(dev), new[:0].to(dev)).tolist() == [0, 0]
+    lanes = [123, -456]
+    assert F.update_lanes_of([(lanes, pos.to(dev), old.to(dev), new.to(dev))]) == \
+        [[F._signed(v + m) for v, m in zip(lanes, want, strict=True)]]
