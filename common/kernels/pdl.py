@@ -47,10 +47,11 @@ def _capable(index: int) -> bool:
 
 def mode(t: torch.Tensor) -> int:
     """The PDL mode of a launch on t's device: 0 under the interpreter, off CUDA and before sm_90."""
-    if interpreting() or not t.is_cuda or not AVAILABLE:
+    # every launch of the decode chain asks: unset, the variable costs one environment lookup (no parse)
+    m = MODES[envs.PDL.default if envs.PDL.raw() is None else envs.PDL.get()]
+    if not m or interpreting() or not t.is_cuda or not AVAILABLE:
         return 0
-    m = MODES[envs.PDL.get()]
-    return m if m and _capable(t.device.index if t.device.index is not None else torch.cuda.current_device()) else 0
+    return m if _capable(t.device.index if t.device.index is not None else torch.cuda.current_device()) else 0
 
 
 def launch_options(m: int, small: bool = False) -> dict:
