@@ -241,3 +241,36 @@ def test_projection_tile_fits_its_shared_memory_budget():
     assert L._project_tile(64, 64) == L.FALLBACK_TILE
     bk, st = L.FALLBACK_TILE
     assert (64 + L._MAX_BLOCK_R) * bk * 2 * st <= 228 * 1024  # the fallback fits the widest rank block
+
+
+_COMPILE_PROJECT_SM90 = """
+from common.grouped_gemm._lora_kernels import _lora_project_kernel
+from common.grouped_gemm.aot import compile_sm90
+
+const = dict(GATHER=True, E_POW2=32, F32_DOT=False, SPLIT_K=4, PDL=2, BLOCK_M=16, BLOCK_R=16, BLOCK_K=256)
+ptr = {"offsets_ptr": "*i32", "src_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}
+try:
+    ptx = compile_sm90(_lora_project_kernel, const, ptr, num_warps=4, num_stages=4).asm["ptx"]
+except FileNotFoundError as exc:
+    print("NO-PTXAS", exc)
+    raise SystemExit(0)
+print("count", ptx.count("atom.global.gpu.acq_rel.add"), "reset", ptx.count("atom.global.gpu.relaxed.exch"),
+      "cg", int("ld.global.cg" in ptx), "bar", int("bar.sync" in ptx), "pdl", ptx.count("griddepcontrol"))
+"""
+
+
+def test_split_k_projection_compiles_for_sm90():
+    """The split-K fix-up's ordering (a barrier, then one acquire-release count per program, L1-bypassing reads of
+    the partials, the counter's reset) only matters on a GPU, where the interpreter's one-program-at-a-time run
+    cannot show it: compile for sm_90 (Triton's ptxas, no GPU) and check the PTX has each piece."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_PROJECT_SM90], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("NO-PTXAS"):
+        pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
+    assert out.stdout.split() == ["count", "1", "reset", "1", "cg", "1", "bar", "1", "pdl", "2"], out.stdout
