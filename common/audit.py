@@ -51,31 +51,15 @@ def block_lin(blocks: torch.Tensor, rows: int, kblocks: int) -> torch.Tensor:
     return (b[:, 0] * rows + b[:, 1]) * kblocks + b[:, 2]
 
 
-def block_words(blocks: torch.Tensor, rows: int, kblocks: int) -> tuple[torch.Tensor, ...]:
+def block_words(blocks: torch.Tensor, rows: int, kblocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the blocks (expert, row, block) [M, 3] of a canonical MXFP4 weight of `rows` rows and `kblocks` blocks a
     row sit among the 64-bit words its fingerprint sums (common.fingerprint.words_of): (lin [M], block_lin; its code
-    words [2M], 2 lin and 2 lin + 1, as its 16 code bytes start at byte 16 lin; the scale word of each block [M],
-    lin // 8, as word lin // 8 holds scale byte lin; run_start [M], the first block of the same scale word). The
-    blocks must be in ascending (expert, row, block) order, as a block delta lists them (nonzero's order): the blocks
-    of one scale word are then a run, and a sparse rehash counts a word at its run's first block only
-    (scale_word_moves), without the sort or the host read of a unique(). The learner's and the engine's sparse
-    rehash of a delta both place the blocks through this."""
+    words [2M], 2 lin and 2 lin + 1, as its 16 code bytes start at byte 16 lin; the scale words [U], sorted and
+    unique: word lin // 8 holds scale byte lin). The blocks must be in ascending (expert, row, block) order, as a
+    block delta lists them (nonzero's order): the scale words are then a run-length pass, not a sort. The learner's
+    and the engine's sparse rehash of a delta both place the blocks through this."""
     lin = block_lin(blocks, rows, kblocks)
-    words = lin // 8
-    i = torch.arange(lin.numel(), device=lin.device)
-    first = torch.ones_like(words, dtype=torch.bool)
-    first[1:] = words[1:] != words[:-1]
-    run_start = torch.cummax(torch.where(first, i, 0), 0).values
-    return lin, torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1), words, run_start
-
-
-def scale_word_moves(words: torch.Tensor, run_start: torch.Tensor, old: torch.Tensor,
-                     new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions, old words, new words) of a sparse rehash of the scale words (block_words' words and run_start,
-    each block's old and new word as int64 [M]): a word named by several blocks of its run counts once, at its
-    first block; the others get old == new, which moves no lane."""
-    first = run_start == torch.arange(words.numel(), device=words.device)
-    return words, old, torch.where(first, new, old)
+    return lin, torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1), torch.unique_consecutive(lin // 8)
 
 
 def mxfp4_lanes_after(lane_values: tuple[list[int], list[int]], old: MXFP4Tensor, new: MXFP4Tensor,
@@ -84,11 +68,11 @@ def mxfp4_lanes_after(lane_values: tuple[list[int], list[int]], old: MXFP4Tensor
     (every other block equal): only those blocks' code words and scale words are fingerprinted."""
     from .fingerprint import update_lanes_of, words_of
 
-    _, code_words, words, run_start = block_words(blocks.to(new.codes.device), *new.scales.shape[1:])
+    _, code_words, scale_words = block_words(blocks.to(new.codes.device), *new.scales.shape[1:])
     oc, nc = words_of(old.codes), words_of(new.codes)
     os_, ns = words_of(old.scales), words_of(new.scales)
     codes, scales = update_lanes_of([(lane_values[0], code_words, oc[code_words], nc[code_words]),
-                                     (lane_values[1], *scale_word_moves(words, run_start, os_[words], ns[words]))])
+                                     (lane_values[1], scale_words, os_[scale_words], ns[scale_words])])
     return codes, scales
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import block_lin, block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes, scale_word_moves
+from common.audit import block_lin, block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
@@ -44,7 +44,6 @@ from common.moe.wire import (
     field,
     lora_shard,
 )
-from common.profiles import reserved_scale_bytes
 from common.tensor import MXFP4Tensor
 
 from .. import expert_lora
@@ -377,21 +376,12 @@ class EngineSync:
         index, cb, sb = (t.to(device) for t in (index, cb, sb))
         bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=device)
         if m:
-            # one host read for every refusal (on a GPU each read waits for the queue): an index outside the
-            # weight; blocks not listed once each in ascending order (a block delta's contract: the sparse rehash
-            # then needs no sort, and a block named twice shows as a step that does not rise); a scale byte the
-            # profile reserves (E8M0 NaN among them), whose message the checks below find on that path only
+            # one host read for both refusals: an index outside the weight; blocks not listed once each in ascending
+            # order (a block delta's contract: the sparse rehash then needs no sort, and a block named twice shows
+            # as a step that does not rise)
             lin = block_lin(index, n, k // BLOCK_SIZE)
-            outside, unordered, reserved = torch.stack((
-                ((index < 0) | (index >= bounds)).any(), (lin[1:] <= lin[:-1]).any(),
-                (sb >= min(reserved_scale_bytes(self.profile))).any())).tolist()
-            if reserved:
-                if bool((sb == E8M0_NAN).any()):
-                    raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
-                try:
-                    check_scale_bytes(sb, self.profile, name)
-                except CheckpointError as exc:
-                    raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
+            outside, unordered = torch.stack((((index < 0) | (index >= bounds)).any(),
+                                              (lin[1:] <= lin[:-1]).any())).tolist()
             if outside:
                 raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks "
                                        f"{bounds.tolist()}")
@@ -414,6 +404,7 @@ class EngineSync:
 
     def _stage_blocks(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None,
                       n_rows: int) -> StagedBlocks:
+        name = entry["name"]
         live_scales = layer.loader.params[moe_scale_name(weight)]
         local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
         e, n, k = layer.local_shape(weight)
@@ -421,22 +412,26 @@ class EngineSync:
         if not _keeps_order(desc):  # a shard whose experts are not in ascending global order: sort its blocks
             order = block_lin(local, n, kb).argsort()
             local, cb, sb = local[order], cb[order], sb[order]
-        lin, code_words, words, run_start = block_words(local, n, kb)
+        lin, code_words, scale_words = block_words(local, n, kb)
+        if bool((sb == E8M0_NAN).any()):
+            raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
+        try:
+            check_scale_bytes(sb, self.profile, name)
+        except CheckpointError as exc:
+            raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
         code_lanes, scale_lanes = layer.lanes(weight)
         old_codes, _ = layer.read_blocks(weight, local)
         cb = cb.contiguous()
         updates = [(code_lanes, code_words, old_codes.contiguous().view(torch.int64), cb.view(torch.int64))]
         if lin.numel():
-            # several changed scale bytes may share a word (zero padded past the end, as words_of pads): each
-            # block's old word read from the live scales; its run's first block gets the new word, with every
-            # byte of the run put in (block_words, scale_word_moves)
+            # several changed scale bytes may share a word (zero padded past the end, as words_of pads): the old
+            # words read from the live scales, the new ones with the delta's bytes put in
             flat = live_scales.reshape(-1)
-            at = words[:, None] * 8 + torch.arange(8, device=flat.device)
+            at = scale_words[:, None] * 8 + torch.arange(8, device=flat.device)
             old = torch.where(at < flat.numel(), flat[at.clamp(max=flat.numel() - 1)], 0).to(torch.uint8)
             new = old.clone()
-            new[run_start, lin % 8] = sb
-            updates.append((scale_lanes, *scale_word_moves(words, run_start, old.view(torch.int64).reshape(-1),
-                                                           new.view(torch.int64).reshape(-1))))
+            new[torch.searchsorted(scale_words, lin // 8), lin % 8] = sb
+            updates.append((scale_lanes, scale_words, old.view(torch.int64), new.view(torch.int64)))
         code_lanes, *moved = update_lanes_of(updates)  # one host read for both
         scale_lanes = moved[0] if moved else scale_lanes
         lanes = (code_lanes, scale_lanes)
