@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common import quantize
-from common.audit import block_lin, block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
+from common.audit import block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.checkpoint.validate import check_scale_bytes
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
@@ -119,15 +119,6 @@ def _experts_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
         a, b = a.view(torch.int64), b.view(torch.int64)
     return (a != b).flatten(1).any(1)
-
-
-def _keeps_order(desc: dict | None) -> bool:
-    """Whether the map of global to local (expert, row, block) of this shard keeps ascending order: its experts and
-    row ranges ascending (vLLM's linear and round-robin expert placements both are)."""
-    if desc is None:
-        return True
-    rows = [r for pair in desc["rows"] for r in pair]
-    return desc["experts"] == sorted(desc["experts"]) and rows == sorted(rows)
 
 
 def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,20 +366,8 @@ class EngineSync:
         # triples, which a round trip through the host made the slowest step of a GPU delta sync
         index, cb, sb = (t.to(device) for t in (index, cb, sb))
         bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=device)
-        if m:
-            # one host read for both refusals: an index outside the weight; blocks not listed once each in ascending
-            # order (a block delta's contract: the sparse rehash then needs no sort, and a block named twice shows
-            # as a step that does not rise)
-            lin = block_lin(index, n, k // BLOCK_SIZE)
-            outside, unordered = torch.stack((((index < 0) | (index >= bounds)).any(),
-                                              (lin[1:] <= lin[:-1]).any())).tolist()
-            if outside:
-                raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks "
-                                       f"{bounds.tolist()}")
-            if unordered:
-                raise SyncPayloadError(f"sync entry '{name}': the delta's blocks must each be named once, in "
-                                       f"ascending (expert, row, block) order; a block is out of order or named "
-                                       f"more than once; nothing was changed")
+        if m and bool(((index < 0) | (index >= bounds)).any()):
+            raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks {bounds.tolist()}")
         keep, local = _local_index(index, desc, n_rows)
         nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
         return local, cb[keep], sb[keep], nbytes
@@ -409,11 +388,15 @@ class EngineSync:
         local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
         e, n, k = layer.local_shape(weight)
         kb = k // BLOCK_SIZE
-        if not _keeps_order(desc):  # a shard whose experts are not in ascending global order: sort its blocks
-            order = block_lin(local, n, kb).argsort()
-            local, cb, sb = local[order], cb[order], sb[order]
         lin, code_words, scale_words = block_words(local, n, kb)
-        if bool((sb == E8M0_NAN).any()):
+        # both refusals from one host read (on a GPU each read waits for the queue): a block named twice (sorted
+        # neighbours equal), a NaN scale byte
+        order = lin.sort().values
+        dup, nan = torch.stack(((order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any())).tolist()
+        if dup:
+            raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
+                                   f"changed")
+        if nan:
             raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
         try:
             check_scale_bytes(sb, self.profile, name)
@@ -594,8 +577,7 @@ class EngineSync:
 
         undo.append(restore)
         s.layer.write_blocks(s.weight, s.blocks, s.codes, s.scales)
-        experts = s.blocks[:, 0]  # ascending (staged so): the experts touched are its runs
-        return int((experts[1:] != experts[:-1]).sum()) + 1 if experts.numel() else 0
+        return int(torch.unique(s.blocks[:, 0]).numel()) if s.blocks.numel() else 0
 
     @staticmethod
     def _write_extra(s: StagedExtra, undo: list) -> None:
