@@ -230,7 +230,8 @@ def test_lanes_update_from_the_changed_words_alone():
 
 def test_mxfp4_lanes_after_a_block_change_equal_a_fresh_fingerprint():
     """The learner's hash of a delta: the lanes of the new weight from the old lanes and the changed blocks alone
-    (codes only, scales only, two changed scale bytes in one word, the last block of the tensor)."""
+    (codes only, scales only, two changed scale bytes in one word, the last block of the tensor, a run of 21 blocks
+    over four scale words)."""
     from common.audit import mxfp4_lanes, mxfp4_lanes_after
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -243,6 +244,12 @@ def test_mxfp4_lanes_after_a_block_change_equal_a_fresh_fingerprint():
     new.scales[2, 6, 2] -= 1  # the last byte, in the zero-padded last word
     after = mxfp4_lanes_after(mxfp4_lanes(old), old, new, blocks)
     assert after == mxfp4_lanes(new) and after != mxfp4_lanes(old)
+    # every block of expert 1 (21 in a row, over four scale words) rescaled too
+    newer = MXFP4Tensor(new.codes.clone(), new.scales.clone(), new.profile)
+    newer.scales[1] += 1
+    run = torch.tensor([[1, r, b] for r in range(7) for b in range(3)])
+    every = torch.cat((blocks[:2], run, blocks[3:]))  # ascending, each block once
+    assert mxfp4_lanes_after(mxfp4_lanes(old), old, newer, every) == mxfp4_lanes(newer)
 
 
 def test_lane_moves_kernel_equals_the_torch_terms():

@@ -152,7 +152,7 @@ def test_full_sync_writes_in_place_and_reports_hashes():
 
 def _delta_case(seed: int = 3) -> tuple[dict, list[dict]]:
     """(new packed weights, delta entries from packed_full(0) to them): ~1% of the blocks changed, among them codes
-    only, scales only, and blocks sharing one 8-byte word of the scales."""
+    only, scales only, blocks sharing one 8-byte word of the scales, and a run of 11 over two words."""
     base, new = packed_full(0), packed_full(0)
     g = torch.Generator().manual_seed(seed)
     entries = []
@@ -163,6 +163,8 @@ def _delta_case(seed: int = 3) -> tuple[dict, list[dict]]:
         blocks[pick] ^= torch.randint(1, 256, (int(pick.sum()), 16), generator=g, dtype=torch.uint8)
         q.scales[0, 0, 0] = (int(q.scales[0, 0, 0]) + 1) % 254
         q.scales.view(-1)[9] = (int(q.scales.view(-1)[9]) + 2) % 254  # same scale word as byte 10, if picked
+        run = q.scales.view(-1)[19:30]  # 11 consecutive blocks over two scale words: the sparse rehash's runs
+        run.copy_((run.int() + 1) % 254)
         changed = ((blocks != base[name].codes.view(blocks.shape)).any(-1) | (q.scales != base[name].scales))
         idx = changed.nonzero().to(torch.int32)
         entries.append({"name": name, "kind": "delta", "index": idx, "codes": blocks[changed], "scales":
