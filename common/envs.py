@@ -117,10 +117,10 @@ FAST_LAUNCH = _declare(
     "1: repeat launches of the grouped-GEMM and LoRA kernels go through the compiled kernel's launcher (less host "
     "time); 0: every launch through kernel[grid]")
 PDL = _declare(
-    "MXFP4_PDL", "choice", "off",
-    "programmatic dependent launch of the engine layer's decode kernels on sm_90+ (common/kernels/pdl.py): off; "
-    "wait (each launched early, waits for its predecessor first); early (and lets its successor launch at once); "
-    "loop (the GEMMs let it launch after their K loop)", ("off", "wait", "early", "loop"))
+    "MXFP4_PDL", "choice", "loop",
+    "programmatic dependent launch of the MoE layer's kernels on sm_90+ (common/kernels/pdl.py): off; wait (each "
+    "launched early, waits for its predecessor first); early (and lets its successor launch at once); loop (the "
+    "GEMMs let it launch after their K loop)", ("off", "wait", "early", "loop"))
 GG_AUTOTUNE = _declare(
     "MXFP4_GG_AUTOTUNE", "bool", True,
     "1: autotune the grouped GEMMs per shape bucket; 0: first candidate tile of the bucket (fast start, tests)")
