@@ -104,8 +104,9 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
         return out
     # rounded here, not in the kernel: the interpreter's in-kernel cast truncates where torch and GPUs round
     x, factor = x.to(torch.bfloat16).contiguous(), factor.to(torch.bfloat16)
+    avg = cdiv(m, e)
     interp = interpreting()
-    block_m = _project_block_m(cdiv(m, e), interp)
+    block_m = 16 if (avg <= 16 or interp) else 32 if avg <= 32 else 64
     block_r = _rank_block(r)
     block_k, stages = _project_tile(block_m, block_r)
     grid = (cdiv(m, block_m) + e, cdiv(r, block_r), split_k)
@@ -118,10 +119,6 @@ def project(x: torch.Tensor, offsets: torch.Tensor, factor: torch.Tensor, scalin
                        BLOCK_R=block_r, BLOCK_K=64 if interp else block_k, num_warps=PROJECT_WARPS,
                        num_stages=stages, **pdl.launch_options(pdl.mode(x), small=True))
     return out
-
-
-def _project_block_m(rows_per_expert: int, interp: bool) -> int:
-    return 16 if (rows_per_expert <= 16 or interp) else 32 if rows_per_expert <= 32 else 64
 
 
 def _check_gather(x: torch.Tensor, rows: torch.Tensor, m: int, device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, sm_90+) of the engine layer's decode-size kernels.
+"""Programmatic dependent launch (PDL, sm_90+) of the MoE layer's kernels: routing, the LoRA projections, the forward
+grouped GEMMs and the slot sum (learner and engine alike).
 
 A kernel launched with PDL may be scheduled before the kernel ahead of it in the stream has finished; it starts
 with `griddepcontrol.wait`, which returns once every earlier kernel has completed and its memory is visible, so
@@ -37,7 +38,6 @@ except ImportError:  # a Triton without grid dependency control: PDL stays off
         pass
 
 MODES = {"off": 0, "wait": 1, "early": 2, "loop": 3}
-SIGNAL_AFTER_LOOP = 3
 
 
 @functools.cache
@@ -47,7 +47,7 @@ def _capable(index: int) -> bool:
 
 def mode(t: torch.Tensor) -> int:
     """The PDL mode of a launch on t's device: 0 under the interpreter, off CUDA and before sm_90."""
-    # every launch of the decode chain asks: unset, the variable costs one environment lookup (no parse)
+    # every launch of these kernels asks: unset, the variable costs one environment lookup (no parse)
     m = MODES[envs.PDL.default if envs.PDL.raw() is None else envs.PDL.get()]
     if not m or interpreting() or not t.is_cuda or not AVAILABLE:
         return 0
