@@ -47,11 +47,18 @@ def _capable(index: int) -> bool:
 
 def mode(t: torch.Tensor) -> int:
     """The PDL mode of a launch on t's device: 0 under the interpreter, off CUDA and before sm_90."""
-    # every launch of these kernels asks: unset, the variable costs one environment lookup (no parse)
-    m = MODES[envs.PDL.default if envs.PDL.raw() is None else envs.PDL.get()]
-    if not m or interpreting() or not t.is_cuda or not AVAILABLE:
+    # every launch of these kernels asks: one environment lookup, the rest remembered per value and device
+    m = _parsed(envs.PDL.raw())
+    if not m or not t.is_cuda:
         return 0
     return m if _capable(t.device.index if t.device.index is not None else torch.cuda.current_device()) else 0
+
+
+@functools.cache
+def _parsed(raw: str | None) -> int:
+    """MXFP4_PDL's mode for its raw value (a bad value raises, and is not remembered); 0 where PDL cannot run."""
+    m = MODES[envs.PDL.default if raw is None else envs.PDL.get()]
+    return 0 if interpreting() or not AVAILABLE else m
 
 
 def launch_options(m: int, small: bool = False) -> dict:
