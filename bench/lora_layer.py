@@ -7,8 +7,10 @@ Three forwards per row: the layer without adapters; "old", the LoRA composition 
 (fp32 factors rounded to bf16 on every call, the sorted rows copied for the A13 projection: 7 launches more than
 without adapters); "new", moe_layer_forward with the bf16 kernel copies mxfp4_serve.expert_lora keeps (2 launches
 more: the two rank-R projections, the A13 one gathering the rows itself). "bits" says whether new == old
-(torch.equal; it holds on kb-major codes where both gated GEMMs get the same tile, which the autotuner picks for
-each separately: tests/common/test_grouped_lora.py checks it with fixed tiles).
+(torch.equal; it held on kb-major codes until the projections split K, seventh round). "A2 apart" is "new" with
+the A2 projection as its own launch (mlp.LORA_FUSE_A2_MAX_BUCKET = 0) instead of in the gated GEMM's epilogue.
+--rounds N times no-LoRA, A2 apart, new and Marlin N times in turn and reports medians (one machine drifts by ~1%
+between minutes).
 --project-tiles BLOCK_KxSTAGES[xWARPS],... also times "new" with other tiles of the projection kernel
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
 128x3; the learner's projections change with it, and their bits: another K tile sums in another order; a tile past
@@ -34,6 +36,7 @@ from learner_profile import graph_ms  # noqa: E402
 
 from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, moe_layer_forward, route  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
+from common.grouped_gemm import mlp  # noqa: E402
 from common.grouped_gemm.combine import sum_slots  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 from mxfp4_serve.expert_lora import kernel_rank  # noqa: E402
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--one-mul", action="store_true")
     ap.add_argument("--project-tiles", default="")
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     r, msb = args.rank, (128 if args.one_mul else None)
@@ -95,9 +99,9 @@ def main() -> None:
           f"max_scale_byte={msb}; projection tile {L.PROJECT_BLOCK_K}x{L.PROJECT_STAGES}; ms, median of "
           f"triton.testing.do_bench; Marlin: vLLM's MXFP4 MoE without adapters, same bytes and routing")
     extra = "".join(f" new {bk}x{st}x{wp} ms |" for bk, st, wp in tiles)
-    print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | new LoRA ms | new ratio | bits new == old |"
-          f"{extra} Marlin ms | new / Marlin | rel. change of the output |")
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
+    print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | A2 apart ms | A2 apart ratio | new LoRA ms | "
+          f"new ratio | bits new == old |{extra} Marlin ms | new / Marlin | rel. change of the output |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
     parts_rows = []
     for name in args.shapes.split(","):
         s = B.SHAPES[name]
@@ -125,9 +129,25 @@ def main() -> None:
                 return moe_layer_forward(x, ids, tw, w["w13"], w["w2"], activation=s["act"], lora=served,
                                          max_scale_byte=msb)
 
+            def apart():
+                fuse, mlp.LORA_FUSE_A2_MAX_BUCKET = mlp.LORA_FUSE_A2_MAX_BUCKET, 0
+                try:
+                    return new()
+                finally:
+                    mlp.LORA_FUSE_A2_MAX_BUCKET = fuse
+
             same = torch.equal(new(), old())
             change = ((new().float() - plain().float()).norm() / plain().float().norm()).item()
-            base, t_old, t_new = graph_ms(plain), graph_ms(old), graph_ms(new)
+            ti, twf = ids.to(torch.int32).contiguous(), tw.float().contiguous()
+            timed = {"plain": plain, "apart": apart, "new": new}
+            if marlin is not None:
+                timed["marlin"] = lambda: marlin(x, twf, ti)
+            runs = {key: [] for key in timed}
+            for _ in range(max(1, args.rounds)):
+                for key, fn in timed.items():
+                    runs[key].append(graph_ms(fn))
+            med = {key: sorted(v)[len(v) // 2] for key, v in runs.items()}
+            base, t_apart, t_new, t_old = med["plain"], med["apart"], med["new"], graph_ms(old)
             swept = ""
             default = (L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS)
             ref = new()
@@ -138,13 +158,12 @@ def main() -> None:
                 swept += f" {graph_ms(new):.3f} {'=' if torch.equal(new(), ref) else '!='} |"
                 L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS = default
             if marlin is not None:
-                ti, twf = ids.to(torch.int32).contiguous(), tw.float().contiguous()
-                t_marlin = graph_ms(lambda: marlin(x, twf, ti))
-                vs = f" {t_marlin:.3f} | {t_new / t_marlin:.2f} |"
+                vs = f" {med['marlin']:.4f} | {t_new / med['marlin']:.3f} |"
             else:
                 vs = " - | - |"
-            print(f"| {name} | {t} | {base:.3f} | {t_old:.3f} | {t_old / base:.2f} | {t_new:.3f} | "
-                  f"{t_new / base:.2f} | {same} |{swept}{vs} {change:.1e} |", flush=True)
+            print(f"| {name} | {t} | {base:.4f} | {t_old:.4f} | {t_old / base:.3f} | {t_apart:.4f} | "
+                  f"{t_apart / base:.3f} | {t_new:.4f} | {t_new / base:.3f} | {same} |{swept}{vs} {change:.1e} |",
+                  flush=True)
             if args.parts:
                 parts_rows.append((name, t, parts(x, ids, tw, w, s["act"], served, msb)))
         del w
@@ -170,9 +189,9 @@ def parts(x, ids, tw, w, act_name, served, msb) -> dict[str, float]:
     order = reduction_order(w["w2"][0], t * k)
     h13 = L.project(x, rt.offsets, a13, scaling, gather_rows=rt.token)
 
-    def gated(lora):
+    def gated(lora, project=None):
         return grouped_mm_mxfp4_gated(x, rt.offsets, *w["w13"], activation=act_name, lora=lora,
-                                      gather_rows=rt.token, out_order=order, max_scale_byte=msb)[0]
+                                      gather_rows=rt.token, out_order=order, max_scale_byte=msb, project=project)[0]
 
     act = gated(None)
     a2o = L.factor_in_order(a2, order)
@@ -188,12 +207,15 @@ def parts(x, ids, tw, w, act_name, served, msb) -> dict[str, float]:
            "route": graph_ms(lambda: route(ids, w["w13"][0].shape[0])),
            "A13 project": graph_ms(lambda: L.project(x, rt.offsets, a13, scaling, gather_rows=rt.token)),
            "gated": graph_ms(lambda: gated(None)), "gated + B13": graph_ms(lambda: gated((h13, b13))),
+           "gated + B13 + A2 fused": graph_ms(lambda: gated((h13, b13), (a2o, scaling))),
            "A2 project": graph_ms(lambda: L.project(act, rt.offsets, a2o, scaling)),
            "down": graph_ms(lambda: down(None)), "down + B2": graph_ms(lambda: down((h2, b2))),
            "sum slots": graph_ms(lambda: sum_slots(y, k, x.dtype))}
     out["sum, no LoRA"] = out["route"] + out["gated"] + out["down"] + out["sum slots"]
     out["sum, LoRA"] = (out["route"] + out["A13 project"] + out["gated + B13"] + out["A2 project"]
                         + out["down + B2"] + out["sum slots"])
+    out["sum, LoRA, A2 fused"] = (out["sum, LoRA"] - out["gated + B13"] - out["A2 project"]
+                                  + out["gated + B13 + A2 fused"])
     return out
 
 

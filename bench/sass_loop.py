@@ -38,7 +38,7 @@ def compile_sass(o: dict) -> str:
     ints = dict(M=96, N=o["n"], K=o["k"], E=32, ROWS_BUCKET=4, stride_xm=o["k"], stride_ce=rows * row_units,
                 stride_cn=rows * (4 if words else 16) if o["kb"] else row_units, stride_se=rows * o["k"] // 32,
                 stride_sn=o["k"] // 32, stride_be=0, stride_lhm=0, stride_lwe=0, stride_lwn=0, stride_ym=o["n"],
-                stride_pm=2 * o["n"])
+                stride_pm=2 * o["n"], stride_nfe=0, stride_nfr=0, stride_nhm=0)
     ptrs = dict(x_ptr="*bf16", codes_ptr="*i32" if words else "*u8", scales_ptr="*u8", offsets_ptr="*i32",
                 bias_ptr="*bf16", lh_ptr="*bf16", lw_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", src_ptr="*i32",
                 dst_ptr="*i32", rw_ptr="*fp32")
@@ -46,7 +46,7 @@ def compile_sass(o: dict) -> str:
                  SCATTER=bool(o["scatter"]), E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True,
                  WORDS=words, ONE_MUL=bool(o["one_mul"]), OUT_ORDER=0,
                  WORD_PAIRS=words and o["nw"] == 4 and o["bn"] >= 64, EVEN_K=True, KB_MAJOR=bool(o["kb"]),
-                 PDL=0, GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"])
+                 PDL=0, GATE_UP_PAIRS=False, BLOCK_M=o["bm"], BLOCK_N=o["bn"], BLOCK_K=o["bk"], NEXT_R=0, NEXT_N=1)
     ck = compile_sm90(KERNEL, const, ptrs, ints, num_warps=o["nw"], num_stages=o["ns"])
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -37,6 +37,7 @@ from ._tiles import (
     _lora_term,
     _lora_tile,
     _lora_w,
+    _mma,
     _tile_rows,
 )
 
@@ -47,16 +48,21 @@ def _grouped_fwd_kernel(
         M, N, K, E, ROWS_BUCKET,
         stride_xm, stride_ce, stride_cn, stride_se, stride_sn, stride_be,
         stride_lhm, stride_lwe, stride_lwn, stride_ym, stride_pm,
+        nf_ptr, np_ptr, nc_ptr, nh_ptr, n_scaling, stride_nfe, stride_nfr, stride_nhm,
         ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
         LORA_R: tl.constexpr, SAVE_PRE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
         E_POW2: tl.constexpr, F32_DOT: tl.constexpr, DECODE: tl.constexpr, SWAP_AB: tl.constexpr,
         WORDS: tl.constexpr, ONE_MUL: tl.constexpr,
         OUT_ORDER: tl.constexpr, WORD_PAIRS: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_PAIRS: tl.constexpr,
         KB_MAJOR: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        BLOCK_K: tl.constexpr, NEXT_R: tl.constexpr, NEXT_N: tl.constexpr):
     # KB_MAJOR: codes [E, K/32, N, 16] (layout.py), stride_cn the stride of a scale block.
+    # NEXT_R > 0: the next GEMM's LoRA down-projection of this output, fused (_project_output): nf = its factor
+    # [E, NEXT_R, N] with columns in the output's column order, np / nc its fp32 partials and row-tile counters,
+    # nh = n_scaling * y_e @ nf_e^T [M, NEXT_R]; NEXT_N: N rounded up to a power of two.
     # kb-major words scatter each element's bits (layout.py): the word decode reads them, the byte decode cannot
     tl.static_assert(not KB_MAJOR or WORDS)
+    tl.static_assert(NEXT_R == 0 or not SCATTER)
     pdl_enter(PDL)
     expert, row0, row_end = _tile_rows(offsets_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
     if expert >= E:
@@ -96,6 +102,19 @@ def _grouped_fwd_kernel(
         lora_g = _lora_w(lw_e, 1, stride_lwn, g_rows, col_ok, LORA_R)
         if ACT != ACT_NONE:
             lora_u = _lora_w(lw_e, 1, stride_lwn, u_rows, col_ok, LORA_R)
+    # where each output column is written (y feeds a GEMM that reduces in another K order, ops.reduction_order)
+    if OUT_ORDER != 0 and BLOCK_N % 32 == 0:  # the tile's columns are whole 32-blocks: reordered in registers
+        out_cols = cols
+    elif OUT_ORDER == 1:
+        out_cols = _interleaved_col(cols)
+    elif OUT_ORDER == 2:
+        out_cols = _deinterleaved_col(cols)
+    else:
+        out_cols = cols
+    if NEXT_R > 0:
+        # the fused projection's factor columns, loaded before the K loop as the LoRA operands above: [BLOCK_N, R]
+        next_f = tl.load(nf_ptr + e64 * stride_nfe + out_cols[:, None] + tl.arange(0, NEXT_R)[None, :] * stride_nfr,
+                         mask=col_ok[:, None], other=0.0)
     # the decode's bf16x2 PTX pairs a word's nibbles i and i + 4 in one register, the MMA's pair only where the
     # tile is wgmma's register operand (TileConfig.word_pairs); elsewhere the elementwise fp32 decode
     WDEC: tl.constexpr = DECODE if WORD_PAIRS else DECODE_BITS
@@ -184,17 +203,48 @@ def _grouped_fwd_kernel(
         out = out * tl.load(rw_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
         dst = rows
-    # y feeds a GEMM that reduces in another K order (ops.reduction_order): write it so
-    if OUT_ORDER != 0 and BLOCK_N % 32 == 0:  # the tile's columns are whole 32-blocks: reorder in registers
+    if OUT_ORDER != 0 and BLOCK_N % 32 == 0:
         out = _reorder_cols(out, OUT_ORDER, BLOCK_M, BLOCK_N)
-        out_cols = cols
-    elif OUT_ORDER == 1:
-        out_cols = _interleaved_col(cols)
-    elif OUT_ORDER == 2:
-        out_cols = _deinterleaved_col(cols)
-    else:
-        out_cols = cols
-    tl.store(y_ptr + dst[:, None] * stride_ym + out_cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    out = out.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + dst[:, None] * stride_ym + out_cols[None, :], out, mask=mask)
+    if NEXT_R > 0:
+        _project_output(out, next_f, np_ptr, nc_ptr, nh_ptr, n_scaling, stride_nhm, rows, row_ok, NEXT_R, NEXT_N,
+                        F32_DOT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _project_output(out, f, part_ptr, count_ptr, h_ptr, scaling, stride_hm, rows, row_ok, R: tl.constexpr,
+                    NEXT_N: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The next GEMM's LoRA down-projection h = scaling * y_e @ F_e^T [M, R] of the output y this kernel writes,
+    from the tiles in registers: each output tile's fp32 partial out [BLOCK_M, BLOCK_N] (as stored) @ f
+    [BLOCK_N, R] is written to part [row tiles, output tiles, BLOCK_M, R] and counted in on its row tile's counter
+    (zero between launches); the row tile's last program adds the partials in output-tile order, scales, rounds
+    once and puts the count back. The projection's launch and its second read of y are saved; the bits are the
+    same whichever program comes last (the split-K fix-up of _lora_kernels.py, one chunk per output tile)."""
+    partial = _mma(out, f, tl.zeros((BLOCK_M, R), dtype=tl.float32), F32_DOT)
+    tiles = tl.num_programs(1)
+    cell = tl.arange(0, BLOCK_M)[:, None] * R + tl.arange(0, R)[None, :]
+    row_parts = part_ptr + tl.program_id(0).to(tl.int64) * tiles * (BLOCK_M * R)
+    tl.store(row_parts + tl.program_id(1) * (BLOCK_M * R) + cell, partial)
+    # every thread's partial is written before one of them counts the program in (release); the last one's reads
+    # of the others' partials come after its count (acquire) and bypass L1 (.cg)
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu") != tiles - 1:
+        return
+    # the partials CHUNK output tiles at a time (their loads issued together, not one latency per tile; 4096 fp32
+    # per chunk: 32 registers a thread at 4 warps), summed in a fixed order; tiles past N / BLOCK_N are masked
+    TILES: tl.constexpr = NEXT_N // BLOCK_N if NEXT_N > BLOCK_N else 1
+    PER: tl.constexpr = 4096 // (BLOCK_M * R) if BLOCK_M * R < 4096 else 1
+    CHUNK: tl.constexpr = PER if PER < TILES else TILES
+    h = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for c0 in tl.static_range(0, TILES, CHUNK):
+        t = c0 + tl.arange(0, CHUNK)
+        got = tl.load(row_parts + t[:, None, None] * (BLOCK_M * R) + cell[None, :, :],
+                      mask=(t < tiles)[:, None, None], other=0.0, cache_modifier=".cg")
+        h += tl.sum(got, axis=0)
+    tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    tl.store(h_ptr + rows[:, None] * stride_hm + tl.arange(0, R)[None, :], (h * scaling).to(h_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit

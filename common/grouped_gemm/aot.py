@@ -20,16 +20,17 @@ def compile_sm90(kernel, const: dict, ptr_types: dict[str, str], ints: dict[str,
     """triton.compile of a raw @triton.jit kernel (common/grouped_gemm/_kernels.py) for sm_90.
 
     const: constexpr values by parameter name (names the kernel lacks are ignored, so one dict serves both
-    kernels); ptr_types: Triton pointer types of the pointer parameters (`*_ptr`, default "*bf16"); every other
-    parameter is i32. Pointers carry the 16-byte divisibility a torch allocation has, and so do the ints whose
-    runtime value in `ints` divides by 16, as the JIT would specialize them."""
+    kernels); ptr_types: Triton types by parameter name (default "*bf16" for the pointers, `*_ptr`, and "i32" for
+    every other parameter; e.g. "fp32" for a scale factor). Pointers carry the 16-byte divisibility a torch
+    allocation has, and so do the ints whose runtime value in `ints` divides by 16, as the JIT would specialize
+    them."""
     sig, constexprs, attrs = {}, {}, {}
     for idx, name in enumerate(kernel.arg_names):
         if name in const:
             sig[name], constexprs[(idx,)] = "constexpr", const[name]
             continue
         pointer = name.endswith("_ptr")
-        sig[name] = ptr_types.get(name, "*bf16") if pointer else "i32"
+        sig[name] = ptr_types.get(name, "*bf16" if pointer else "i32")
         if pointer or (ints is not None and ints.get(name, 1) % 16 == 0):
             attrs[(idx,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=SM90,

@@ -14,6 +14,7 @@ from ..errors import ShapeError
 from ..kernels import fast_launch, interpreting, pdl
 from ._lora_kernels import _lora_project_kernel, _lora_wgrad_kernel
 from .configs import cdiv, next_pow2, padded_rank
+from .counters import tile_counters
 from .interleave import reorder_k
 
 _MAX_BLOCK_R = 64
@@ -56,24 +57,12 @@ def _project_tile(block_m: int, block_r: int) -> tuple[int, int]:
     return FALLBACK_TILE
 
 
-# Tile counters of the split-K projections, per device and stream (two streams' launches may overlap; one stream's
-# run in order), zero between launches: each tile's last program puts its count back. Grown, never shrunk; a
-# replaced buffer is kept alive, since a captured CUDA graph may still use it.
-_COUNTS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
-
-
-def _counter_key(device: torch.device) -> tuple[torch.device, int]:
-    return device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-
-
 def _split_buffers(device: torch.device, tiles: int, split_k: int, block_m: int, block_r: int, dummy: torch.Tensor):
     """(partials, counters) of a launch with `tiles` programs along grid axes 0-1 and split_k along axis 2."""
     if split_k == 1:
         return dummy, dummy
-    kept = _COUNTS.setdefault(_counter_key(device), [])
-    if not kept or kept[-1].numel() < tiles:
-        kept.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
-    return torch.empty(tiles * split_k * block_m * block_r, dtype=torch.float32, device=device), kept[-1]
+    return (torch.empty(tiles * split_k * block_m * block_r, dtype=torch.float32, device=device),
+            tile_counters(device, tiles))
 
 
 def _check_split(split_k: int) -> None:

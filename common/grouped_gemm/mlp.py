@@ -14,6 +14,7 @@ import torch
 
 from . import lora as L
 from .combine import sum_slots
+from .configs import padded_rank, rows_bucket
 from .ops import grouped_mm_mxfp4, grouped_mm_mxfp4_dx, grouped_mm_mxfp4_gated, reduction_order
 from .routing import route
 
@@ -98,6 +99,23 @@ def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Pac
 # H100 (bench/RESULTS.md, seventh round). The learner's projections stay whole (split_k=1).
 LORA_SPLIT_K = 4
 
+# Up to this rows-per-expert bucket the engine layer computes the A2 projection in the gated GEMM's epilogue
+# (grouped_mm_mxfp4_gated(project=...)): one launch and one read of the activation fewer, for fp32 partials of
+# every output tile. 0 turns it off (a separate lora.project, split as above).
+LORA_FUSE_A2_MAX_BUCKET = 64
+
+
+def _fused_a2(a2: torch.Tensor, b2: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A2 [E, Rp, I] bf16 in `order`, B2 [E, H, Rp] bf16) with the rank padded by zeros to configs.padded_rank
+    (the engine's kernel copies already are: no copy then)."""
+    r = a2.shape[1]
+    rp = padded_rank(r)
+    a2, b2 = L.factor_in_order(a2, order).to(torch.bfloat16), b2.to(torch.bfloat16)
+    if rp != r:
+        a2 = torch.nn.functional.pad(a2, (0, 0, 0, rp - r))
+        b2 = torch.nn.functional.pad(b2, (0, rp - r))
+    return a2.contiguous(), b2.contiguous()
+
 
 def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: Packed,
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
@@ -134,10 +152,17 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
         # the A13 projection gathers the sorted rows itself, as the gated GEMM does (no copy of the tokens)
         lora13 = (L.project(x, routing.offsets, a13, scaling, gather_rows=routing.token, split_k=LORA_SPLIT_K),
                   _bf16(b13))
-    act, _ = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13, lora=lora13,
-                                    gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte,
-                                    limit=limit)
-    if lora is not None:
+    fuse = lora is not None and rows_bucket(t * k, w13[0].shape[0]) <= LORA_FUSE_A2_MAX_BUCKET
+    project = None
+    if fuse:
+        a2, b2 = _fused_a2(a2, b2, order)
+        project = (a2, scaling)
+    act, _, *h2 = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13, lora=lora13,
+                                         gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte,
+                                         limit=limit, project=project)
+    if fuse:
+        lora2 = (h2[0], b2)
+    elif lora is not None:
         # act's columns are in `order`: A2's are put in the same one (the same sum, in another order)
         lora2 = (L.project(act, routing.offsets, L.factor_in_order(a2, order), scaling, split_k=LORA_SPLIT_K),
                  _bf16(b2))

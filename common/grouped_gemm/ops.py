@@ -24,6 +24,7 @@ from .interleave import ORDERS, check_order, reorder_k
 from .layout import BLOCK_BYTES, is_kb_major
 from .configs import (GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, cdiv,
                       next_pow2, padded_rank, rows_bucket)
+from .counters import tile_counters
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -139,7 +140,7 @@ def _tuned(kind: str, kernel):
         built = [(_to_triton(c), c) for c in all_candidates(kind)]
         _FROM.update((_fields(t), c) for t, c in built)
         _TUNED[kind] = triton.autotune(configs=[t for t, _ in built],
-                                       key=["N", "K", "ROWS_BUCKET", "ACT", "LORA_R"],
+                                       key=["N", "K", "ROWS_BUCKET", "ACT", "LORA_R", "NEXT_R"],
                                        prune_configs_by={"early_config_prune": prune})(
                                            triton.heuristics(_EVEN_K)(kernel))
     return _TUNED[kind]
@@ -268,9 +269,38 @@ def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.devi
                          f"{tuple(t.shape)} on {t.device}")
 
 
+def _project_buffers(kind: str, config: TileConfig | None, m: int, e: int, n: int, r: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials, row-tile counters) of a fused next projection (_project_output in _kernels.py), sized for
+    every tile the launch may run with: the explicit or interpreter tile, else any candidate of the bucket (the
+    autotuner's pick is one of them)."""
+    tiles = [config] if config is not None else [INTERPRETER_CONFIG] if interpreting() else \
+        candidates(kind, rows_bucket(m, e))
+    parts = max((cdiv(m, c.block_m) + e) * cdiv(n, c.block_n) * c.block_m * r for c in tiles)
+    row_tiles = max(cdiv(m, c.block_m) + e for c in tiles)
+    return torch.empty(parts, dtype=torch.float32, device=device), tile_counters(device, row_tiles)
+
+
+def _check_project(project, e: int, n: int, m: int, device: torch.device, scatter: bool):
+    """(factor bf16 [E, R, n], R, scaling) of a fused next projection, R a power of two >= 16."""
+    factor, scaling = project
+    if scatter:
+        raise ValueError("grouped_mm_mxfp4: project= fuses the next GEMM's projection of a sorted output; it "
+                         "cannot go with scatter_rows")
+    if factor.dim() != 3 or factor.shape[0] != e or factor.shape[2] != n or factor.device != device:
+        raise ShapeError(f"tensor 'project factor': expected [E={e}, R, {n}] on {device}, got "
+                         f"{tuple(factor.shape)} on {factor.device}")
+    r = factor.shape[1]
+    if factor.dtype != torch.bfloat16 or r != padded_rank(r) or factor.stride(2) != 1:
+        raise ShapeError(f"tensor 'project factor': expected bfloat16 with unit column stride and a rank padded to "
+                         f"a power of two >= 16 (configs.padded_rank), got {factor.dtype} rank {r} strides "
+                         f"{factor.stride()}")
+    return factor, r, float(scaling)
+
+
 def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_pre, out_dtype, config, validate,
          gather_rows=None, scatter_rows=None, row_weights=None, x_order="natural", out_order="natural",
-         max_scale_byte=None, gate_up="halves", limit: float | None = None):
+         max_scale_byte=None, gate_up="halves", limit: float | None = None, project=None):
     act, alpha, limit = A.kernel_constants(activation, limit)
     kind = "gated" if act else "fwd"
     e, n_rows, k = weight_dims(codes, scales)
@@ -302,8 +332,10 @@ def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_
     check_order(out_order, "out_order")
     if out_order != "natural" and n % 32:
         raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
+    nf, nr, ns = _check_project(project, e, n, m, x.device, scatter_rows is not None) if project else (None, 0, 0.0)
+    h = torch.empty(m, nr, dtype=torch.bfloat16, device=x.device) if nr else None
     if m == 0:
-        return y, pre
+        return y, pre, h
     words = _use_words(codes, config, rows_bucket(m, e), kind)
     x = reorder_k(x, x_order, _x_order(words, kb_major)).contiguous()
     decode = _decode()
@@ -321,13 +353,16 @@ def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_
             x.stride(0), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0, lh.stride(0) if r else 0, lw.stride(0) if r else 0,
             lw.stride(1) if r else 0, y.stride(0), pre.stride(0) if pre is not None else 0]
+    parts, counts = _project_buffers(kind, config, m, e, n, nr, x.device) if nr else (dummy, offsets)
+    args += [nf if nr else dummy, parts, counts, h if nr else dummy, ns, nf.stride(0) if nr else 0,
+             nf.stride(1) if nr else 0, h.stride(0) if nr else 0]
     kw = dict(ACT=act, ALPHA=alpha, LIMIT=limit, HAS_BIAS=bias is not None, LORA_R=r,
               SAVE_PRE=pre is not None, GATHER=gather_rows is not None, SCATTER=scatter_rows is not None,
               E_POW2=_e_pow2(e), F32_DOT=interpreting(), DECODE=decode, WORDS=words, ONE_MUL=one_mul,
               OUT_ORDER=ORDERS.index(out_order), KB_MAJOR=kb_major, GATE_UP_PAIRS=bool(act) and pairs,
-              **pdl.launch_options(pdl.mode(x)))
+              NEXT_R=nr, NEXT_N=next_pow2(n), **pdl.launch_options(pdl.mode(x)))
     _launch(kind, _fwd_jit, n, m, e, k, config, args, kw)
-    return y, pre
+    return y, pre, h
 
 
 def grouped_mm_mxfp4(x: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
@@ -359,8 +394,9 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
                            save_pre: bool = False, out_dtype: torch.dtype | None = None,
                            gather_rows: torch.Tensor | None = None, x_order: str = "natural",
                            out_order: str = "natural", max_scale_byte: int | None = None,
-                           gate_up: str = "halves", limit: float | None = None, config: TileConfig | None = None,
-                           validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           gate_up: str = "halves", limit: float | None = None,
+                           project: tuple[torch.Tensor, float] | None = None, config: TileConfig | None = None,
+                           validate: bool | None = None) -> tuple[torch.Tensor, ...]:
     """First MoE GEMM with the gated activation in the epilogue: (act(pre) [M, I], pre [M, 2I] or None).
 
     codes [E, 2I, K/2] / scales [E, 2I, K/32] are w13 = [gate; up] (vLLM's order); pre = x_e @ W13_e^T
@@ -373,10 +409,17 @@ def grouped_mm_mxfp4_gated(x: torch.Tensor, expert_offsets: torch.Tensor, codes:
     grouped_mm_mxfp4(..., x_order=out_order). x_order, max_scale_byte: as grouped_mm_mxfp4.
     gate_up "interleaved": w13's rows are gpt-oss's (gate, up) pairs (row 2i gate i, row 2i + 1 up i), and bias,
     the LoRA B rows and pre's columns follow that order (activations.GATE_UP_LAYOUTS).
+    project = (A [E, R, I] bf16, scaling) also returns h = scaling * act_e @ A_e^T [M, R] bf16, the down GEMM's LoRA
+    down-projection, computed in this kernel's epilogue from the output tiles as stored (one launch and one read
+    of act fewer than lora.project): (act, pre, h). A's columns are in out_order (lora.factor_in_order), its rank
+    padded to a power of two >= 16 (configs.padded_rank). Each output tile's fp32 partial is added in tile order
+    (deterministic; the bits depend on the tile, as lora.project's on split_k).
     """
-    return _fwd(x, expert_offsets, codes, scales, activation=activation, bias=bias, lora=lora,
-                save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows,
-                x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte, gate_up=gate_up, limit=limit)
+    out = _fwd(x, expert_offsets, codes, scales, activation=activation, bias=bias, lora=lora,
+               save_pre=save_pre, out_dtype=out_dtype, config=config, validate=validate, gather_rows=gather_rows,
+               x_order=x_order, out_order=out_order, max_scale_byte=max_scale_byte, gate_up=gate_up, limit=limit,
+               project=project)
+    return out if project is not None else out[:2]
 
 
 def grouped_mm_mxfp4_dx(dy: torch.Tensor, expert_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,

@@ -9,6 +9,7 @@
 #   D  after the bundle and the DeepSeek-V4 kernel packages (see D below): the probe of the plugin mode
 #   P  after the bundle: the dense prefill path's native tests, its parts, and the peers table with it
 #   T  after the bundle: the LoRA layer against Marlin, then the refit (seventh round)
+#   U  after the bundle: the LoRA layer (A2 projection fused or apart) against Marlin, then the refit (eighth round)
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -82,6 +83,12 @@ T)  # seventh round (bundle installed): the LoRA layer with split-K projections 
     # process (PDL as MXFP4_PDL says), then the refit with the delta's lane kernel, each kind after one untimed sync
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode), MXFP4_PDL=${MXFP4_PDL:-off}"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128 2>&1 | grep -E "^\||^NVIDIA|Error"
+  refit_bench 330 6
+  ;;
+U)  # eighth round (bundle installed): the LoRA layer with the A2 projection fused into the gated GEMM, apart, none
+    # and Marlin, three rounds in turn in one process; then the refit, each kind after one untimed sync
+  echo "=== engine layer with expert LoRA: fused A2 / apart / none / Marlin (one-multiply decode), MXFP4_PDL=${MXFP4_PDL:-loop}"
+  timeout 200 python3 bench/lora_layer.py --one-mul --tokens 16,128 --rounds 3 2>&1 | grep -E "^\||^NVIDIA|Error"
   refit_bench 330 6
   ;;
 E)  # the dense prefill path inside vLLM 0.25 (bundle installed): a 3840-token prompt, fused / dense / auto

@@ -661,13 +661,14 @@ fn = K._grouped_dx_kernel if kind.startswith("dx") else K._grouped_fwd_kernel
 words = kind not in ("dx", "dx_pairs", "gated_bytes")
 kb = kind in ("gated", "gated_one_mul", "gated_lora")
 pairs = kind.endswith("_pairs")  # gpt-oss's interleaved gate/up rows, pre written and read as pairs
-const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=16 if kind == "gated_lora" else 0,
+lora = kind == "gated_lora"  # with the A2 projection fused into the epilogue too
+const = dict(ACT=1, ALPHA=1.702, LIMIT=7.0, HAS_BIAS=False, LORA_R=16 if lora else 0,
              SAVE_PRE=pairs, GATHER=True, SCATTER=False, E_POW2=32, F32_DOT=False, DECODE=2, SWAP_AB=True, WORDS=words,
              ONE_MUL=kind == "gated_one_mul", OUT_ORDER=int(words), WORD_PAIRS=True, BLOCK_M=16, BLOCK_N=64,
              BLOCK_K=128, EVEN_K=kind != "gated_one_mul", KB_MAJOR=kb, GATE_UP_PAIRS=pairs,
-             PDL=3 if kind == "gated_lora" else 0)
+             PDL=3 if lora else 0, NEXT_R=16 if lora else 0, NEXT_N=2048)
 ptr = {"codes_ptr": "*i32" if words else "*u8", "scales_ptr": "*u8", "offsets_ptr": "*i32", "src_ptr": "*i64",
-       "dst_ptr": "*i64", "rw_ptr": "*fp32"}
+       "dst_ptr": "*i64", "rw_ptr": "*fp32", "np_ptr": "*fp32", "nc_ptr": "*i32", "n_scaling": "fp32"}
 try:
     compiled = compile_sm90(fn, const, ptr)
 except FileNotFoundError as exc:
@@ -677,7 +678,9 @@ ptx = compiled.asm["ptx"]
 # the kb-major word decode's rotation / the canonical one's nibble shift / the byte decode's spread
 marker = "shf.l.wrap.b32 x, " if kb else "shr.u32 x, " if words else "prmt.b32 t, "
 print("decode", marker in ptx, "bf16x2", ptx.count("mul.rn.bf16x2"), "wgmma", "wgmma" in ptx,
-      "cubin", len(compiled.asm["cubin"]), "pdl", ptx.count("griddepcontrol"))
+      "cubin", len(compiled.asm["cubin"]), "pdl", ptx.count("griddepcontrol"),
+      "count", ptx.count("atom.global.gpu.acq_rel.add"), "reset", ptx.count("atom.global.gpu.relaxed.exch"),
+      "cg", int("ld.global.cg" in ptx))
 """
 
 
@@ -702,6 +705,10 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
     assert words[5] == "True" and int(words[7]) > 0, out.stdout
     # the LoRA kind compiles PDL's wait (first) and its signal (after the K loop) too; the others neither
     assert words[9] == ("2" if kind == "gated_lora" else "0"), out.stdout
+    # and the fused A2 projection's fix-up: one acquire-release count per program, the counter's reset, the
+    # partials read past L1 (the interpreter runs one program at a time and cannot show the ordering)
+    assert words[10:] == (["count", "1", "reset", "1", "cg", "1"] if kind == "gated_lora"
+                          else ["count", "0", "reset", "0", "cg", "0"]), out.stdout
 
 
 def test_decode_mode_defaults_and_reduction_order(monkeypatch):

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from common.errors import ShapeError  # noqa: E402
+from common.grouped_gemm import counters  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
 from common.kernels import interpreting  # noqa: E402
 
@@ -157,7 +158,7 @@ def test_split_k_projection_is_one_deterministic_launch(split_k):
     ref, mag = _project_ref(x, factor, COUNTS, -0.75)
     _assert_within(got, ref, mag, k, 2.0**-7)
     assert torch.equal(got, L.project(x, _offsets(COUNTS), factor, -0.75, split_k=split_k))
-    assert not L._COUNTS[L._counter_key(x.device)][-1].any()
+    assert not counters.current(x.device).any()
     rows = (torch.arange(m) * 7 % 11).to(DEVICE)
     assert torch.equal(L.project(x[:11], _offsets(COUNTS), factor, 0.5, gather_rows=rows, split_k=split_k),
                        L.project(x[:11][rows], _offsets(COUNTS), factor, 0.5, split_k=split_k))
@@ -179,12 +180,79 @@ def test_factor_in_order_projects_a_reordered_activation():
     _assert_within(got, ref, mag, k, 2.0**-7)
 
 
+def _gated_case(kb_major: bool, i: int, seed: int):
+    """Sorted rows with adversarial values, w13 quantized (kb-major or canonical), a bias, gathered token rows."""
+    import common
+    from common.grouped_gemm.layout import to_kb_major
+
+    e, m, t, h = len(COUNTS), sum(COUNTS), 19, 64
+    g = torch.Generator().manual_seed(seed)
+    x = _rand(t, h, seed=seed + 1)
+    x[2] = 0.0                                                   # a zero token
+    x[3, :4] = torch.tensor([3e4, -3e4, 3e-39, -1e-40])          # large, cancelling, subnormal activations
+    q = common.quantize(torch.randn(e, 2 * i, h, generator=g) * 0.2, profile="flashinfer")
+    codes = to_kb_major(q.codes) if kb_major else q.codes
+    rows = (torch.arange(m) * 5 % t).to(DEVICE)
+    bias = (torch.randn(e, 2 * i, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
+    return x, rows, codes.to(DEVICE), q.scales.to(DEVICE), bias
+
+
+@pytest.mark.parametrize("kb_major", [True, False], ids=["kb_major", "canonical"])
+@pytest.mark.parametrize("i", [96, 128])
+def test_gated_gemm_fuses_the_next_projection(kb_major, i):
+    """grouped_mm_mxfp4_gated(project=(A2, s)) (the engine layer's A2 projection in the gated GEMM's epilogue):
+    the activation's bits are those of the call without it; h = s * act_e @ A2_e^T of the activation as stored,
+    within the loop's bound (each output tile's fp32 partial added in tile order: another sum order); the same
+    bits on every run; every row-tile counter back at zero. i = 96 leaves the last of the four power-of-two output
+    tiles empty (masked); the canonical codes give the activation in the word decode's order, A2's columns follow
+    it (factor_in_order); gathered token rows, a bias and adversarial activations."""
+    from common.grouped_gemm import grouped_mm_mxfp4_gated
+    from common.grouped_gemm.ops import reduction_order
+
+    x, rows, codes, scales, bias = _gated_case(kb_major, i, seed=60)
+    offs = _offsets(COUNTS)
+    order = reduction_order(codes, rows.numel())
+    assert order == ("natural" if kb_major else "interleaved")
+    a2 = _rand(len(COUNTS), 16, i, seed=62, dtype=torch.float32) / 4
+    a2o = L.factor_in_order(a2, order).to(torch.bfloat16).contiguous()
+    kw = dict(activation="silu", bias=bias, gather_rows=rows, out_order=order)
+    act, pre, h = grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(a2o, -0.75), **kw)
+    plain, _ = grouped_mm_mxfp4_gated(x, offs, codes, scales, **kw)
+    assert pre is None and h.dtype == torch.bfloat16 and h.shape == (sum(COUNTS), 16)
+    assert torch.equal(act, plain)
+    ref, mag = _project_ref(act, a2o, COUNTS, -0.75)  # act and A2 both in `order`: the same sum
+    _assert_within(h, ref, mag, i, 2.0**-7)
+    again = grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(a2o, -0.75), **kw)[2]
+    assert torch.equal(h, again)
+    assert not counters.current(x.device).any()
+
+
+def test_fused_projection_refuses_bad_factors():
+    from common.grouped_gemm import grouped_mm_mxfp4_gated
+
+    x, rows, codes, scales, _ = _gated_case(True, 64, seed=70)
+    offs = _offsets(COUNTS)
+    kw = dict(activation="silu", gather_rows=rows)
+    good = _rand(len(COUNTS), 16, 64, seed=71)
+    with pytest.raises(ShapeError, match=r"'project factor': expected \[E=5, R, 64\] on .*, got \(5, 16, 96\)"):
+        grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(_rand(5, 16, 96, seed=72), 1.0), **kw)
+    with pytest.raises(ShapeError, match="'project factor': expected bfloat16 .* got torch.float32 rank 16"):
+        grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(good.float(), 1.0), **kw)
+    with pytest.raises(ShapeError, match="padded to a power of two >= 16.* rank 8"):
+        grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(good[:, :8], 1.0), **kw)
+    with pytest.raises(ShapeError, match="unit column stride"):
+        grouped_mm_mxfp4_gated(x, offs, codes, scales, project=(good.transpose(1, 2).contiguous().transpose(1, 2),
+                                                                 1.0), **kw)
+
+
 @pytest.mark.parametrize("kb_major", [True, False], ids=["kb_major", "canonical"])
 def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch):
     """moe_layer_forward(lora=...) with the engine's bf16 kernel copies (rank padded to 16) against the composition
-    it replaced (token copy, fp32 factors rounded on every call, natural-order activation): the same bits on
-    kb-major codes (the engine's layout, whose K order is the natural one); on canonical codes the activation stays
-    in the word decode's order and only the A2 projection's sum order changes (<= one bf16 step of h2)."""
+    it replaced (token copy, fp32 factors rounded on every call, natural-order activation, the A2 projection fused
+    into the gated GEMM as the layer's is at these sizes): the same bits on kb-major codes (the engine's layout,
+    whose K order is the natural one); on canonical codes the activation stays in the word decode's order and only
+    the A2 projection's sum order changes (<= one bf16 step of h2). With the A2 projection apart
+    (LORA_FUSE_A2_MAX_BUCKET = 0) h2 is summed in another order: within one bf16 step of h2 again."""
     import common
     from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, mlp, moe_layer_forward, route
 
@@ -217,12 +285,18 @@ def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch)
     rt = route(ids, e)
     xs = x.index_select(0, rt.token.long())
     bf = [f.to(torch.bfloat16) for f in fp32]
-    act, _ = grouped_mm_mxfp4_gated(xs, rt.offsets, *w13, activation="silu",
-                                    lora=(L.project(xs, rt.offsets, fp32[0], 2.0, split_k=split), bf[1]))
-    y = grouped_mm_mxfp4(act, rt.offsets, *w2,
-                         lora=(L.project(act, rt.offsets, fp32[2], 2.0, split_k=split), bf[3]),
+    a2 = torch.nn.functional.pad(bf[2], (0, 0, 0, 16 - r))
+    act, _, h2 = grouped_mm_mxfp4_gated(xs, rt.offsets, *w13, activation="silu",
+                                        lora=(L.project(xs, rt.offsets, fp32[0], 2.0, split_k=split), bf[1]),
+                                        project=(a2, 2.0))
+    y = grouped_mm_mxfp4(act, rt.offsets, *w2, lora=(h2[:, :r], bf[3]),
                          scatter_rows=rt.source, row_weights=tw.reshape(-1).float())
     old = sum_slots(y, topk, x.dtype)
+    fused_max = mlp.LORA_FUSE_A2_MAX_BUCKET
+    monkeypatch.setattr(mlp, "LORA_FUSE_A2_MAX_BUCKET", 0)
+    apart = moe_layer_forward(x, ids, tw, w13, w2, activation="silu", lora=(*kernel, 2.0))
+    assert (got.float() - apart.float()).abs().max() <= 2.0**-6 * apart.float().abs().max()
+    monkeypatch.setattr(mlp, "LORA_FUSE_A2_MAX_BUCKET", fused_max)
     base = moe_layer_forward(x, ids, tw, w13, w2, activation="silu")
     assert (got.float() - base.float()).abs().max() > 0.05 * base.float().abs().max()  # the adapters count
     if kb_major:
