@@ -74,16 +74,21 @@ def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Ten
 
 
 def max_logprob_error(result: dict, model) -> tuple[float, int]:
-    """(max |engine - reference| over every returned top-k log-prob, number of greedy steps whose engine token
-    is not the reference argmax)."""
-    worst, flips = 0.0, 0
+    """(err = max |engine - reference| over every returned top-k log-prob, number of greedy steps whose engine
+    token is not the reference argmax although the reference prefers its argmax by more than 2 err).
+
+    A step whose two candidates the reference separates by at most 2 err is a tie at the measured precision: with
+    both log-probs off by <= err, the engine may order them either way (seen once in CI: a flip at err 1.5e-3 under
+    two busy test workers). Any other flip is a real disagreement and counts; err itself is bounded by each test."""
+    worst, margins = 0.0, []
     for out in result["outputs"]:
         ref = reference_logprobs(model, out["prompt"], out["tokens"])
         for step, (tok, lps) in enumerate(zip(out["tokens"], out["logprobs"])):
             for t, lp in lps.items():
                 worst = max(worst, abs(lp - float(ref[step, int(t)])))
-            flips += int(int(ref[step].argmax()) != tok)
-    return worst, flips
+            if int(ref[step].argmax()) != tok:
+                margins.append(float(ref[step].max() - ref[step, tok]))
+    return worst, sum(m > 2 * worst for m in margins)
 
 
 def engine_logprob_diff(a: dict, b: dict) -> dict:
