@@ -2,7 +2,9 @@
 """Where a block-delta sync's time goes, without vLLM (issue 21: through a real engine on an H100 a 1% delta of 6
 dsv4 layers took longer than a full sync, bench/RESULTS.md). One dsv4 layer (32 experts, gate/up 4096x2048 and
 down 2048x4096, packed), a fraction of its blocks changed; each phase alone, synchronized, median of --repeat:
-  learner  block diff (mxfp4_train.sync.block_delta), lanes update (common.audit.mxfp4_lanes_after) and hash
+  learner  block diff, lanes update and hash as a sync computes them (mxfp4_train.sync.delta.block_delta_and_lanes:
+           on a GPU two kernels, common.kernels.block_diff), and the torch composition it replaced there
+           (block_delta, then common.audit.mxfp4_lanes_after), the same bits, timed in the same run
   engine   mxfp4_serve.sync.EngineSync.stage of the delta entries, then commit (canonical layout, bench/sync.py)
 then each side once under torch.profiler: the ops with the most self time on the host and on the device, and the
 host reads of device values (aten::_local_scalar_dense: one sync each; nonzero and unique sync as well).
@@ -21,7 +23,7 @@ from sync import PROFILE, serve_again, synced_layer
 import common
 from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
 from mxfp4_serve.sync import PROTOCOL
-from mxfp4_train.sync.delta import block_delta
+from mxfp4_train.sync.delta import block_delta, block_delta_and_lanes
 
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
 
@@ -80,11 +82,14 @@ def main() -> None:
     def restore() -> None:  # the engine serves the old bytes again: every delta applies to the same base
         serve_again(sync, params, old)
 
-    def learner() -> list[dict]:
+    def learner(composed: bool = False) -> list[dict]:
         entries = []
         for n, q in new.items():
-            d = block_delta(old[n], q)
-            lanes = mxfp4_lanes_after(old_lanes[n], old[n], q, d.index)
+            if composed:
+                d = block_delta(old[n], q)
+                lanes = mxfp4_lanes_after(old_lanes[n], old[n], q, d.index)
+            else:
+                d, lanes = block_delta_and_lanes(old[n], q, old_lanes[n])
             hsh = hash_of_lanes(q.shape, q.profile, *lanes, q.codes.numel(), q.scales.numel())
             entries.append({"name": prefix + n, "kind": "delta", "index": d.index, "codes": d.codes,
                             "scales": d.scales, "hashes": {"full": hsh}, "base_hashes": {"full": base[n]}})
@@ -105,9 +110,14 @@ def main() -> None:
     mb = sum(q.nbytes for q in new.values()) / 1e6
     print(f"one dsv4-shaped layer (E {e}, H {h}, I {i}) on {where}: {blocks} changed blocks "
           f"({100 * args.fraction:g}%), {mb:.0f} MB packed")
+    composed = learner(composed=True)
+    same = all(torch.equal(a[f], b[f]) and a["hashes"] == b["hashes"]
+               for a, b in zip(entries, composed, strict=True) for f in ("index", "codes", "scales"))
     t_learner = median_ms(learner, device, args.repeat)
+    t_composed = median_ms(lambda: learner(composed=True), device, args.repeat)
     t_engine = median_ms(engine, device, args.repeat, setup=restore)
     print(f"| phase | ms (median of {args.repeat}) |\n|---|---|\n| learner: diff + lanes + hash | {t_learner:.2f} |\n"
+          f"| learner, torch composition (same bits: {same}) | {t_composed:.2f} |\n"
           f"| engine: stage + commit | {t_engine:.2f} |")
     profiled(learner, device, "learner", args.rows)
     restore()

@@ -100,6 +100,11 @@ def lane_terms(positions: torch.Tensor, words: torch.Tensor) -> list[int]:
     return [_signed(v * m2) for v, (_, _, _, m2) in zip(sums, LANES, strict=True)]
 
 
+def moved_lanes(lane_values: list[int], moves: list[int]) -> list[int]:
+    """The lanes after each moved by its amount (mod 2^64, as signed int64 values)."""
+    return [_signed(v + d) for v, d in zip(lane_values, moves, strict=True)]
+
+
 def update_lanes(lane_values: list[int], positions: torch.Tensor, old_words: torch.Tensor,
                  new_words: torch.Tensor) -> list[int]:
     """The lanes after the words at `positions` changed from old_words to new_words (each position once)."""
@@ -126,5 +131,4 @@ def update_lanes_of(updates: list[tuple[list[int], torch.Tensor, torch.Tensor, t
     if not moves:
         return []
     moved = torch.stack(moves).tolist()  # the one host read
-    return [[_signed(v + d) for v, d in zip(values, row, strict=True)]
-            for (values, *_), row in zip(updates, moved, strict=True)]
+    return [moved_lanes(values, row) for (values, *_), row in zip(updates, moved, strict=True)]

@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from common.audit import diff, hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after
+from common.audit import diff, hash_of_lanes, mxfp4_lanes
 from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import (
@@ -38,7 +38,7 @@ from common.tensor import MXFP4Tensor
 
 from ..conversion import experts_modules
 from ..export import export_for_engine
-from .delta import block_delta, choose_kind
+from .delta import block_delta, block_delta_and_lanes, choose_kind
 from .engine import EngineHandle, Phases
 from .policy import (
     PARAM_CHUNK_BYTES,
@@ -258,8 +258,7 @@ class WeightSync:
         for name, q in weights.items():
             last, last_lanes = self.last.get(name), self.last_lanes.get(name)
             if delta_ok and dense is None and last is not None and last_lanes is not None:
-                deltas[name] = block_delta(last, q)
-                lanes[name] = mxfp4_lanes_after(last_lanes, last, q, deltas[name].index)
+                deltas[name], lanes[name] = block_delta_and_lanes(last, q, last_lanes)
             else:
                 lanes[name] = mxfp4_lanes(q)
             full[name] = hash_of_lanes(q.shape, q.profile, *lanes[name], q.codes.numel(), q.scales.numel())

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from common.audit import nibble_flips
+from common.audit import mxfp4_lanes_after, nibble_flips
 from common.constants import BLOCK_SIZE
 from common.errors import ShapeError
 from common.tensor import MXFP4Tensor
@@ -47,11 +47,7 @@ class BlockDelta:
 
 def block_delta(old: MXFP4Tensor, new: MXFP4Tensor) -> BlockDelta:
     """The blocks of `new` [E, N, K] that differ from `old` (same shape and profile)."""
-    if old.profile != new.profile:
-        raise ValueError(f"block delta between profiles {old.profile!r} and {new.profile!r}: a profile change needs "
-                         f"a full sync")
-    if old.shape != new.shape:
-        raise ShapeError(f"block delta: shapes differ, {list(old.shape)} vs {list(new.shape)}")
+    _checked(old, new)
     nb = new.codes.reshape(*new.codes.shape[:-1], -1, BLOCK_SIZE // 2)
     ob = old.codes.to(new.codes.device).reshape(nb.shape)
     # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes (all(), not a
@@ -71,6 +67,43 @@ def block_delta(old: MXFP4Tensor, new: MXFP4Tensor) -> BlockDelta:
     return BlockDelta(index=index.to(torch.int32), codes=codes,
                       scales=new.scales.reshape(-1).index_select(0, flat), blocks_total=changed.numel(),
                       codes_flipped=int(flipped), codes_total=new.shape.numel(), scales_changed=int(scales_changed))
+
+
+def _checked(old: MXFP4Tensor, new: MXFP4Tensor) -> None:
+    if old.profile != new.profile:
+        raise ValueError(f"block delta between profiles {old.profile!r} and {new.profile!r}: a profile change needs "
+                         f"a full sync")
+    if old.shape != new.shape:
+        raise ShapeError(f"block delta: shapes differ, {list(old.shape)} vs {list(new.shape)}")
+
+
+def block_delta_and_lanes(old: MXFP4Tensor, new: MXFP4Tensor, old_lanes: tuple[list[int], list[int]]
+                          ) -> tuple[BlockDelta, tuple[list[int], list[int]]]:
+    """(block_delta(old, new), the fingerprint lanes of new) given old's lanes (common.audit.mxfp4_lanes): what a
+    learner's delta sync computes per weight. On a GPU (both weights on it, contiguous) in two launches and one host
+    read (common.kernels.block_diff); elsewhere block_delta and common.audit.mxfp4_lanes_after. The same results."""
+    from common.kernels import block_diff as K
+
+    _checked(old, new)
+    old_codes, old_scales = old.codes.to(new.codes.device), old.scales.to(new.scales.device)
+    if not (new.codes.is_cuda and K.usable(new.codes, old_codes) and old_scales.is_contiguous()
+            and new.scales.is_contiguous()):
+        d = block_delta(old, new)
+        return d, mxfp4_lanes_after(old_lanes, old, new, d.index)
+    return _kernel_delta(old_codes, old_scales, new, old_lanes)
+
+
+def _kernel_delta(old_codes: torch.Tensor, old_scales: torch.Tensor, new: MXFP4Tensor,
+                  old_lanes: tuple[list[int], list[int]], blocks_per_program: int | None = None
+                  ) -> tuple[BlockDelta, tuple[list[int], list[int]]]:
+    from common.fingerprint import moved_lanes
+    from common.kernels.block_diff import block_diff
+
+    index, codes, scales, (count, flipped, scales_changed, c0, c1, s0, s1) = block_diff(
+        new.codes, new.scales, old_codes, old_scales, blocks_per_program=blocks_per_program)
+    d = BlockDelta(index=index, codes=codes, scales=scales, blocks_total=new.scales.numel(), codes_flipped=flipped,
+                   codes_total=new.shape.numel(), scales_changed=scales_changed)
+    return d, (moved_lanes(old_lanes[0], [c0, c1]), moved_lanes(old_lanes[1], [s0, s1]))
 
 
 def choose_kind(delta: BlockDelta, full_bytes: int) -> str:
