@@ -210,34 +210,45 @@ class SyncedLayer:
         e, n, kh = codes.shape
         return codes.view(e, n, kh // BLOCK_BYTES, BLOCK_BYTES), scales, False
 
+    def _flat_blocks(self, weight: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor, bool]:
+        """(live codes as [blocks, 16], live scales flat, the blocks' code rows there, their scale positions,
+        kb-major?) of the local blocks (expert, row, block) [M, 3]: single-index gathers and scatters, where the
+        three-index form took half of a CPU engine's delta stage and commit (bench/RESULTS.md)."""
+        codes, scales, kb = self._block_views(weight)
+        e, r, b = blocks.to(torch.int64).unbind(1)
+        n, kblocks = scales.shape[1], scales.shape[2]
+        at_scale = (e * n + r) * kblocks + b
+        at_code = (e * kblocks + b) * n + r if kb else at_scale
+        return codes.reshape(-1, codes.shape[-1]), scales.reshape(-1), at_code, at_scale, kb
+
     def read_blocks(self, weight: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Canonical (codes [M, 16], scales [M]) of the local blocks (expert, row, block) [M, 3] (long)."""
         from common.grouped_gemm.layout import from_kb_major
 
-        codes, scales, kb = self._block_views(weight)
-        e, r, b = blocks.unbind(1)
-        sc = scales[e, r, b]
+        codes, scales, at_code, at_scale, kb = self._flat_blocks(weight, blocks)
+        sc = scales.index_select(0, at_scale)
+        got = codes.index_select(0, at_code)
         if not kb:
-            return codes[e, r, b], sc
+            return got, sc
         # a kb-major block is its canonical block transformed in place, wherever it sits (layout.py): the M blocks
         # read as one weight of M rows and a single K block
-        return from_kb_major(codes[e, b, r].reshape(1, 1, -1, 16), weight).view(-1, 16), sc
+        return from_kb_major(got.reshape(1, 1, -1, 16), weight).view(-1, 16), sc
 
     def write_blocks(self, weight: str, blocks: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        """Set the canonical bytes of single local blocks in place (scales first; the backend may refuse them)."""
+        """Set the canonical bytes of single local blocks in place (scales first; the backend may refuse them).
+        Each block at most once (the stage refuses a delta naming one twice)."""
         from common.grouped_gemm.layout import to_kb_major
 
         if self.backend is not None:
             self.backend.check_values(self.module, moe.scale_name(weight), scales)
             self.backend.check_values(self.module, weight, codes)
         moe.layouts.bump_generation(self.module)
-        live_codes, live_scales, kb = self._block_views(weight)
-        e, r, b = blocks.unbind(1)
-        live_scales[e, r, b] = scales.to(live_scales.device)
+        live_codes, live_scales, at_code, at_scale, kb = self._flat_blocks(weight, blocks)
+        live_scales.index_copy_(0, at_scale, scales.to(live_scales.device))
         if kb:
-            live_codes[e, b, r] = to_kb_major(codes.reshape(1, -1, 16), weight).view(-1, 16).to(live_codes.device)
-        else:
-            live_codes[e, r, b] = codes.to(live_codes.device)
+            codes = to_kb_major(codes.reshape(1, -1, 16), weight).view(-1, 16)
+        live_codes.index_copy_(0, at_code, codes.to(live_codes.device))
 
     # ---- expert biases (canonical rows, through the layout like the codes) --------------------------------------
     def all_experts(self) -> torch.Tensor:

@@ -121,10 +121,10 @@ def _experts_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a != b).flatten(1).any(1)
 
 
-def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global (expert, row, block) triples -> (mask of those in this shard, local triples)."""
+def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Global (expert, row, block) triples -> (mask of those in this shard, None for all of them, local triples)."""
     if desc is None:
-        return torch.ones(index.shape[0], dtype=torch.bool, device=index.device), index.long()
+        return None, index.long()
     dev = index.device
     g2l = torch.full((max(desc["experts"]) + 1 if desc["experts"] else 1,), -1, dtype=torch.long, device=dev)
     g2l[torch.tensor(desc["experts"], dtype=torch.long, device=dev)] = torch.arange(len(desc["experts"]), device=dev)
@@ -370,6 +370,8 @@ class EngineSync:
             raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks {bounds.tolist()}")
         keep, local = _local_index(index, desc, n_rows)
         nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
+        if keep is None:  # the whole weight: no mask (a boolean index reads its count back to the host)
+            return local, cb, sb, nbytes
         return local, cb[keep], sb[keep], nbytes
 
     def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
