@@ -50,9 +50,11 @@ def block_delta(old: MXFP4Tensor, new: MXFP4Tensor) -> BlockDelta:
     _checked(old, new)
     nb = new.codes.reshape(*new.codes.shape[:-1], -1, BLOCK_SIZE // 2)
     ob = old.codes.to(new.codes.device).reshape(nb.shape)
-    # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes (all(), not a
-    # sum of the bools: 2.5 vs 10 ms for 16 MB on 2 CPU cores)
-    same_codes = (nb.contiguous().view(torch.int64) == ob.contiguous().view(torch.int64)).all(-1)
+    # a block's 16 code bytes compared as two 64-bit words: one pass, 8x fewer elements than bytes; the block is
+    # the same where both words are, i.e. where its two bools read as one int16 are 0x0101 (an elementwise compare:
+    # 3.4 ms for 32 MB of codes on 2 CPU cores, against 6.0 for all(-1) and 24 for a sum of the bools)
+    same_codes = (nb.contiguous().view(torch.int64) == ob.contiguous().view(torch.int64)).view(torch.int16) == 0x0101
+    same_codes = same_codes.squeeze(-1)
     old_scales = old.scales.to(new.scales.device)
     scale_changed = new.scales != old_scales
     changed = ~same_codes | scale_changed
