@@ -10,6 +10,7 @@
 #   P  after the bundle: the dense prefill path's native tests, its parts, and the peers table with it
 #   T  after the bundle: the LoRA layer against Marlin, then the refit (seventh round)
 #   U  after the bundle: the LoRA layer (A2 projection fused or apart) against Marlin, then the refit (eighth round)
+#   V  no vLLM (beside the bundle's chunks 1-2): native tests of the eighth round's kernels, the delta of one layer
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -84,6 +85,14 @@ T)  # seventh round (bundle installed): the LoRA layer with split-K projections 
   echo "=== engine layer with expert LoRA vs none and vs Marlin (one-multiply decode), MXFP4_PDL=${MXFP4_PDL:-off}"
   timeout 150 python3 bench/lora_layer.py --one-mul --tokens 16,128 2>&1 | grep -E "^\||^NVIDIA|Error"
   refit_bench 330 6
+  ;;
+V)  # eighth round, no vLLM needed (beside the bundle's first chunks): native tests of the fused A2 projection and
+    # the learner's block-diff kernels, then the delta of one dsv4 layer, kernels and torch composition in one run
+  echo "=== native: grouped LoRA (fused A2 projection), expert LoRA, block diff, audit"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/common/test_grouped_lora.py tests/serve/test_expert_lora.py \
+    tests/train/test_block_diff_kernel.py tests/common/test_audit.py 2>&1 | tail -4
+  echo "=== block delta of one dsv4 layer (1%)"
+  (cd bench && PYTHONPATH=..:. timeout 120 python3 delta_profile.py --repeat 7 2>&1 | grep -E "^\||changed blocks")
   ;;
 U)  # eighth round (bundle installed): the LoRA layer with the A2 projection fused into the gated GEMM, apart, none
     # and Marlin, three rounds in turn in one process; then the refit, each kind after one untimed sync
