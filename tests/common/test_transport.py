@@ -37,28 +37,32 @@ def _payload(seed: int) -> dict:
     ]}
 
 
-def _receiver(port: int, header: dict, q) -> None:
+def _receiver(port: int, header: dict, q, read) -> None:
     ch = transport.open_channel("gloo", "127.0.0.1", port, rank=1, world_size=2, timeout_s=60)
     try:
         got = ch.receive_tensors(header)
         q.put({e["name"]: {k: v.view(torch.uint8).clone() if isinstance(v, torch.Tensor) and v.numel() else v
                            for k, v in e.items()} for e in got["entries"]})
+        read.wait(120)
     finally:
         ch.close()
 
 
 def _send_to_a_receiver(receiver, header: dict, payloads: list[dict]) -> tuple[list[int], dict]:
-    """Run `receiver(port, header, queue)` in a spawned process as rank 1, send `payloads` from here as rank 0;
-    (bytes sent per payload, what the receiver reported)."""
+    """Run `receiver(port, header, queue, read)` in a spawned process as rank 1, send `payloads` from here as rank
+    0; (bytes sent per payload, what the receiver reported). The receiver stays alive until `read` is set: the
+    tensors it puts on the queue are shared through its file descriptors, which vanish with it (a receiver that
+    exited first failed a CI run with "No such file or directory" in multiprocessing's resource sharer)."""
     port, ctx = _free_port(), mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=receiver, args=(port, header, q))
+    q, read = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=receiver, args=(port, header, q, read))
     proc.start()
     ch = transport.open_channel("gloo", "127.0.0.1", port, rank=0, world_size=2, timeout_s=60)
     try:
         sent = [ch.send_tensors(p) for p in payloads]
         got = q.get(timeout=120)
     finally:
+        read.set()
         ch.close()
         proc.join(timeout=60)
     assert proc.exitcode == 0
@@ -94,7 +98,7 @@ def test_bad_transfer_headers_are_refused_before_anything_is_received():
         transport.open_channel("tcp", "127.0.0.1", 1, 0, 2)
 
 
-def _receiver_twice(port: int, header: dict, q) -> None:
+def _receiver_twice(port: int, header: dict, q, read) -> None:
     ch = transport.open_channel("gloo", "127.0.0.1", port, rank=1, world_size=2, timeout_s=60)
     try:
         first = ch.receive_tensors(header, reuse=True)
@@ -104,6 +108,7 @@ def _receiver_twice(port: int, header: dict, q) -> None:
         q.put({"same_buffers": all(e["codes"].data_ptr() == ptrs[e["name"]] for e in second["entries"]
                                    if e["name"] in ptrs),
                "first": snapshot, "second": {e["name"]: e["codes"].clone() for e in second["entries"] if "codes" in e}})
+        read.wait(120)
     finally:
         ch.close()
 
