@@ -129,11 +129,12 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     of a token are then summed in fp32, in slot order (combine.sum_slots). max_scale_byte: see grouped_mm_mxfp4.
     lora = (A13 [E, R, H], B13 [E, 2I, R], A2 [E, R, I], B2 [E, H, R], scaling): the engine's unmerged expert
     adapters, computed with the learner's kernels (the rank-R projections of MXFP4GroupedMLP, its B terms fused
-    into the GEMMs' epilogues): two launches more than without. Give the factors in bf16, contiguous, with R a
-    power of two >= 16 (mxfp4_serve.expert_lora keeps such copies): other factors are converted on every call,
-    to the same bits (torch's round to nearest, zero rank columns). The A13 projection gathers the token rows as
-    the gated GEMM does; the A2 projection reads the activation in the down GEMM's K order with A2's columns in
-    that order (lora.factor_in_order; the natural order, no copy, for kb-major codes). limit: the clamp limit of
+    into the GEMMs' epilogues): two launches more than without, one up to LORA_FUSE_A2_MAX_BUCKET rows per expert
+    (the A2 projection in the gated GEMM's epilogue). Give the factors in bf16, contiguous, with R a power of two
+    >= 16 (mxfp4_serve.expert_lora keeps such copies): other factors are converted on every call, to the same bits
+    (torch's round to nearest, zero rank columns). The A13 projection gathers the token rows as the gated GEMM
+    does; the A2 projection reads the activation in the down GEMM's K order with A2's columns in that order
+    (lora.factor_in_order; the natural order, no copy, for kb-major codes). limit: the clamp limit of
     activation "silu_clamp" (DeepSeek-V4's swiglu_limit, from the model's config).
     At prefill sizes (dense.use_dense: rows per expert, envs.HOPPER_PREFILL) the layer runs dense.py's path instead:
     the same weight values through a bounded bf16 scratch and cuBLAS's grouped GEMM."""

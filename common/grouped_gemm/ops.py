@@ -20,11 +20,11 @@ from ..tensor import check_packed
 from . import activations as A
 from ._kernels import _grouped_dx_kernel as _dx_jit
 from ._kernels import _grouped_fwd_kernel as _fwd_jit
-from .interleave import ORDERS, check_order, reorder_k
-from .layout import BLOCK_BYTES, is_kb_major
 from .configs import (GATED_WORDS_MAX_BUCKET, INTERPRETER_CONFIG, TileConfig, all_candidates, candidates, cdiv,
                       next_pow2, padded_rank, rows_bucket)
 from .counters import tile_counters
+from .interleave import ORDERS, check_order, reorder_k
+from .layout import BLOCK_BYTES, is_kb_major
 
 # Both kernels tile their K argument by BLOCK_K (the reduction of the forward, the output columns of the dx); when
 # the tiles divide it, the weight loads drop their per-column mask and vectorize (_launch sets EVEN_K; under the
@@ -269,19 +269,24 @@ def _check_rows(t: torch.Tensor | None, rows: int, name: str, device: torch.devi
                          f"{tuple(t.shape)} on {t.device}")
 
 
+@functools.lru_cache(maxsize=256)
+def _project_sizes(kind: str, config: TileConfig | None, interp: bool, m: int, e: int, n: int, r: int
+                   ) -> tuple[int, int]:
+    """(fp32 partials, row tiles) of a fused next projection (_project_output in _kernels.py), enough for every
+    tile the launch may run with: the explicit or interpreter tile, else any candidate of the bucket (the
+    autotuner's pick is one of them). Cached: an eager decode step asks on every launch."""
+    tiles = [config] if config is not None else [INTERPRETER_CONFIG] if interp else candidates(kind, rows_bucket(m, e))
+    parts = max((cdiv(m, c.block_m) + e) * cdiv(n, c.block_n) * c.block_m * r for c in tiles)
+    return parts, max(cdiv(m, c.block_m) + e for c in tiles)
+
+
 def _project_buffers(kind: str, config: TileConfig | None, m: int, e: int, n: int, r: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partials, row-tile counters) of a fused next projection (_project_output in _kernels.py), sized for
-    every tile the launch may run with: the explicit or interpreter tile, else any candidate of the bucket (the
-    autotuner's pick is one of them)."""
-    tiles = [config] if config is not None else [INTERPRETER_CONFIG] if interpreting() else \
-        candidates(kind, rows_bucket(m, e))
-    parts = max((cdiv(m, c.block_m) + e) * cdiv(n, c.block_n) * c.block_m * r for c in tiles)
-    row_tiles = max(cdiv(m, c.block_m) + e for c in tiles)
+    parts, row_tiles = _project_sizes(kind, config, interpreting(), m, e, n, r)
     return torch.empty(parts, dtype=torch.float32, device=device), tile_counters(device, row_tiles)
 
 
-def _check_project(project, e: int, n: int, m: int, device: torch.device, scatter: bool):
+def _check_project(project, e: int, n: int, device: torch.device, scatter: bool):
     """(factor bf16 [E, R, n], R, scaling) of a fused next projection, R a power of two >= 16."""
     factor, scaling = project
     if scatter:
@@ -332,7 +337,7 @@ def _fwd(x, offsets, codes, scales, *, activation: str | None, bias, lora, save_
     check_order(out_order, "out_order")
     if out_order != "natural" and n % 32:
         raise ShapeError(f"out_order={out_order!r} needs an output width that is a multiple of 32, got {n}")
-    nf, nr, ns = _check_project(project, e, n, m, x.device, scatter_rows is not None) if project else (None, 0, 0.0)
+    nf, nr, ns = _check_project(project, e, n, x.device, scatter_rows is not None) if project else (None, 0, 0.0)
     h = torch.empty(m, nr, dtype=torch.bfloat16, device=x.device) if nr else None
     if m == 0:
         return y, pre, h
