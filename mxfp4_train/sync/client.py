@@ -318,9 +318,10 @@ class WeightSync:
             e, last = entries.get(name, {}), self.last.get(name)
             if e.get("kind") == "delta" and last is not None:
                 i = e["index"].long().to(last.codes.device)
-                blocks = last.codes.view(*last.codes.shape[:-1], -1, BLOCK_SIZE // 2)
-                blocks[i[:, 0], i[:, 1], i[:, 2]] = e["codes"].to(last.codes.device)
-                last.scales[i[:, 0], i[:, 1], i[:, 2]] = e["scales"].to(last.scales.device)
+                _, n, kb = last.scales.shape
+                at = (i[:, 0] * n + i[:, 1]) * kb + i[:, 2]  # one flat index: a three-index put is slow on a CPU
+                last.codes.view(-1, BLOCK_SIZE // 2).index_copy_(0, at, e["codes"].to(last.codes.device))
+                last.scales.view(-1).index_copy_(0, at, e["scales"].to(last.scales.device))
                 kept[name] = last
             else:
                 kept[name] = MXFP4Tensor(q.codes.detach().clone(), q.scales.detach().clone(), q.profile)

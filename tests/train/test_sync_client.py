@@ -115,6 +115,25 @@ def test_delta_and_full_sync_leave_identical_bytes():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_consecutive_deltas_keep_the_learner_bytes_as_their_base():
+    """A delta sync updates the learner's kept copy of the last-synced bytes with the delta's blocks in place (the
+    next delta's base): after two deltas in a row the kept bytes equal the learner's, bit for bit, and the engine
+    serves them."""
+    eng_model = engine_model(0)
+    ws = WeightSync(LocalEngine(eng_model))
+    model = learner(0)
+    ws.sync(model)
+    for experts in ((1,), (0, 2)):
+        _perturb_lora(model, experts=experts)
+        merge_lora(model)
+        rep = ws.sync(model)
+        assert set(rep.kinds.values()) == {"delta"}
+        _, now = learner_weights(model)
+        for name, q in now.items():
+            assert torch.equal(ws.last[name].codes, q.codes) and torch.equal(ws.last[name].scales, q.scales), name
+        _assert_engine_holds(model, eng_model)
+
+
 def test_block_delta_sweeps_every_nibble_and_scale():
     g = torch.Generator().manual_seed(0)
     old = common.MXFP4Tensor(torch.randint(0, 256, (2, 4, 64), generator=g, dtype=torch.uint8),
