@@ -198,14 +198,14 @@ def _gated_case(kb_major: bool, i: int, seed: int):
 
 
 @pytest.mark.parametrize("kb_major", [True, False], ids=["kb_major", "canonical"])
-@pytest.mark.parametrize("i", [96, 128])
-def test_gated_gemm_fuses_the_next_projection(kb_major, i):
+def test_gated_gemm_fuses_the_next_projection(kb_major, i=96):
     """grouped_mm_mxfp4_gated(project=(A2, s)) (the engine layer's A2 projection in the gated GEMM's epilogue):
     the activation's bits are those of the call without it; h = s * act_e @ A2_e^T of the activation as stored,
     within the loop's bound (each output tile's fp32 partial added in tile order: another sum order); the same
-    bits on every run; every row-tile counter back at zero. i = 96 leaves the last of the four power-of-two output
-    tiles empty (masked); the canonical codes give the activation in the word decode's order, A2's columns follow
-    it (factor_in_order); gathered token rows, a bias and adversarial activations."""
+    bits on every run; every row-tile counter back at zero. i = 96: three output tiles under the interpreter, the
+    last of the four power-of-two tiles empty (masked); the canonical codes give the activation in the word
+    decode's order, A2's columns follow it (factor_in_order); gathered token rows, a bias and adversarial
+    activations."""
     from common.grouped_gemm import grouped_mm_mxfp4_gated
     from common.grouped_gemm.ops import reduction_order
 
