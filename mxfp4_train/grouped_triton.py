@@ -72,8 +72,6 @@ def supports(x: torch.Tensor, ops: ExpertOperands) -> tuple[bool, str]:
     if not (isinstance(ops.w13, PackedExpertWeights) and isinstance(ops.w2, PackedExpertWeights)):
         return False, (f"experts must be both frozen packed or both QAT masters (which get a weight gradient), got "
                        f"{type(ops.w13).__name__} and {type(ops.w2).__name__}")
-    if ops.act_quant_profile is not None:
-        return False, "W4A8 activation fake quant is fused on the QAT path only (frozen packed experts: reference)"
     if any(not isinstance(lo.dropout, nn.Identity) and lo.training for lo in loras):
         return False, "LoRA dropout is not fused"
     if len({lo.spec.scaling for lo in loras}) > 1:
@@ -99,7 +97,7 @@ def triton_grouped_mlp(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
         permute(x.to(torch.bfloat16), routing), routing.offsets, ops.w13.codes, ops.w13.scales, ops.w2.codes,
         ops.w2.scales, None if lo13 is None else lo13.A, None if lo13 is None else lo13.B,
         None if lo2 is None else lo2.A, None if lo2 is None else lo2.B, scaling, activation, ops.b13, ops.b2,
-        gate_up, ops.activation.clamp if activation == "silu_clamp" else None)
+        gate_up, ops.activation.clamp if activation == "silu_clamp" else None, ops.act_quant_profile)
     return unpermute(y, routing, topk_weights).to(x.dtype)
 
 

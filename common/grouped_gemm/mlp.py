@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..profiles import get_profile
 from . import lora as L
 from .combine import sum_slots
 from .configs import padded_rank, rows_bucket
@@ -33,22 +34,31 @@ def _down(x: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor | None, scalin
 class MXFP4GroupedMLP(torch.autograd.Function):
     """apply(x [M, H] bf16 sorted, offsets int32 [E+1], w13_codes, w13_scales, w2_codes, w2_scales,
     lora13_a [E, R, H] | None, lora13_b [E, 2I, R] | None, lora2_a [E, R, I] | None, lora2_b [E, H, R] | None,
-    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None, gate_up = "halves", limit = None) -> y [M, H]
-    bf16. gate_up "interleaved": w13's rows, bias13 and lora13_b's rows are gpt-oss's (gate, up) pairs (ops.py).
-    limit: the clamp limit of activation "silu_clamp" (the model's swiglu_limit), forward and backward."""
+    scaling, activation, bias13 [E, 2I] | None, bias2 [E, H] | None, gate_up = "halves", limit = None,
+    act_profile = None) -> y [M, H] bf16. gate_up "interleaved": w13's rows, bias13 and lora13_b's rows are
+    gpt-oss's (gate, up) pairs (ops.py). limit: the clamp limit of activation "silu_clamp" (the model's
+    swiglu_limit), forward and backward. act_profile (W4A8): the packed GEMMs read the MXFP8 fake quant of x and of
+    the activation with that codec profile (qat.fake_quant_rows_mxfp8, what a W4A8 engine feeds its experts), the
+    LoRA projections the unquantized rows (as mxfp4_train.grouped's reference); the backward passes through the
+    fake quant unchanged (straight-through)."""
 
     @staticmethod
     def forward(ctx, x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, lora13_a, lora13_b, lora2_a,
-                lora2_b, scaling, activation, bias13, bias2, gate_up="halves", limit=None):
+                lora2_b, scaling, activation, bias13, bias2, gate_up="halves", limit=None, act_profile=None):
+        from .qat import fake_quant_rows_mxfp8
+
         a13, b13, a2, b2 = (_bf16(t) for t in (lora13_a, lora13_b, lora2_a, lora2_b))
         if (a13 is None) != (b13 is None) or (a2 is None) != (b2 is None):
             raise ValueError("MXFP4GroupedMLP: give both LoRA factors (A and B) of a projection, or neither")
+        aprof = None if act_profile is None else get_profile(act_profile)
         hs13 = _down(x, offsets, a13, scaling)
-        act, pre = grouped_mm_mxfp4_gated(x, offsets, w13_codes, w13_scales, activation=activation, bias=bias13,
+        xq = x if aprof is None else fake_quant_rows_mxfp8(x, aprof, "expert input activations")
+        act, pre = grouped_mm_mxfp4_gated(xq, offsets, w13_codes, w13_scales, activation=activation, bias=bias13,
                                           lora=None if a13 is None else (hs13, b13), save_pre=True,
                                           gate_up=gate_up, limit=limit)
         hs2 = _down(act, offsets, a2, scaling)
-        y = grouped_mm_mxfp4(act, offsets, w2_codes, w2_scales, bias=bias2,
+        aq = act if aprof is None else fake_quant_rows_mxfp8(act, aprof, "expert down-projection activations")
+        y = grouped_mm_mxfp4(aq, offsets, w2_codes, w2_scales, bias=bias2,
                              lora=None if a2 is None else (hs2, b2))
         ctx.save_for_backward(x, offsets, w13_codes, w13_scales, w2_codes, w2_scales, pre, act, hs13, hs2,
                               a13, b13, a2, b2)
@@ -79,7 +89,7 @@ class MXFP4GroupedMLP(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grouped_mm_mxfp4_dx(dpre, offsets, c13, s13, lora=lora13)
-        return (dx, None, None, None, None, None, *grads, None, None, None, None, None, None)
+        return (dx, None, None, None, None, None, *grads, None, None, None, None, None, None, None)
 
 
 def moe_mlp_forward(x: torch.Tensor, offsets: torch.Tensor, w13: Packed, w2: Packed, *, activation: str,

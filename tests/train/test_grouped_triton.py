@@ -62,13 +62,26 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("act,bias", [("glu", False), ("glu", True), ("clamp_swiglu", True)])
-def test_forward_and_gradients_match_the_reference(act, bias):
+@pytest.mark.parametrize("act,bias,w4a8", [("glu", False, False), ("glu", True, False), ("clamp_swiglu", True, False),
+                                          ("glu", True, True), ("clamp_swiglu", False, True)])
+def test_forward_and_gradients_match_the_reference(act, bias, w4a8):
     # bf16 activations through two GEMMs, the activation and the LoRA products, each rounded to bf16 (2^-8; the
     # interpreter truncates, 2^-7): a few such roundings bound the relative error near 3e-2 for outputs and
     # gradients; a wrong expert, scale, row order or missing LoRA term gives O(1).
+    # W4A8 (frozen packed experts, MXFP8 fake quant of both GEMMs' inputs, LoRA on the unquantized rows): x is the
+    # same bf16 value on both sides, so its quantization is identical; the activation reaches the fake quant in fp32
+    # in the reference and as bf16 here (truncated under the interpreter: 2^-7), so an element within 2^-7 of an
+    # E4M3 rounding boundary (about one in 2^-7 / 2^-3 = 16) may land one E4M3 step (up to 2^-3 of it) apart: about
+    # 0.25 * 2^-3 ~ 3e-2 more relative error in the down GEMM's input, twice the bounds for the outputs (measured
+    # over 24 seeds: up to 4.0e-2). That the kernels apply the fake quant where the reference does is checked
+    # bit for bit by test_w4a8_is_the_fake_quant_before_each_packed_gemm.
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ops, x, ids, w = _on_device(_ops(gen, bias=bias, act=act), *_routing(gen))
+    if w4a8:
+        ops.act_quant_profile = "flashinfer"
+        if torch.cuda.is_available():
+            assert supports(x.cuda(), ops) == (True, "")
+    bound = 6e-2 if w4a8 else 3e-2
     x_ref = x.float().requires_grad_(True)
     ref = reference_grouped_mlp(x_ref, ids, w.float(), ops)
     ref.square().sum().backward()
@@ -79,10 +92,39 @@ def test_forward_and_gradients_match_the_reference(act, bias):
     got = triton_grouped_mlp(x_k, ids, w, ops)
     assert got.dtype == torch.bfloat16
     got.float().square().sum().backward()
-    assert _rel(got, ref) < 3e-2
-    assert _rel(x_k.grad, x_ref.grad) < 3e-2
+    assert _rel(got, ref) < bound
+    assert _rel(x_k.grad, x_ref.grad) < bound
     for g, r in zip((ops.lora13.A.grad, ops.lora13.B.grad, ops.lora2.A.grad, ops.lora2.B.grad), ref_grads):
-        assert _rel(g, r) < 5e-2
+        assert _rel(g, r) < 5e-2 + bound - 3e-2
+
+
+def test_w4a8_is_the_fake_quant_before_each_packed_gemm():
+    """MXFP4GroupedMLP with act_profile (W4A8 on frozen packed experts) equals, bit for bit, the same kernels fed
+    by hand: the gated GEMM on the codec's MXFP8 fake quant of x, the down GEMM on that of the activation, the LoRA
+    projections on the unquantized rows; and differs from the call without it (the quant is applied)."""
+    from common import fake_quant_mxfp8
+    from common.grouped_gemm import MXFP4GroupedMLP, grouped_mm_mxfp4, grouped_mm_mxfp4_gated, permute, route
+    from common.grouped_gemm import lora as L
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ops, x, ids, _ = _on_device(_ops(gen, bias=True), *_routing(gen))
+    x[1, :3] = torch.tensor([448.0 * 2**10, 3e-39, 0.0])  # a large block maximum, a subnormal, a zero
+    rt = route(ids, E)
+    xs = permute(x, rt)
+    s = ops.lora13.spec.scaling
+    args = (xs, rt.offsets, ops.w13.codes, ops.w13.scales, ops.w2.codes, ops.w2.scales, ops.lora13.A, ops.lora13.B,
+            ops.lora2.A, ops.lora2.B, s, "silu", ops.b13, ops.b2)
+    with torch.no_grad():
+        got = MXFP4GroupedMLP.apply(*args, "halves", None, "flashinfer")
+        plain = MXFP4GroupedMLP.apply(*args)
+        bf = [t.to(torch.bfloat16) for t in (ops.lora13.B, ops.lora2.B)]
+        act, _ = grouped_mm_mxfp4_gated(fake_quant_mxfp8(xs, profile="flashinfer"), rt.offsets, ops.w13.codes,
+                                        ops.w13.scales, activation="silu", bias=ops.b13, save_pre=True,
+                                        lora=(L.project(xs, rt.offsets, ops.lora13.A, s), bf[0]))
+        want = grouped_mm_mxfp4(fake_quant_mxfp8(act, profile="flashinfer"), rt.offsets, ops.w2.codes, ops.w2.scales,
+                                bias=ops.b2, lora=(L.project(act, rt.offsets, ops.lora2.A, s), bf[1]))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, plain)
 
 
 def test_gpt_oss_forward_across_the_clamp():
