@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from common import moe
@@ -12,6 +14,8 @@ from .finite_guard import checked as finite_checked
 from .loader import ExpertWeightLoader
 from .settings import ServeSettings
 from .shards import ExpertGeometry
+
+logger = logging.getLogger(__name__)
 
 
 def _device_of(moe_config) -> torch.device:
@@ -57,9 +61,14 @@ class MXFP4MoEMethodMixin:
         if settings.activations not in self.backend.activation_modes:
             raise ValueError(f"mxfp4_rl: expert activations {settings.activations!r} were requested but MoE backend "
                              f"{self.backend.name!r} runs only {self.backend.activation_modes}")
-        if hasattr(self.backend, "activations"):  # backends with several modes (sm100_flashinfer) take the choice
+        if hasattr(self.backend, "activations"):  # backends with several modes take the choice and the profile
             self.backend.activations = settings.activations
             self.backend.profile = settings.profile
+        # "W4A8" where the MMAs read MXFP8 (sm100_flashinfer), "W4A8 emulation" where the inputs are rounded only
+        self.activation_name = self.backend.activation_names.get(settings.activations, settings.activations)
+        if settings.activations != "bf16":
+            logger.info("mxfp4_rl: MoE backend %s, expert activations %s: %s", self.backend.name,
+                        settings.activations, self.activation_name)
         check_activation(moe_config, self.backend)
         if settings.expert_lora is not None and not self.backend.serves_lora:
             raise ValueError(f"mxfp4_rl: the checkpoint asks for expert LoRA served unmerged (quantization_config "

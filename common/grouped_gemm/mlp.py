@@ -131,7 +131,7 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
                       w2: Packed, *, activation: str, bias13: torch.Tensor | None = None,
                       bias2: torch.Tensor | None = None, max_scale_byte: int | None = None,
                       lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
-                      limit: float | None = None) -> torch.Tensor:
+                      limit: float | None = None, act_quant: str | None = None) -> torch.Tensor:
     """x [T, H] with its router's choice (topk_ids [T, k], topk_weights [T, k]) -> routed-expert output [T, H].
 
     The permutation into expert order is fused into the first GEMM's loads and the weighted un-permutation into
@@ -146,12 +146,16 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     does; the A2 projection reads the activation in the down GEMM's K order with A2's columns in that order
     (lora.factor_in_order; the natural order, no copy, for kb-major codes). limit: the clamp limit of
     activation "silu_clamp" (DeepSeek-V4's swiglu_limit, from the model's config).
+    act_quant (a codec profile: W4A8 emulation) feeds both packed GEMMs the MXFP8 fake quant of their input with
+    that profile (common.fake_quant_mxfp8, nonfinite="profile": no host read, CUDA-graph safe), the LoRA
+    projections the unquantized rows, as the learner's MXFP4GroupedMLP(act_profile=) does; the fused kernels then
+    run at every batch size (the dense prefill path takes bf16 inputs only).
     At prefill sizes (dense.use_dense: rows per expert, envs.HOPPER_PREFILL) the layer runs dense.py's path instead:
     the same weight values through a bounded bf16 scratch and cuBLAS's grouped GEMM."""
     t, k = topk_ids.shape
     from . import dense  # the prefill sizes' path: bf16 scratch + cuBLAS (dense.py)
 
-    if dense.use_dense(t * k, w13[0].shape[0], x.device, (w13, w2)):
+    if act_quant is None and dense.use_dense(t * k, w13[0].shape[0], x.device, (w13, w2)):
         return dense.moe_layer_forward_dense(x, topk_ids, topk_weights, w13, w2, activation=activation, bias13=bias13,
                                              bias2=bias2, lora=lora, limit=limit)
     routing = route(topk_ids, w13[0].shape[0])
@@ -168,15 +172,28 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     if fuse:
         a2, b2 = _fused_a2(a2, b2, order)
         project = (a2, scaling)
-    act, _, *h2 = grouped_mm_mxfp4_gated(x, routing.offsets, *w13, activation=activation, bias=bias13, lora=lora13,
-                                         gather_rows=routing.token, out_order=order, max_scale_byte=max_scale_byte,
-                                         limit=limit, project=project)
+    # the gated GEMM gathers its rows from the (fake-quantized) tokens; the fake quant works per 32-block of a row,
+    # so quantizing the tokens equals quantizing the gathered rows
+    xq = x if act_quant is None else _fake_quant(x, act_quant, "moe expert inputs")
+    act, _, *h2 = grouped_mm_mxfp4_gated(xq, routing.offsets, *w13, activation=activation, bias=bias13,
+                                         lora=lora13, gather_rows=routing.token, out_order=order,
+                                         max_scale_byte=max_scale_byte, limit=limit, project=project)
     if fuse:
         lora2 = (h2[0], b2)
     elif lora is not None:
         # act's columns are in `order`: A2's are put in the same one (the same sum, in another order)
         lora2 = (L.project(act, routing.offsets, L.factor_in_order(a2, order), scaling, split_k=LORA_SPLIT_K),
                  _bf16(b2))
-    y = grouped_mm_mxfp4(act, routing.offsets, *w2, bias=bias2, lora=lora2, scatter_rows=routing.source,
+    # act's columns may be in the down GEMM's K order: a permutation inside each 32-block, which the block-wise
+    # fake quant commutes with
+    aq = act if act_quant is None else _fake_quant(act, act_quant, "moe down-projection inputs")
+    y = grouped_mm_mxfp4(aq, routing.offsets, *w2, bias=bias2, lora=lora2, scatter_rows=routing.source,
                          row_weights=rows, x_order=order, max_scale_byte=max_scale_byte)
     return sum_slots(y, k, x.dtype)
+
+
+def _fake_quant(t: torch.Tensor, profile: str, name: str) -> torch.Tensor:
+    """The engine's W4A8 emulation of one GEMM input: the codec's MXFP8 round trip, the profile's NaN/Inf rule."""
+    from ..api import fake_quant_mxfp8
+
+    return fake_quant_mxfp8(t, profile=profile, name=name, nonfinite="profile")

@@ -34,6 +34,18 @@ class DeviceInfo:
         return f"{self.kind} sm{self.capability[0]}{self.capability[1]}" if self.capability else self.kind
 
 
+def act_quant_profile(backend, layer) -> str | None:
+    """The codec profile a backend in mode "mxfp8" rounds expert inputs with (the layer's, else the settings'),
+    None in mode "bf16"."""
+    if getattr(backend, "activations", "bf16") != "mxfp8":
+        return None
+    profile = getattr(layer, "mxfp4_rl_profile", None) or getattr(backend, "profile", None)
+    if profile is None:
+        raise ValueError(f"{backend.name}: MXFP8 expert activations need the model's codec profile (layer."
+                         f"mxfp4_rl_profile or the backend's profile)")
+    return profile
+
+
 class MoEBackend(abc.ABC):
     """One way of computing the MXFP4 MoE. Stateless: everything it needs lives on the layer as parameters."""
 
@@ -41,6 +53,11 @@ class MoEBackend(abc.ABC):
     # Expert-input activation formats the backend can run: "bf16" (W4A16) and/or "mxfp8" (W4A8, quantized by the
     # codec with the model's profile). The MoE method refuses a configuration its backend cannot honour.
     activation_modes: tuple[str, ...] = ("bf16",)
+    # What each mode is on this backend, for logs and errors: "mxfp8" is real W4A8 where the MMAs read MXFP8
+    # (sm100_flashinfer), an emulation where the codec rounds the inputs and the math stays wider.
+    activation_names: dict[str, str] = {"bf16": "W4A16", "mxfp8": "W4A8"}
+    W4A8_EMULATION = ("W4A8 emulation: expert inputs rounded to MXFP8 by the codec, the GEMMs run on the rounded "
+                      "values in wider math")
     # Whether apply() adds the layer's expert LoRA terms (mxfp4_serve.expert_lora), and why not where it cannot.
     serves_lora: bool = False
     lora_refusal: str = "it does not implement expert LoRA"

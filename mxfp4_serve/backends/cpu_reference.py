@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from common import dequantize
+from common import dequantize, fake_quant_mxfp8
 from common.moe import params as P
 from common.moe.activations import split_gate_up
 
 from .. import expert_lora
-from .base import ActivationSpec, DeviceInfo, MoEBackend
+from .base import ActivationSpec, DeviceInfo, MoEBackend, act_quant_profile
 
 
 def gated_activation(h: torch.Tensor, act: ActivationSpec) -> torch.Tensor:
@@ -30,19 +30,25 @@ def _lora(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None, sc
     return torch.nn.functional.linear(torch.nn.functional.linear(x, a.float()), b.float()) * scaling
 
 
+def _quant(t: torch.Tensor, profile: str | None) -> torch.Tensor:
+    return t if profile is None else fake_quant_mxfp8(t, profile=profile, nonfinite="profile")
+
+
 def expert_mlp(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                b13: torch.Tensor | None, b2: torch.Tensor | None, x: torch.Tensor, act: ActivationSpec,
                lora13: tuple[torch.Tensor, torch.Tensor] | None = None,
-               lora2: tuple[torch.Tensor, torch.Tensor] | None = None, scaling: float = 1.0) -> torch.Tensor:
+               lora2: tuple[torch.Tensor, torch.Tensor] | None = None, scaling: float = 1.0,
+               act_quant: str | None = None) -> torch.Tensor:
     """One expert (its packed slices) on its tokens x [n, H] in fp32 -> [n, H] fp32; optional LoRA factors (A, B)
-    at their active rank, added after the bias as the learner does (mxfp4_train.grouped._project)."""
-    h = x @ dequantize((w13, w13_scale), torch.float32).t()
+    at their active rank, added after the bias as the learner does (mxfp4_train.grouped._project). act_quant (a
+    codec profile): W4A8 emulation, both packed GEMMs read the MXFP8 fake quant of their input, LoRA the input."""
+    h = _quant(x, act_quant) @ dequantize((w13, w13_scale), torch.float32).t()
     if b13 is not None:
         h = h + b13.float()
     if lora13 is not None:
         h = h + _lora(x, lora13, scaling)
     a = gated_activation(h, act)
-    y = a @ dequantize((w2, w2_scale), torch.float32).t()
+    y = _quant(a, act_quant) @ dequantize((w2, w2_scale), torch.float32).t()
     if b2 is not None:
         y = y + b2.float()
     if lora2 is not None:
@@ -59,7 +65,8 @@ def cpu_reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
                       activation: str, alpha: float, limit: float | None, router_weight_on_input: bool,
                       lora13_a: torch.Tensor | None = None, lora13_b: torch.Tensor | None = None,
                       lora2_a: torch.Tensor | None = None, lora2_b: torch.Tensor | None = None,
-                      lora_rank: torch.Tensor | None = None, lora_scaling: float = 1.0) -> torch.Tensor:
+                      lora_rank: torch.Tensor | None = None, lora_scaling: float = 1.0,
+                      act_quant: str | None = None) -> torch.Tensor:
     act = ActivationSpec(activation, alpha, limit)  # silu_clamp's limit: the model's swiglu_limit (compat)
     # the active rank is read here, at run time: the factors are padded to the engine's max rank with zeros, and
     # computing at the learner's rank keeps its association (a zero-padded K changes how BLAS blocks the sum)
@@ -83,9 +90,9 @@ def cpu_reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
             lora = {"lora13": (lora13_a[e, :r], lora13_b[e, :, :r]), "lora2": (lora2_a[e, :r], lora2_b[e, :, :r]),
                     "scaling": lora_scaling}
         if router_weight_on_input:  # llama4-style: the router weight scales the expert's input
-            y = expert_mlp(*args, xf[tok] * w, act, **lora)
+            y = expert_mlp(*args, xf[tok] * w, act, **lora, act_quant=act_quant)
         else:
-            y = expert_mlp(*args, xf[tok], act, **lora) * w
+            y = expert_mlp(*args, xf[tok], act, **lora, act_quant=act_quant) * w
         out.index_add_(0, tok, y)
     return out.to(x.dtype)
 
@@ -93,13 +100,17 @@ def cpu_reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
 @cpu_reference_moe.register_fake
 def _(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, w13_bias, w2_bias, expert_map, activation, alpha,
       limit, router_weight_on_input, lora13_a=None, lora13_b=None, lora2_a=None, lora2_b=None, lora_rank=None,
-      lora_scaling=1.0):
+      lora_scaling=1.0, act_quant=None):
     return torch.empty_like(x)
 
 
 class CPUReferenceBackend(MoEBackend):
     name = "cpu_reference"
     serves_lora = True
+    activation_modes = ("bf16", "mxfp8")  # "mxfp8": fp32 math on the codec's MXFP8 round trip of each GEMM input
+    activation_names = {"bf16": "W4A16", "mxfp8": MoEBackend.W4A8_EMULATION}
+    activations = "bf16"  # set by the MoE method from the serve settings, with the model's codec profile
+    profile: str | None = None
 
     @classmethod
     def supports(cls, device: DeviceInfo) -> tuple[bool, str]:
@@ -114,4 +125,4 @@ class CPUReferenceBackend(MoEBackend):
             layer.w2_weight_scale, getattr(layer, P.W13_BIAS, None), getattr(layer, P.W2_BIAS, None), expert_map,
             activation.name, float(activation.alpha), None if activation.limit is None else float(activation.limit),
             bool(apply_router_weight_on_input),
-            **extra)
+            **extra, act_quant=act_quant_profile(self, layer))

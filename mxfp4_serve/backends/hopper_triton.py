@@ -19,7 +19,7 @@ from common import envs, moe
 from common.moe import params as P
 
 from .. import expert_lora
-from .base import ActivationSpec, DeviceInfo, MoEBackend
+from .base import ActivationSpec, DeviceInfo, MoEBackend, act_quant_profile
 
 # set on a layer whose scale bytes were all <= 128 at load: the word decode then applies 2^126 and the scale with
 # one multiply (common.grouped_gemm max_scale_byte; 9% faster layer at DeepSeek-V4-Flash decode sizes on an H100)
@@ -37,6 +37,12 @@ class HopperTritonBackend(MoEBackend):
     name = "hopper_triton"
     serves_lora = True  # the learner's LoRA kernels (common/grouped_gemm/lora.py) around the same GEMMs
     min_capability = (9, 0)
+    # "mxfp8" is an emulation here: bf16 MMAs on the codec's MXFP8 round trip of each GEMM input (what a W4A8
+    # sm100_flashinfer engine and the learner's act_quant feed the experts), not MXFP8 MMAs
+    activation_modes = ("bf16", "mxfp8")
+    activation_names = {"bf16": "W4A16", "mxfp8": MoEBackend.W4A8_EMULATION}
+    activations = "bf16"  # set by the MoE method from the serve settings, with the model's codec profile
+    profile: str | None = None
 
     @classmethod
     def supports(cls, device: DeviceInfo) -> tuple[bool, str]:
@@ -128,7 +134,7 @@ class HopperTritonBackend(MoEBackend):
             (w2, layer.w2_weight_scale), activation=activation.kernel_name, limit=activation.kernel_limit,
             max_scale_byte=ONE_MUL_MAX_SCALE_BYTE if getattr(layer, _ONE_MUL, False) else None,
             bias13=getattr(layer, P.W13_BIAS, None), bias2=getattr(layer, P.W2_BIAS, None),
-            lora=self._lora(layer))
+            lora=self._lora(layer), act_quant=act_quant_profile(self, layer))
         return out.to(x.dtype)
 
     @staticmethod

@@ -235,6 +235,53 @@ def test_hopper_triton_computes_the_reference_function(act, ep):
     assert rel < 2.5e-2, rel
 
 
+@pytest.mark.parametrize("act", ["silu", "swigluoai"])
+def test_w4a8_emulation_rounds_each_gemm_input_like_the_learner(act):
+    """activations "mxfp8" on hopper_triton and cpu_reference (W4A8 emulation): hopper_triton's layer equals, bit for
+    bit, its kernels fed by hand with the codec's MXFP8 fake quant of the tokens and of the activation (the LoRA-free
+    layer: moe_layer_forward(act_quant=)); cpu_reference's fp32 emulation agrees with it within twice the bf16
+    bound above (the activation reaches the fake quant in fp32 there and in bf16 here, so an element next to an E4M3
+    boundary may round one E4M3 step apart: about one in 16 under the interpreter's truncation, up to 2^-3 of it),
+    and differs from cpu_reference without the fake quant (the emulation is on)."""
+    from common import fake_quant_mxfp8
+    from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, route
+    from common.grouped_gemm.combine import sum_slots
+    from common.grouped_gemm.layout import kb_major_view
+    from common.grouped_gemm.ops import reduction_order
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = ActivationSpec(act)
+    layer, _, _ = _layer(with_bias=act == "swigluoai")
+    layer = layer.to(device)
+    x, w, ids = (t.to(device) for t in _routing())
+    x = x.to(torch.bfloat16)
+    x[0, :3] = torch.tensor([448.0 * 2**8, 3e-39, 0.0])  # a large block maximum, a subnormal, a zero
+    ref = CPUReferenceBackend()
+    bf16 = ref.apply(layer, x.float(), w, ids, spec, None).float()
+    ref.activations, ref.profile = "mxfp8", "flashinfer"
+    emulated = ref.apply(layer, x.float(), w, ids, spec, None).float()
+    backend = HopperTritonBackend()
+    backend.activations, backend.profile = "mxfp8", "flashinfer"
+    backend.prepare(layer)
+    got = backend.apply(layer, x, w, ids, spec, None)
+    # by hand: the same kernels on the fake-quantized inputs
+    w13 = (kb_major_view(layer.w13_weight.data, "w13_weight"), layer.w13_weight_scale)
+    w2 = (kb_major_view(layer.w2_weight.data, "w2_weight"), layer.w2_weight_scale)
+    rt = route(ids, E)
+    order = reduction_order(w2[0], ids.numel())
+    a, _ = grouped_mm_mxfp4_gated(fake_quant_mxfp8(x, profile="flashinfer"), rt.offsets, *w13,
+                                  activation=spec.kernel_name, bias=getattr(layer, "w13_bias", None),
+                                  gather_rows=rt.token, out_order=order, limit=spec.kernel_limit)
+    y = grouped_mm_mxfp4(fake_quant_mxfp8(a, profile="flashinfer"), rt.offsets, *w2,
+                         bias=getattr(layer, "w2_bias", None), scatter_rows=rt.source,
+                         row_weights=w.reshape(-1).float(), x_order=order)
+    assert torch.equal(got, sum_slots(y, ids.shape[1], torch.bfloat16))
+    rel = (got.float() - emulated).norm() / emulated.norm()
+    assert rel < 5e-2, rel
+    assert (emulated - bf16).norm() / bf16.norm() > 1e-3
+
+
 def test_hopper_triton_keeps_kb_major_codes_and_round_trips_canonical_bytes():
     # prepare rewrites the codes in place (same shape and storage, for CUDA graphs and layerwise reload); every
     # canonical read and write goes through the layout translation, bit for bit.

@@ -208,18 +208,24 @@ def test_refit_writes_touched_experts_in_kernel_layout_and_reads_back_canonical(
     assert storage == {n: getattr(layer, n).data_ptr() for n in shapes}  # in place: CUDA graphs stay valid
 
 
-def test_method_refuses_w4a8_on_a_backend_without_it():
+def test_settings_refuse_an_unknown_activation_format_and_backends_name_their_w4a8():
+    from mxfp4_serve.backends import CPUReferenceBackend
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
     from mxfp4_serve.settings import ServeSettings
 
     with pytest.raises(ValueError, match="unknown expert activation format 'fp8'"):
         ServeSettings(profile="flashinfer", activations="fp8")
-    from mxfp4_serve.backends import CPUReferenceBackend
+    # real W4A8 where the MMAs read MXFP8, an emulation (named so) where only the inputs are rounded
+    assert sm100.SM100FlashInferBackend.activation_names["mxfp8"] == "W4A8"
+    for backend in (CPUReferenceBackend, HopperTritonBackend):
+        assert backend.activation_modes == ("bf16", "mxfp8")
+        assert backend.activation_names["mxfp8"].startswith("W4A8 emulation")
 
-    assert CPUReferenceBackend.activation_modes == ("bf16",)
 
-
-def test_moe_method_refuses_activations_its_backend_cannot_run():
-    # W4A8 requested on a CPU (only the bf16 reference can run there): refused at engine start, naming both.
+def test_moe_method_refuses_activations_its_backend_cannot_run(monkeypatch):
+    # W4A8 requested of a backend that runs bf16 only: refused at engine start, naming both. Every backend runs
+    # "mxfp8" now (sm100_flashinfer for real, the others as an emulation, named so), so one is narrowed here.
+    from mxfp4_serve.backends.cpu_reference import CPUReferenceBackend
     from mxfp4_serve.moe_method import MXFP4MoEMethodMixin
     from mxfp4_serve.settings import ServeSettings
 
@@ -228,7 +234,12 @@ def test_moe_method_refuses_activations_its_backend_cannot_run():
             pass
 
     method_cls = type("M", (MXFP4MoEMethodMixin, _Base), {})
+    cpu = types.SimpleNamespace(device="cpu")
+    w4a8 = method_cls(cpu, ServeSettings(profile="flashinfer", activations="mxfp8"))
+    assert (w4a8.backend.name, w4a8.backend.activations, w4a8.backend.profile) == ("cpu_reference", "mxfp8",
+                                                                                  "flashinfer")
+    assert w4a8.activation_name.startswith("W4A8 emulation")
+    assert method_cls(cpu, ServeSettings(profile="flashinfer")).backend.activations == "bf16"
+    monkeypatch.setattr(CPUReferenceBackend, "activation_modes", ("bf16",))
     with pytest.raises(ValueError, match=r"activations 'mxfp8'.*'cpu_reference' runs only \('bf16',\)"):
-        method_cls(types.SimpleNamespace(device="cpu"), ServeSettings(profile="flashinfer", activations="mxfp8"))
-    assert method_cls(types.SimpleNamespace(device="cpu"), ServeSettings(profile="flashinfer")).backend.name == \
-        "cpu_reference"
+        method_cls(cpu, ServeSettings(profile="flashinfer", activations="mxfp8"))
