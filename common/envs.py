@@ -99,7 +99,8 @@ MOE_BACKEND = _declare(
     "choice; a forced backend that cannot run says why")
 MOE_ACTIVATIONS = _declare(
     "MXFP4_RL_MOE_ACTIVATIONS", "choice", None,
-    "expert-input format: bf16 (W4A16) or mxfp8 (W4A8, activations quantized by the codec); overrides the "
+    "expert-input format: bf16 (W4A16) or mxfp8 (W4A8, activations quantized by the codec: MXFP8 MMAs on "
+    "`sm100_flashinfer`, an emulation on `hopper_triton` and `cpu_reference`, docs/serve.md); overrides the "
     "checkpoint's 'activations'", ("bf16", "mxfp8"))
 HOPPER_ONE_MUL = _declare(
     "MXFP4_RL_HOPPER_ONE_MUL", "bool", True,
