@@ -204,6 +204,15 @@ def test_reference_runs_inside_torch_compile_fullgraph():
     assert torch.equal(compiled(x, w, ids), eager)
 
 
+def _hopper_case(act: str):
+    """(device, activation spec, layer, bf16 tokens, router weights, expert ids) on the device the kernels run on
+    (natively on a GPU, the interpreter on CPU); gpt-oss's swigluoai with biases."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer, _, _ = _layer(with_bias=act == "swigluoai")
+    x, w, ids = (t.to(device) for t in _routing())
+    return device, ActivationSpec(act), layer.to(device), x.to(torch.bfloat16), w, ids
+
+
 @pytest.mark.parametrize("act", ["silu", "swigluoai"])
 @pytest.mark.parametrize("ep", [False, True])
 def test_hopper_triton_computes_the_reference_function(act, ep):
@@ -213,12 +222,7 @@ def test_hopper_triton_computes_the_reference_function(act, ep):
     # is still far below what a wrong expert, scale or activation produces (O(1)).
     from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = ActivationSpec(act)
-    layer, _, _ = _layer(with_bias=act == "swigluoai")
-    layer = layer.to(device)
-    x, w, ids = (t.to(device) for t in _routing())
-    x = x.to(torch.bfloat16)
+    device, spec, layer, x, w, ids = _hopper_case(act)
     expert_map = None
     if ep:  # this rank holds the upper half of the experts
         expert_map = torch.full((E,), -1, dtype=torch.int32, device=device)
@@ -250,12 +254,7 @@ def test_w4a8_emulation_rounds_each_gemm_input_like_the_learner(act):
     from common.grouped_gemm.ops import reduction_order
     from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = ActivationSpec(act)
-    layer, _, _ = _layer(with_bias=act == "swigluoai")
-    layer = layer.to(device)
-    x, w, ids = (t.to(device) for t in _routing())
-    x = x.to(torch.bfloat16)
+    _, spec, layer, x, w, ids = _hopper_case(act)
     x[0, :3] = torch.tensor([448.0 * 2**8, 3e-39, 0.0])  # a large block maximum, a subnormal, a zero
     ref = CPUReferenceBackend()
     bf16 = ref.apply(layer, x.float(), w, ids, spec, None).float()
