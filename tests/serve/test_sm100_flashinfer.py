@@ -222,6 +222,20 @@ def test_settings_refuse_an_unknown_activation_format_and_backends_name_their_w4
         assert backend.activation_names["mxfp8"].startswith("W4A8 emulation")
 
 
+def test_w4a8_emulation_without_a_profile_is_refused_naming_the_backend():
+    from mxfp4_serve.backends.base import act_quant_profile
+    from mxfp4_serve.backends.hopper_triton import HopperTritonBackend
+
+    backend = HopperTritonBackend()
+    layer = torch.nn.Module()
+    assert act_quant_profile(backend, layer) is None  # bf16: nothing to round
+    backend.activations = "mxfp8"
+    with pytest.raises(ValueError, match="hopper_triton: MXFP8 expert activations need the model's codec profile"):
+        act_quant_profile(backend, layer)
+    layer.mxfp4_rl_profile = "flashinfer"
+    assert act_quant_profile(backend, layer) == "flashinfer"
+
+
 def test_moe_method_refuses_activations_its_backend_cannot_run(monkeypatch):
     # W4A8 requested of a backend that runs bf16 only: refused at engine start, naming both. Every backend runs
     # "mxfp8" now (sm100_flashinfer for real, the others as an emulation, named so), so one is narrowed here.
