@@ -44,14 +44,20 @@ def mxfp4_lanes(q: MXFP4Tensor) -> tuple[list[int], list[int]]:
     return lanes(q.codes), lanes(q.scales)
 
 
+def block_lin(blocks: torch.Tensor, rows: int, kblocks: int) -> torch.Tensor:
+    """Flat index [M] (int64) of the blocks (expert, row, block) [M, 3] of a weight of `rows` rows and `kblocks`
+    blocks a row: the byte of each block's scale, and the row of its 16 code bytes in the codes viewed [-1, 16]."""
+    b = blocks.to(torch.int64)
+    return (b[:, 0] * rows + b[:, 1]) * kblocks + b[:, 2]
+
+
 def block_words(blocks: torch.Tensor, rows: int, kblocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the blocks (expert, row, block) [M, 3] of a canonical MXFP4 weight of `rows` rows and `kblocks` blocks a
     row sit among the 64-bit words its fingerprint sums (common.fingerprint.words_of): (lin [M], each block's flat
     index, i.e. the byte of its scale; its code words [2M], 2 lin and 2 lin + 1, as its 16 code bytes start at byte
     16 lin; the scale words [U], sorted and unique: word lin // 8 holds scale byte lin). The learner's and the
     engine's sparse rehash of a delta both place the blocks through this."""
-    b = blocks.to(torch.int64)
-    lin = (b[:, 0] * rows + b[:, 1]) * kblocks + b[:, 2]
+    lin = block_lin(blocks, rows, kblocks)
     return lin, torch.stack((2 * lin, 2 * lin + 1), 1).reshape(-1), torch.unique(lin // 8)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..constants import BLOCK_SIZE
-from ..fingerprint import LANES
+from ..fingerprint import LANES, words_of
 from .fingerprint import _mix
 from .launch import interpreting
 
@@ -102,12 +102,6 @@ def _gather_kernel(flag_ptr, first_ptr, new_ptr, new_s_ptr, index_ptr, codes_ptr
     tl.store(index_ptr + 3 * at + 2, (b % kblocks).to(tl.int32), mask=keep)
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    from ..fingerprint import words_of
-
-    return words_of(t)
-
-
 def usable(new_codes: torch.Tensor, old_codes: torch.Tensor) -> bool:
     """Whether the kernels can read these codes in place: on one CUDA device (or the interpreter), contiguous,
     8-byte aligned (their 16-byte blocks read as two int64 words)."""
@@ -132,7 +126,7 @@ def block_diff(new_codes: torch.Tensor, new_scales: torch.Tensor, old_codes: tor
     flags = torch.empty(n_blocks, dtype=torch.int8, device=device)
     stats = torch.empty(programs, STATS, dtype=torch.int64, device=device)
     new_w, old_w = new_codes.view(torch.int64), old_codes.view(torch.int64)
-    new_sw, old_sw = _words(new_scales), _words(old_scales)
+    new_sw, old_sw = words_of(new_scales), words_of(old_scales)
     (a0, b0, m10, m20), (a1, b1, m11, m21) = LANES
     _diff_kernel[(programs,)](new_w, old_w, new_scales, old_scales, new_sw, old_sw, flags, stats, n_blocks,
                               new_sw.numel(), a0, b0, m10, m20, a1, b1, m11, m21, BLOCKS=per)

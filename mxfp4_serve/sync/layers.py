@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common import moe
-from common.audit import dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
+from common.audit import block_lin, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import lora_entry_name, shard_key
@@ -216,10 +216,11 @@ class SyncedLayer:
         kb-major?) of the local blocks (expert, row, block) [M, 3]: single-index gathers and scatters, where the
         three-index form took half of a CPU engine's delta stage and commit (bench/RESULTS.md)."""
         codes, scales, kb = self._block_views(weight)
-        e, r, b = blocks.to(torch.int64).unbind(1)
         n, kblocks = scales.shape[1], scales.shape[2]
-        at_scale = (e * n + r) * kblocks + b
-        at_code = (e * kblocks + b) * n + r if kb else at_scale
+        at_scale = block_lin(blocks, n, kblocks)
+        # kb-major codes hold block (e, r, b) at (e, b, r) of [E, K/32, N]: the same flat index with rows and blocks
+        # swapped
+        at_code = block_lin(blocks[:, [0, 2, 1]], kblocks, n) if kb else at_scale
         return codes.reshape(-1, codes.shape[-1]), scales.reshape(-1), at_code, at_scale, kb
 
     def read_blocks(self, weight: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from common.audit import diff, hash_of_lanes, mxfp4_lanes
+from common.audit import block_lin, diff, hash_of_lanes, mxfp4_lanes
 from common.constants import BLOCK_SIZE
 from common.moe import params as P
 from common.moe.wire import (
@@ -317,9 +317,8 @@ class WeightSync:
         for name, q in weights.items():
             e, last = entries.get(name, {}), self.last.get(name)
             if e.get("kind") == "delta" and last is not None:
-                i = e["index"].long().to(last.codes.device)
-                _, n, kb = last.scales.shape
-                at = (i[:, 0] * n + i[:, 1]) * kb + i[:, 2]  # one flat index: a three-index put is slow on a CPU
+                # one flat index (common.audit.block_lin): a three-index put is slow on a CPU
+                at = block_lin(e["index"].to(last.codes.device), *last.scales.shape[1:])
                 last.codes.view(-1, BLOCK_SIZE // 2).index_copy_(0, at, e["codes"].to(last.codes.device))
                 last.scales.view(-1).index_copy_(0, at, e["scales"].to(last.scales.device))
                 kept[name] = last
