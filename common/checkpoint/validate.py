@@ -202,6 +202,12 @@ def _reserved(profile: str) -> tuple[int, dict[int, str]]:
     return low, reserved
 
 
+def reserved_scale_low(profile: str) -> int:
+    """The smallest scale byte the profile reserves (every byte from it up to 0xFF is): a check on a device can
+    compare against it and read one flag back."""
+    return _reserved(get_profile(profile).name)[0]
+
+
 def check_scale_bytes(scales: torch.Tensor, profile: str, name: str) -> None:
     """Refuse a scale tensor (uint8 or float8_e8m0fnu, any layout) holding a byte the profile reserves."""
     low, reserved = _reserved(get_profile(profile).name)

@@ -25,7 +25,7 @@ from torch import nn
 
 from common import quantize
 from common.audit import block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
-from common.checkpoint.validate import check_scale_bytes
+from common.checkpoint.validate import check_scale_bytes, reserved_scale_low
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
 from common.fingerprint import update_lanes_of
@@ -82,6 +82,7 @@ class StagedBlocks:
     lanes: tuple[list[int], list[int]]
     base_version: int
     payload_bytes: int
+    experts: int  # how many local experts the blocks touch
 
 
 @dataclasses.dataclass
@@ -345,9 +346,10 @@ class EngineSync:
 
     def _delta_fields(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int,
                       device: torch.device):
-        """(local blocks [M, 3] long, codes [M, 16], scales [M], payload bytes) of a delta entry: its base checked
-        against what is served, its fields' dtypes and shapes, its index inside the weight; the blocks of this
-        rank's shard only, on `device`."""
+        """(local blocks [M, 3] long, codes [M, 16], scales [M], payload bytes, outside) of a delta entry: its base
+        checked against what is served, its fields' dtypes and shapes; the blocks of this rank's shard only, on
+        `device`. `outside` is a device flag (0-dim bool) of an index outside the weight's blocks, for the caller
+        to read with its own checks (_raise_outside): on a GPU every host read waits for the queue to drain."""
         name = entry["name"]
         where = f"sync entry '{name}'"
         base = self._expected(entry, layer, weight, "base_hashes")
@@ -366,17 +368,26 @@ class EngineSync:
         # triples, which a round trip through the host made the slowest step of a GPU delta sync
         index, cb, sb = (t.to(device) for t in (index, cb, sb))
         bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=device)
-        if m and bool(((index < 0) | (index >= bounds)).any()):
-            raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks {bounds.tolist()}")
-        keep, local = _local_index(index, desc, n_rows)
+        outside = ((index < 0) | (index >= bounds)).any()
         nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
-        if keep is None:  # the whole weight: no mask (a boolean index reads its count back to the host)
-            return local, cb, sb, nbytes
-        return local, cb[keep], sb[keep], nbytes
+        if desc is None:  # the whole weight: no mask (a boolean index reads its count back to the host)
+            return index.long(), cb, sb, nbytes, outside
+        # a shard's mask is read back anyway, and an index outside the weight would index its maps out of range
+        self._raise_outside(name, layer, weight, bool(outside))
+        keep, local = _local_index(index, desc, n_rows)
+        return local, cb[keep], sb[keep], nbytes, torch.zeros((), dtype=torch.bool, device=device)
+
+    @staticmethod
+    def _raise_outside(name: str, layer: SyncedLayer, weight: str, outside: bool) -> None:
+        if outside:
+            e, n, k = layer.full_shape(weight)
+            raise SyncPayloadError(f"sync entry '{name}': delta index outside the weight's blocks "
+                                   f"{[e, n, k // BLOCK_SIZE]}")
 
     def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
         codes, scales = (t.detach().clone() for t in layer.read(weight))
-        local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, codes.device)
+        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, codes.device)
+        self._raise_outside(entry["name"], layer, weight, bool(outside))
         ei, ri, bi = local.unbind(1)
         scales[ei, ri, bi] = sb
         blocks = codes.view(*codes.shape[:2], -1, BLOCK_SIZE // 2)
@@ -387,23 +398,30 @@ class EngineSync:
                       n_rows: int) -> StagedBlocks:
         name = entry["name"]
         live_scales = layer.loader.params[moe_scale_name(weight)]
-        local, cb, sb, nbytes = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
+        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
         e, n, k = layer.local_shape(weight)
         kb = k // BLOCK_SIZE
         lin, code_words, scale_words = block_words(local, n, kb)
-        # both refusals from one host read (on a GPU each read waits for the queue): a block named twice (sorted
-        # neighbours equal), a NaN scale byte
+        # every refusal from one host read (on a GPU each read waits for the queue): an index outside the weight,
+        # a block named twice (sorted neighbours equal), a NaN scale byte, a byte the profile reserves; with them
+        # the number of experts the delta touches, which the commit reports
         order = lin.sort().values
-        dup, nan = torch.stack(((order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any())).tolist()
+        low = reserved_scale_low(self.profile)
+        touched = torch.zeros(e, dtype=torch.bool, device=lin.device).index_fill_(0, local[:, 0], True)
+        flags = torch.stack((outside, (order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any(), (sb >= low).any(),
+                             touched.sum()))
+        out, dup, nan, reserved, experts = flags.tolist()
+        self._raise_outside(name, layer, weight, out)
         if dup:
             raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
                                    f"changed")
         if nan:
             raise SyncPayloadError(f"sync entry '{name}': scale byte 0xFF (E8M0 NaN) in the payload")
-        try:
-            check_scale_bytes(sb, self.profile, name)
-        except CheckpointError as exc:
-            raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
+        if reserved:
+            try:
+                check_scale_bytes(sb, self.profile, name)  # names the byte and where it is
+            except CheckpointError as exc:
+                raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
         code_lanes, scale_lanes = layer.lanes(weight)
         old_codes, _ = layer.read_blocks(weight, local)
         cb = cb.contiguous()
@@ -422,7 +440,7 @@ class EngineSync:
         lanes = (code_lanes, scale_lanes)
         h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
         self._check_hash(entry, layer, weight, "delta", h)
-        return StagedBlocks(layer, weight, local, cb, sb.contiguous(), h, lanes, self.version, nbytes)
+        return StagedBlocks(layer, weight, local, cb, sb.contiguous(), h, lanes, self.version, nbytes, experts)
 
     # ---- commit / abort -------------------------------------------------------------------------------------------
     def abort(self, sync_id: str) -> dict:
@@ -579,7 +597,7 @@ class EngineSync:
 
         undo.append(restore)
         s.layer.write_blocks(s.weight, s.blocks, s.codes, s.scales)
-        return int(torch.unique(s.blocks[:, 0]).numel()) if s.blocks.numel() else 0
+        return s.experts
 
     @staticmethod
     def _write_extra(s: StagedExtra, undo: list) -> None:

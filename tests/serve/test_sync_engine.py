@@ -230,6 +230,9 @@ def _delta_from(sync: EngineSync, name: str, blocks: torch.Tensor, scales: torch
     ("nan", SyncPayloadError, r"scale byte 0xFF \(E8M0 NaN\)"),
     ("bytes", SyncPayloadError, "staged bytes hash to .* corrupted payload"),
     ("outside", SyncPayloadError, "delta index outside the weight's blocks"),
+    ("negative", SyncPayloadError, "delta index outside the weight's blocks"),
+    # 0xFE (2^127) is reserved by every profile (above the largest finite byte, or the Inf-block byte)
+    ("reserved", SyncPayloadError, r"scale byte 0xFE \(.*reserves"),
 ])
 def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg):
     _, entries = _delta_case()
@@ -241,12 +244,15 @@ def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg):
     elif case == "nan":
         e["scales"] = e["scales"].clone()
         e["scales"][0] = 0xFF
+    elif case == "reserved":
+        e["scales"] = e["scales"].clone()
+        e["scales"][-1] = 0xFE
     elif case == "bytes":
         e["codes"] = e["codes"].clone()
         e["codes"][0, 3] ^= 0x10
     else:
         e["index"] = e["index"].clone()
-        e["index"][0, 2] = 10**6
+        e["index"][-1, 2 if case == "outside" else 0] = 10**6 if case == "outside" else -1
     model = MODELS["kb_major"]()
     sync = EngineSync(model)
     before, bytes_before = sync.hashes(), served(model)
