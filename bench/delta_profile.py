@@ -5,7 +5,9 @@ down 2048x4096, packed), a fraction of its blocks changed; each phase alone, syn
   learner  block diff, lanes update and hash as a sync computes them (mxfp4_train.sync.delta.block_delta_and_lanes:
            on a GPU two kernels, common.kernels.block_diff), and the torch composition it replaced there
            (block_delta, then common.audit.mxfp4_lanes_after), the same bits, timed in the same run
-  engine   mxfp4_serve.sync.EngineSync.stage of the delta entries, then commit (canonical layout, bench/sync.py)
+  engine   mxfp4_serve.sync.EngineSync.stage of the delta entries, alone and then with the commit (canonical
+           layout, bench/sync.py); on a GPU with the stage kernel (common.kernels.delta_stage) and with the torch
+           operations it replaced there, timed in the same run
 then each side once under torch.profiler: the ops with the most self time on the host and on the device, and the
 host reads of device values (aten::_local_scalar_dense: one sync each; nonzero and unique sync as well).
 usage: python bench/delta_profile.py [--fraction 0.01] [--repeat 5] [--small]
@@ -22,7 +24,7 @@ from sync import PROFILE, serve_again, synced_layer
 
 import common
 from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
-from mxfp4_serve.sync import PROTOCOL
+from mxfp4_serve.sync import PROTOCOL, staging
 from mxfp4_train.sync.delta import block_delta, block_delta_and_lanes
 
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
@@ -100,10 +102,22 @@ def main() -> None:
     entries = learner()
     counter = iter(range(10**9))
 
-    def engine() -> None:
+    def engine(commit: bool = True) -> None:
         sid = f"delta{next(counter)}"
         sync.stage({"protocol": PROTOCOL, "sync_id": sid, "profile": PROFILE, "entries": entries})
-        sync.commit(sid, [x["name"] for x in entries])
+        if commit:
+            sync.commit(sid, [x["name"] for x in entries])
+        else:
+            sync.abort(sid)
+
+    def engine_ms(how: str) -> tuple[float, float]:
+        """(stage ms, stage + commit ms) with the stage kernel ("auto") or the torch operations ("never")."""
+        staging.STAGE_KERNEL = how
+        try:
+            return (median_ms(lambda: engine(commit=False), device, args.repeat, setup=restore),
+                    median_ms(engine, device, args.repeat, setup=restore))
+        finally:
+            staging.STAGE_KERNEL = "auto"
 
     blocks = sum(x["index"].shape[0] for x in entries)
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -115,10 +129,12 @@ def main() -> None:
                for a, b in zip(entries, composed, strict=True) for f in ("index", "codes", "scales"))
     t_learner = median_ms(learner, device, args.repeat)
     t_composed = median_ms(lambda: learner(composed=True), device, args.repeat)
-    t_engine = median_ms(engine, device, args.repeat, setup=restore)
+    ways = {"stage kernel": "auto", "torch operations": "never"} if device == "cuda" else {"torch operations": "never"}
+    t_engine = {name: engine_ms(how) for name, how in ways.items()}
     print(f"| phase | ms (median of {args.repeat}) |\n|---|---|\n| learner: diff + lanes + hash | {t_learner:.2f} |\n"
-          f"| learner, torch composition (same bits: {same}) | {t_composed:.2f} |\n"
-          f"| engine: stage + commit | {t_engine:.2f} |")
+          f"| learner, torch composition (same bits: {same}) | {t_composed:.2f} |")
+    for name, (stage, both) in t_engine.items():
+        print(f"| engine, {name}: stage | {stage:.2f} |\n| engine, {name}: stage + commit | {both:.2f} |")
     profiled(learner, device, "learner", args.rows)
     restore()
     profiled(engine, device, "engine", args.rows)

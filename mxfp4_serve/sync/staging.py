@@ -23,14 +23,13 @@ import time
 import torch
 from torch import nn
 
-from common import quantize
+from common import moe, quantize
 from common.audit import block_words, dense_hash, hash_of_lanes, mxfp4_lanes, same_bytes
 from common.checkpoint.validate import check_scale_bytes, reserved_scale_low
 from common.constants import BLOCK_SIZE, E8M0_NAN
 from common.errors import CheckpointError
-from common.fingerprint import update_lanes_of
+from common.fingerprint import moved_lanes, update_lanes_of
 from common.moe import params as P
-from common.moe import scale_name as moe_scale_name
 from common.moe.wire import (
     DENSE_DTYPES,
     FULL_KEY,
@@ -120,6 +119,19 @@ def _experts_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] % 8 == 0 and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
         a, b = a.view(torch.int64), b.view(torch.int64)
     return (a != b).flatten(1).any(1)
+
+
+# Where block deltas are staged with common.kernels.delta_stage: "auto" (CUDA parameters), "always" (also under
+# TRITON_INTERPRET=1 on a CPU: the tests), "never" (the torch operations)
+STAGE_KERNEL = "auto"
+
+
+def _stage_in_kernel(live_codes: torch.Tensor, live_scales: torch.Tensor) -> bool:
+    from common.kernels import delta_stage
+
+    if STAGE_KERNEL == "never" or (STAGE_KERNEL == "auto" and not live_codes.is_cuda):
+        return False
+    return delta_stage.usable(live_codes, live_scales)
 
 
 def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -345,11 +357,12 @@ class EngineSync:
         return StagedExtra(kind, layer, suffix if kind == "bias" else weight, tensors, h, self.version, nbytes)
 
     def _delta_fields(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int,
-                      device: torch.device):
+                      device: torch.device, in_kernel: bool = False):
         """(local blocks [M, 3] long, codes [M, 16], scales [M], payload bytes, outside) of a delta entry: its base
         checked against what is served, its fields' dtypes and shapes; the blocks of this rank's shard only, on
         `device`. `outside` is a device flag (0-dim bool) of an index outside the weight's blocks, for the caller
-        to read with its own checks (_raise_outside): on a GPU every host read waits for the queue to drain."""
+        to read with its own checks (_raise_outside): on a GPU every host read waits for the queue to drain. None
+        where `in_kernel` leaves that check to the stage kernel (a whole weight: local blocks are the global ones)."""
         name = entry["name"]
         where = f"sync entry '{name}'"
         base = self._expected(entry, layer, weight, "base_hashes")
@@ -363,13 +376,15 @@ class EngineSync:
                                    f"{list(index.shape)}")
         cb = field(entry, "codes", where, torch.uint8, (m, BLOCK_SIZE // 2))
         sb = field(entry, "scales", where, torch.uint8, (m,))
-        e, n, k = layer.full_shape(weight)
         # the index, its checks and the scatter stay on the weight's device: a 1% delta of a 428 MB layer is 0.3 M
         # triples, which a round trip through the host made the slowest step of a GPU delta sync
         index, cb, sb = (t.to(device) for t in (index, cb, sb))
+        nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
+        if desc is None and in_kernel:
+            return index.long(), cb, sb, nbytes, None
+        e, n, k = layer.full_shape(weight)
         bounds = torch.tensor([e, n, k // BLOCK_SIZE], device=device)
         outside = ((index < 0) | (index >= bounds)).any()
-        nbytes = index.numel() * index.element_size() + cb.numel() + sb.numel()
         if desc is None:  # the whole weight: no mask (a boolean index reads its count back to the host)
             return index.long(), cb, sb, nbytes, outside
         # a shard's mask is read back anyway, and an index outside the weight would index its maps out of range
@@ -396,23 +411,24 @@ class EngineSync:
 
     def _stage_blocks(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None,
                       n_rows: int) -> StagedBlocks:
-        name = entry["name"]
-        live_scales = layer.loader.params[moe_scale_name(weight)]
-        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device)
+        live_codes, live_scales = layer.raw(weight)
+        in_kernel = _stage_in_kernel(live_codes, live_scales)
+        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device,
+                                                            in_kernel)
+        stage = self._stage_lanes_kernel if in_kernel else self._stage_lanes_torch
+        lanes, experts = stage(entry["name"], layer, weight, local, cb, sb, outside)
         e, n, k = layer.local_shape(weight)
         kb = k // BLOCK_SIZE
-        lin, code_words, scale_words = block_words(local, n, kb)
-        # every refusal from one host read (on a GPU each read waits for the queue): an index outside the weight,
-        # a block named twice (sorted neighbours equal), a NaN scale byte, a byte the profile reserves; with them
-        # the number of experts the delta touches, which the commit reports
-        order = lin.sort().values
-        low = reserved_scale_low(self.profile)
-        touched = torch.zeros(e, dtype=torch.bool, device=lin.device).index_fill_(0, local[:, 0], True)
-        flags = torch.stack((outside, (order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any(), (sb >= low).any(),
-                             touched.sum()))
-        out, dup, nan, reserved, experts = flags.tolist()
-        self._raise_outside(name, layer, weight, out)
-        if dup:
+        h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
+        self._check_hash(entry, layer, weight, "delta", h)
+        return StagedBlocks(layer, weight, local, cb.contiguous(), sb.contiguous(), h, lanes, self.version, nbytes,
+                            experts)
+
+    def _refuse_blocks(self, name: str, layer: SyncedLayer, weight: str, sb: torch.Tensor, outside: bool,
+                       twice: bool, nan: bool, reserved: bool) -> None:
+        """Raise for the first refusal found (one host read gave them all)."""
+        self._raise_outside(name, layer, weight, outside)
+        if twice:
             raise SyncPayloadError(f"sync entry '{name}': the delta names a block more than once; nothing was "
                                    f"changed")
         if nan:
@@ -422,25 +438,50 @@ class EngineSync:
                 check_scale_bytes(sb, self.profile, name)  # names the byte and where it is
             except CheckpointError as exc:
                 raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
+
+    def _stage_lanes_kernel(self, name: str, layer: SyncedLayer, weight: str, local: torch.Tensor, cb: torch.Tensor,
+                            sb: torch.Tensor, outside: torch.Tensor | None) -> tuple[tuple[list[int], list[int]], int]:
+        """(the new lanes, experts touched) in one pass over the delta and one host read (common.kernels.delta_stage:
+        checks, old blocks read through the layout, lane moves, the scales' lanes)."""
+        from common.kernels.delta_stage import stage_blocks
+
+        live_codes, live_scales = layer.raw(weight)
+        got = stage_blocks(local, cb, sb, live_codes, live_scales, kb_major=moe.layout_of(layer.module) is
+                           moe.KB_MAJOR, reserved_low=reserved_scale_low(self.profile))
+        self._refuse_blocks(name, layer, weight, sb, got.outside > 0 or (outside is not None and bool(outside)),
+                            got.twice > 0, got.nan > 0, got.reserved > 0)
+        return (moved_lanes(layer.lanes(weight)[0], got.code_moves), got.scale_lanes), got.experts
+
+    def _stage_lanes_torch(self, name: str, layer: SyncedLayer, weight: str, local: torch.Tensor, cb: torch.Tensor,
+                           sb: torch.Tensor, outside: torch.Tensor) -> tuple[tuple[list[int], list[int]], int]:
+        """_stage_lanes_kernel in torch operations (CPU engines): two host reads."""
+        e, n, k = layer.local_shape(weight)
+        lin, code_words, scale_words = block_words(local, n, k // BLOCK_SIZE)
+        # every refusal from one host read: an index outside the weight, a block named twice (sorted neighbours
+        # equal), a NaN scale byte, a byte the profile reserves; with them the number of experts the delta touches,
+        # which the commit reports
+        order = lin.sort().values
+        low = reserved_scale_low(self.profile)
+        touched = torch.zeros(e, dtype=torch.bool, device=lin.device).index_fill_(0, local[:, 0], True)
+        flags = torch.stack((outside, (order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any(), (sb >= low).any(),
+                             touched.sum()))
+        out, twice, nan, reserved, experts = flags.tolist()
+        self._refuse_blocks(name, layer, weight, sb, out, twice, nan, reserved)
         code_lanes, scale_lanes = layer.lanes(weight)
         old_codes, _ = layer.read_blocks(weight, local)
-        cb = cb.contiguous()
-        updates = [(code_lanes, code_words, old_codes.contiguous().view(torch.int64), cb.view(torch.int64))]
+        updates = [(code_lanes, code_words, old_codes.contiguous().view(torch.int64),
+                    cb.contiguous().view(torch.int64))]
         if lin.numel():
             # several changed scale bytes may share a word (zero padded past the end, as words_of pads): the old
             # words read from the live scales, the new ones with the delta's bytes put in
-            flat = live_scales.reshape(-1)
+            flat = layer.raw(weight)[1].reshape(-1)
             at = scale_words[:, None] * 8 + torch.arange(8, device=flat.device)
             old = torch.where(at < flat.numel(), flat[at.clamp(max=flat.numel() - 1)], 0).to(torch.uint8)
             new = old.clone()
             new[torch.searchsorted(scale_words, lin // 8), lin % 8] = sb
             updates.append((scale_lanes, scale_words, old.view(torch.int64), new.view(torch.int64)))
-        code_lanes, *moved = update_lanes_of(updates)  # one host read for both
-        scale_lanes = moved[0] if moved else scale_lanes
-        lanes = (code_lanes, scale_lanes)
-        h = hash_of_lanes((e, n, k), self.profile, *lanes, e * n * k // 2, e * n * kb)
-        self._check_hash(entry, layer, weight, "delta", h)
-        return StagedBlocks(layer, weight, local, cb, sb.contiguous(), h, lanes, self.version, nbytes, experts)
+        code_lanes, *moved = update_lanes_of(updates)  # the second host read
+        return (code_lanes, moved[0] if moved else scale_lanes), int(experts)
 
     # ---- commit / abort -------------------------------------------------------------------------------------------
     def abort(self, sync_id: str) -> dict:

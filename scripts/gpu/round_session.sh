@@ -90,10 +90,10 @@ V)  # eighth round, no vLLM needed (beside the bundle's first chunks): native te
     # the learner's block-diff kernels, then the delta of one dsv4 layer, kernels and torch composition in one run
   echo "=== native: grouped LoRA (fused A2 projection), expert LoRA, block diff, audit, W4A8 (learner and engine)"
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/common/test_grouped_lora.py tests/serve/test_expert_lora.py \
-    tests/train/test_block_diff_kernel.py tests/common/test_audit.py tests/train/test_grouped_triton.py \
-    tests/serve/test_backends.py 2>&1 | tail -4
+    tests/train/test_block_diff_kernel.py tests/serve/test_delta_stage_kernel.py tests/common/test_audit.py \
+    tests/train/test_grouped_triton.py tests/serve/test_backends.py 2>&1 | tail -4
   echo "=== block delta of one dsv4 layer (1%)"
-  (cd bench && PYTHONPATH=..:. timeout 120 python3 delta_profile.py --repeat 7 2>&1 | grep -E "^\||changed blocks")
+  (cd bench && PYTHONPATH=..:. timeout 150 python3 delta_profile.py --repeat 7 2>&1 | grep -E "^\||changed blocks|host reads")
   ;;
 U)  # eighth round (bundle installed): the LoRA layer with the A2 projection fused into the gated GEMM, apart, none
     # and Marlin, three rounds in turn in one process; then the refit, each kind after one untimed sync

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
     (["sync.py", "--small", "--repeat", "1"],
      ["packed full", "bf16 dense (engine quantizes)", "packed delta (1% blocks)"]),
     (["delta_profile.py", "--small", "--repeat", "1", "--rows", "1"],
-     ["| learner: diff + lanes + hash |", "| engine: stage + commit |", "### engine: host reads of device values"]),
+     ["| learner: diff + lanes + hash |", "| engine, torch operations: stage + commit |",
+      "### engine: host reads of device values"]),
 ], ids=["sync", "delta_profile"])
 def test_cpu_mode_runs_and_prints_its_table(argv, expect):
     out = subprocess.run([sys.executable, *argv], cwd=ROOT / "bench", capture_output=True, text=True, timeout=300,

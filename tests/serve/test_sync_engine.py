@@ -187,8 +187,18 @@ def _kb_major_model(seed: int = 0) -> nn.Module:
 MODELS = {"canonical": lambda: engine_model(0, backend=CPUReferenceBackend()), "kb_major": _kb_major_model}
 
 
+@pytest.fixture(params=["torch", "kernel"])
+def stage_kernel(request, monkeypatch):
+    """A block delta staged with torch operations (CPU engines) or with common.kernels.delta_stage (GPU engines;
+    here under the Triton interpreter)."""
+    from mxfp4_serve.sync import staging
+
+    monkeypatch.setattr(staging, "STAGE_KERNEL", "always" if request.param == "kernel" else "never")
+    return request.param
+
+
 @pytest.mark.parametrize("layout", sorted(MODELS))
-def test_delta_and_full_leave_identical_bytes(layout):
+def test_delta_and_full_leave_identical_bytes(layout, stage_kernel):
     """A block delta is staged as its blocks (no copy of the weight) and written block by block into the served
     layout; the bytes equal a full sync's, and its hashes, built from the served lanes and the changed words only,
     equal a fresh fingerprint of everything served."""
@@ -234,7 +244,7 @@ def _delta_from(sync: EngineSync, name: str, blocks: torch.Tensor, scales: torch
     # 0xFE (2^127) is reserved by every profile (above the largest finite byte, or the Inf-block byte)
     ("reserved", SyncPayloadError, r"scale byte 0xFE \(.*reserves"),
 ])
-def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg):
+def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg, stage_kernel):
     _, entries = _delta_case()
     e = entries[1]
     if case == "twice":
@@ -262,7 +272,7 @@ def test_bad_block_delta_is_refused_before_anything_changes(case, err, msg):
     assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
 
 
-def test_block_delta_commit_failure_restores_the_blocks(monkeypatch):
+def test_block_delta_commit_failure_restores_the_blocks(monkeypatch, stage_kernel):
     """A write that fails after others succeeded (here the third weight's) restores every written block and the
     engine keeps serving the previous version, its hashes those of the bytes read afresh."""
     from mxfp4_serve.sync.layers import SyncedLayer
@@ -287,7 +297,7 @@ def test_block_delta_commit_failure_restores_the_blocks(monkeypatch):
     assert all(torch.equal(v, bytes_before[k]) for k, v in served(model).items())
 
 
-def test_block_delta_keeps_the_one_multiply_bound():
+def test_block_delta_keeps_the_one_multiply_bound(stage_kernel):
     """hopper_triton's one-multiply layers refuse a block delta bringing a scale byte > 128, as a full sync."""
     new, entries = _delta_case()
     model = MODELS["kb_major"]()
@@ -326,24 +336,55 @@ def test_dense_path_quantizes_with_the_engine_profile():
         assert torch.equal(now[n], q.codes) and torch.equal(now[n + "_scale"], q.scales)
 
 
+def _ranks(split: str) -> list[nn.Module]:
+    return [engine_model(0, **({"tp_rank": r, "tp_size": 2} if split == "tp" else {"ep_rank": r, "ep_size": 2}))
+            for r in range(2)]
+
+
+def _shard_hashes(infos: list[dict], name: str, q: common.MXFP4Tensor) -> dict[str, str]:
+    """{shard key: the hash of that rank's part of q}, the part sliced from the full tensor by hand."""
+    hashes = {}
+    for info in infos:
+        d = info["weights"][name]["descriptor"]
+        rows = torch.cat([torch.arange(a, b) for a, b in d["rows"]])
+        b0, b1 = d["blocks"]
+        part = common.MXFP4Tensor(q.codes[d["experts"]][:, rows][..., b0 * 16:b1 * 16].contiguous(),
+                                  q.scales[d["experts"]][:, rows][..., b0:b1].contiguous(), PROFILE)
+        hashes[info["weights"][name]["key"]] = tensor_hash(part)
+    return hashes
+
+
+@pytest.mark.parametrize("split", ["tp", "ep"])
+def test_sharded_ranks_take_their_blocks_of_a_delta(split, stage_kernel):
+    """Each rank of a TP or EP engine keeps the delta's blocks of its shard (local expert, row and block), its hash
+    the learner's hash of that shard; the bytes equal those of a full sync of the same weights."""
+    new, entries = _delta_case()
+    base = packed_full(0)
+    ranks, full = _ranks(split), _ranks(split)
+    eng, ref = LocalEngine(*ranks), LocalEngine(*full)
+    infos = eng.collective_rpc("mxfp4_sync_info")
+    for e in entries:
+        e["hashes"] = _shard_hashes(infos, e["name"], new[e["name"]])
+        e["base_hashes"] = _shard_hashes(infos, e["name"], base[e["name"]])
+    eng.collective_rpc("mxfp4_sync_stage", args=(payload("d", entries),))
+    eng.collective_rpc("mxfp4_sync_commit", args=("d", list(new)))
+    ref.collective_rpc("mxfp4_sync_stage", args=(payload("s", [
+        {"name": n, "kind": "packed", "codes": q.codes, "scales": q.scales, "hashes": _shard_hashes(infos, n, q)}
+        for n, q in new.items()]),))
+    ref.collective_rpc("mxfp4_sync_commit", args=("s", list(new)))
+    for got, want in zip(ranks, full, strict=True):
+        assert all(torch.equal(v, served(want)[k]) for k, v in served(got).items())
+    assert eng.collective_rpc("mxfp4_sync_hashes") == ref.collective_rpc("mxfp4_sync_hashes")
+
+
 @pytest.mark.parametrize("split", ["tp", "ep"])
 def test_sharded_ranks_keep_their_part(split):
-    ranks = [engine_model(0, **({"tp_rank": r, "tp_size": 2} if split == "tp" else {"ep_rank": r, "ep_size": 2}))
-             for r in range(2)]
+    ranks = _ranks(split)
     target = packed_full(seed=100)
     eng = LocalEngine(*ranks)
     infos = eng.collective_rpc("mxfp4_sync_info")
-    entries = []
-    for name, q in target.items():
-        hashes = {}
-        for info in infos:  # the expected shard hash, computed by slicing the full tensor by hand
-            d = info["weights"][name]["descriptor"]
-            rows = torch.cat([torch.arange(a, b) for a, b in d["rows"]])
-            b0, b1 = d["blocks"]
-            part = common.MXFP4Tensor(q.codes[d["experts"]][:, rows][..., b0 * 16:b1 * 16].contiguous(),
-                                      q.scales[d["experts"]][:, rows][..., b0:b1].contiguous(), PROFILE)
-            hashes[info["weights"][name]["key"]] = tensor_hash(part)
-        entries.append({"name": name, "kind": "packed", "codes": q.codes, "scales": q.scales, "hashes": hashes})
+    entries = [{"name": name, "kind": "packed", "codes": q.codes, "scales": q.scales,
+                "hashes": _shard_hashes(infos, name, q)} for name, q in target.items()]
     eng.collective_rpc("mxfp4_sync_stage", args=(payload("s", entries),))
     eng.collective_rpc("mxfp4_sync_commit", args=("s", list(target)))
     ref = engine_model(0)
