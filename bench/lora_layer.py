@@ -7,9 +7,10 @@ Three forwards per row: the layer without adapters; "old", the LoRA composition 
 (fp32 factors rounded to bf16 on every call, the sorted rows copied for the A13 projection: 7 launches more than
 without adapters); "new", moe_layer_forward with the bf16 kernel copies mxfp4_serve.expert_lora keeps (2 launches
 more: the two rank-R projections, the A13 one gathering the rows itself). "bits" says whether new == old
-(torch.equal; it held on kb-major codes until the projections split K, seventh round). "A2 apart" is "new" with
-the A2 projection as its own launch (mlp.LORA_FUSE_A2_MAX_BUCKET = 0) instead of in the gated GEMM's epilogue.
---rounds N times no-LoRA, A2 apart, new and Marlin N times in turn and reports medians (one machine drifts by ~1%
+(torch.equal; it held on kb-major codes until the projections split K, seventh round). "A2 fused" is "new" with
+the A2 projection in the gated GEMM's epilogue up to FUSED_BUCKET rows per expert (mlp.LORA_FUSE_A2_MAX_BUCKET;
+off by default since it measured slower on an H100, bench/RESULTS.md eighth round) instead of its own launch.
+--rounds N times no-LoRA, A2 fused, new and Marlin N times in turn and reports medians (one machine drifts by ~1%
 between minutes).
 --project-tiles BLOCK_KxSTAGES[xWARPS],... also times "new" with other tiles of the projection kernel
 (common.grouped_gemm.lora.PROJECT_BLOCK_K / PROJECT_STAGES, 256x4 since the H100 sweep of 2026-12-07 chose it over
@@ -37,6 +38,8 @@ from learner_profile import graph_ms  # noqa: E402
 from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, moe_layer_forward, route  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
 from common.grouped_gemm import mlp  # noqa: E402
+
+FUSED_BUCKET = 64  # rows per expert up to which "A2 fused" computes the A2 projection in the gated GEMM
 from common.grouped_gemm.combine import sum_slots  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 from mxfp4_serve.expert_lora import kernel_rank  # noqa: E402
@@ -99,7 +102,7 @@ def main() -> None:
           f"max_scale_byte={msb}; projection tile {L.PROJECT_BLOCK_K}x{L.PROJECT_STAGES}; ms, median of "
           f"triton.testing.do_bench; Marlin: vLLM's MXFP4 MoE without adapters, same bytes and routing")
     extra = "".join(f" new {bk}x{st}x{wp} ms |" for bk, st, wp in tiles)
-    print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | A2 apart ms | A2 apart ratio | new LoRA ms | "
+    print(f"| shape | tokens | no LoRA ms | old LoRA ms | old ratio | A2 fused ms | A2 fused ratio | new LoRA ms | "
           f"new ratio | bits new == old |{extra} Marlin ms | new / Marlin | rel. change of the output |")
     print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tiles) + "---|---|---|")
     parts_rows = []
@@ -129,8 +132,8 @@ def main() -> None:
                 return moe_layer_forward(x, ids, tw, w["w13"], w["w2"], activation=s["act"], lora=served,
                                          max_scale_byte=msb)
 
-            def apart():
-                fuse, mlp.LORA_FUSE_A2_MAX_BUCKET = mlp.LORA_FUSE_A2_MAX_BUCKET, 0
+            def fused():
+                fuse, mlp.LORA_FUSE_A2_MAX_BUCKET = mlp.LORA_FUSE_A2_MAX_BUCKET, FUSED_BUCKET
                 try:
                     return new()
                 finally:
@@ -139,7 +142,7 @@ def main() -> None:
             same = torch.equal(new(), old())
             change = ((new().float() - plain().float()).norm() / plain().float().norm()).item()
             ti, twf = ids.to(torch.int32).contiguous(), tw.float().contiguous()
-            timed = {"plain": plain, "apart": apart, "new": new}
+            timed = {"plain": plain, "fused": fused, "new": new}
             if marlin is not None:
                 timed["marlin"] = lambda: marlin(x, twf, ti)
             runs = {key: [] for key in timed}
@@ -147,7 +150,7 @@ def main() -> None:
                 for key, fn in timed.items():
                     runs[key].append(graph_ms(fn))
             med = {key: sorted(v)[len(v) // 2] for key, v in runs.items()}
-            base, t_apart, t_new, t_old = med["plain"], med["apart"], med["new"], graph_ms(old)
+            base, t_fused, t_new, t_old = med["plain"], med["fused"], med["new"], graph_ms(old)
             swept = ""
             default = (L.PROJECT_BLOCK_K, L.PROJECT_STAGES, L.PROJECT_WARPS)
             ref = new()
@@ -161,8 +164,8 @@ def main() -> None:
                 vs = f" {med['marlin']:.4f} | {t_new / med['marlin']:.3f} |"
             else:
                 vs = " - | - |"
-            print(f"| {name} | {t} | {base:.4f} | {t_old:.4f} | {t_old / base:.3f} | {t_apart:.4f} | "
-                  f"{t_apart / base:.3f} | {t_new:.4f} | {t_new / base:.3f} | {same} |{swept}{vs} {change:.1e} |",
+            print(f"| {name} | {t} | {base:.4f} | {t_old:.4f} | {t_old / base:.3f} | {t_fused:.4f} | "
+                  f"{t_fused / base:.3f} | {t_new:.4f} | {t_new / base:.3f} | {same} |{swept}{vs} {change:.1e} |",
                   flush=True)
             if args.parts:
                 parts_rows.append((name, t, parts(x, ids, tw, w, s["act"], served, msb)))

@@ -111,8 +111,10 @@ LORA_SPLIT_K = 4
 
 # Up to this rows-per-expert bucket the engine layer computes the A2 projection in the gated GEMM's epilogue
 # (grouped_mm_mxfp4_gated(project=...)): one launch and one read of the activation fewer, for fp32 partials of
-# every output tile. 0 turns it off (a separate lora.project, split as above).
-LORA_FUSE_A2_MAX_BUCKET = 64
+# every output tile. 0 (the default) keeps it a separate lora.project, split as above: fused up to 64 rows, the
+# layer with r=16 adapters took 0.1972 / 0.2458 ms at 16 / 128 tokens against 0.1949 / 0.2339 apart on an H100
+# (bench/RESULTS.md, eighth round): the partials' stores and the fix-up cost the gated GEMM more than the launch.
+LORA_FUSE_A2_MAX_BUCKET = 0
 
 
 def _fused_a2(a2: torch.Tensor, b2: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +169,7 @@ def moe_layer_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
         # the A13 projection gathers the sorted rows itself, as the gated GEMM does (no copy of the tokens)
         lora13 = (L.project(x, routing.offsets, a13, scaling, gather_rows=routing.token, split_k=LORA_SPLIT_K),
                   _bf16(b13))
-    fuse = lora is not None and rows_bucket(t * k, w13[0].shape[0]) <= LORA_FUSE_A2_MAX_BUCKET
+    fuse = lora is not None and 0 < rows_bucket(t * k, w13[0].shape[0]) <= LORA_FUSE_A2_MAX_BUCKET
     project = None
     if fuse:
         a2, b2 = _fused_a2(a2, b2, order)

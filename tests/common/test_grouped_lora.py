@@ -249,16 +249,18 @@ def test_fused_projection_refuses_bad_factors():
 def test_engine_layer_lora_equals_the_unfused_composition(kb_major, monkeypatch):
     """moe_layer_forward(lora=...) with the engine's bf16 kernel copies (rank padded to 16) against the composition
     it replaced (token copy, fp32 factors rounded on every call, natural-order activation, the A2 projection fused
-    into the gated GEMM as the layer's is at these sizes): the same bits on kb-major codes (the engine's layout,
-    whose K order is the natural one); on canonical codes the activation stays in the word decode's order and only
-    the A2 projection's sum order changes (<= one bf16 step of h2). With the A2 projection apart
-    (LORA_FUSE_A2_MAX_BUCKET = 0) h2 is summed in another order: within one bf16 step of h2 again."""
+    into the gated GEMM as the layer's is at these sizes with LORA_FUSE_A2_MAX_BUCKET = 64): the same bits on
+    kb-major codes (the engine's layout, whose K order is the natural one); on canonical codes the activation stays
+    in the word decode's order and only the A2 projection's sum order changes (<= one bf16 step of h2). With the A2
+    projection apart (LORA_FUSE_A2_MAX_BUCKET = 0, the default) h2 is summed in another order: within one bf16
+    step of h2 again."""
     import common
     from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, mlp, moe_layer_forward, route
 
     # on a GPU the autotuner tunes the gathering and the copying gated GEMM separately (another tile sums in another
     # order): both get the bucket's first tile here, as under the interpreter
     monkeypatch.setenv("MXFP4_GG_AUTOTUNE", "0")
+    monkeypatch.setattr(mlp, "LORA_FUSE_A2_MAX_BUCKET", 64)
     from common.grouped_gemm.combine import sum_slots
     from common.grouped_gemm.layout import to_kb_major
 
