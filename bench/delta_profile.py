@@ -24,7 +24,7 @@ from sync import PROFILE, serve_again, synced_layer
 
 import common
 from common.audit import hash_of_lanes, mxfp4_lanes, mxfp4_lanes_after, tensor_hash
-from mxfp4_serve.sync import PROTOCOL, staging
+from mxfp4_serve.sync import PROTOCOL, layers
 from mxfp4_train.sync.delta import block_delta, block_delta_and_lanes
 
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::item")
@@ -111,13 +111,13 @@ def main() -> None:
             sync.abort(sid)
 
     def engine_ms(how: str) -> tuple[float, float]:
-        """(stage ms, stage + commit ms) with the stage kernel ("auto") or the torch operations ("never")."""
-        staging.STAGE_KERNEL = how
+        """(stage ms, stage + commit ms) with the block kernels ("auto") or the torch operations ("never")."""
+        layers.BLOCK_KERNELS = how
         try:
             return (median_ms(lambda: engine(commit=False), device, args.repeat, setup=restore),
                     median_ms(engine, device, args.repeat, setup=restore))
         finally:
-            staging.STAGE_KERNEL = "auto"
+            layers.BLOCK_KERNELS = "auto"
 
     blocks = sum(x["index"].shape[0] for x in entries)
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -129,7 +129,7 @@ def main() -> None:
                for a, b in zip(entries, composed, strict=True) for f in ("index", "codes", "scales"))
     t_learner = median_ms(learner, device, args.repeat)
     t_composed = median_ms(lambda: learner(composed=True), device, args.repeat)
-    ways = {"stage kernel": "auto", "torch operations": "never"} if device == "cuda" else {"torch operations": "never"}
+    ways = {"block kernels": "auto", "torch operations": "never"} if device == "cuda" else {"torch operations": "never"}
     t_engine = {name: engine_ms(how) for name, how in ways.items()}
     print(f"| phase | ms (median of {args.repeat}) |\n|---|---|\n| learner: diff + lanes + hash | {t_learner:.2f} |\n"
           f"| learner, torch composition (same bits: {same}) | {t_composed:.2f} |")

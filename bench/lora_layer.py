@@ -38,12 +38,11 @@ from learner_profile import graph_ms  # noqa: E402
 from common.grouped_gemm import grouped_mm_mxfp4, grouped_mm_mxfp4_gated, moe_layer_forward, route  # noqa: E402
 from common.grouped_gemm import lora as L  # noqa: E402
 from common.grouped_gemm import mlp  # noqa: E402
-
-FUSED_BUCKET = 64  # rows per expert up to which "A2 fused" computes the A2 projection in the gated GEMM
 from common.grouped_gemm.combine import sum_slots  # noqa: E402
 from common.grouped_gemm.layout import to_kb_major  # noqa: E402
 from mxfp4_serve.expert_lora import kernel_rank  # noqa: E402
 
+FUSED_BUCKET = 64  # rows per expert up to which "A2 fused" computes the A2 projection in the gated GEMM
 
 
 def marlin_or_none(w):

@@ -27,6 +27,11 @@ from ..loader import ExpertWeightLoader
 
 WEIGHTS = moe.PACKED_WEIGHTS  # each paired with its scale_name()
 
+# Where single blocks (a block delta's stage and commit) go through Triton kernels (common.kernels.delta_stage,
+# block_write) instead of torch operations: "auto" (CUDA parameters), "always" (also under TRITON_INTERPRET=1 on a
+# CPU: the tests), "never"
+BLOCK_KERNELS = "auto"
+
 
 @dataclasses.dataclass
 class SyncedLayer:
@@ -236,14 +241,53 @@ class SyncedLayer:
         # read as one weight of M rows and a single K block
         return from_kb_major(got.reshape(1, 1, -1, 16), weight).view(-1, 16), sc
 
+    def block_kernels(self, weight: str) -> bool:
+        """Whether this weight's single blocks are staged and written by the Triton kernels (BLOCK_KERNELS)."""
+        from common.kernels import block_write
+
+        codes, scales = self.raw(weight)
+        if BLOCK_KERNELS == "never" or (BLOCK_KERNELS == "auto" and not codes.is_cuda):
+            return False
+        return block_write.usable(codes, scales)
+
+    def swap_blocks(self, weight: str, blocks: torch.Tensor, codes: torch.Tensor,
+                    scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """write_blocks, returning the blocks' previous canonical (codes, scales) (for an undo): one launch where
+        block_kernels(weight), else read_blocks then write_blocks."""
+        if not self.block_kernels(weight):
+            old = self.read_blocks(weight, blocks)
+            self.write_blocks(weight, blocks, codes, scales)
+            return old
+        from common.kernels import block_write
+
+        self._check_block_values(weight, codes, scales)
+        moe.layouts.bump_generation(self.module)
+        live_codes, live_scales = self.raw(weight)
+        return block_write.swap_blocks(blocks, codes, scales, live_codes, live_scales,
+                                       kb_major=moe.layout_of(self.module) is moe.KB_MAJOR)
+
+    def holds_blocks(self, weight: str, blocks: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> bool:
+        """Whether the blocks, read back through the layout, hold exactly these canonical bytes."""
+        if not self.block_kernels(weight):
+            now_codes, now_scales = self.read_blocks(weight, blocks)
+            return same_bytes(now_codes, codes) and same_bytes(now_scales, scales)
+        from common.kernels import block_write
+
+        live_codes, live_scales = self.raw(weight)
+        return block_write.blocks_equal(blocks, codes, scales, live_codes, live_scales,
+                                        kb_major=moe.layout_of(self.module) is moe.KB_MAJOR)
+
+    def _check_block_values(self, weight: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        if self.backend is not None:
+            self.backend.check_values(self.module, moe.scale_name(weight), scales)
+            self.backend.check_values(self.module, weight, codes)
+
     def write_blocks(self, weight: str, blocks: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Set the canonical bytes of single local blocks in place (scales first; the backend may refuse them).
         Each block at most once (the stage refuses a delta naming one twice)."""
         from common.grouped_gemm.layout import to_kb_major
 
-        if self.backend is not None:
-            self.backend.check_values(self.module, moe.scale_name(weight), scales)
-            self.backend.check_values(self.module, weight, codes)
+        self._check_block_values(weight, codes, scales)
         moe.layouts.bump_generation(self.module)
         live_codes, live_scales, at_code, at_scale, kb = self._flat_blocks(weight, blocks)
         live_scales.index_copy_(0, at_scale, scales.to(live_scales.device))

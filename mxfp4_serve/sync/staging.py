@@ -121,19 +121,6 @@ def _experts_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a != b).flatten(1).any(1)
 
 
-# Where block deltas are staged with common.kernels.delta_stage: "auto" (CUDA parameters), "always" (also under
-# TRITON_INTERPRET=1 on a CPU: the tests), "never" (the torch operations)
-STAGE_KERNEL = "auto"
-
-
-def _stage_in_kernel(live_codes: torch.Tensor, live_scales: torch.Tensor) -> bool:
-    from common.kernels import delta_stage
-
-    if STAGE_KERNEL == "never" or (STAGE_KERNEL == "auto" and not live_codes.is_cuda):
-        return False
-    return delta_stage.usable(live_codes, live_scales)
-
-
 def _local_index(index: torch.Tensor, desc: dict | None, n_rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Global (expert, row, block) triples -> (mask of those in this shard, None for all of them, local triples)."""
     if desc is None:
@@ -411,10 +398,9 @@ class EngineSync:
 
     def _stage_blocks(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None,
                       n_rows: int) -> StagedBlocks:
-        live_codes, live_scales = layer.raw(weight)
-        in_kernel = _stage_in_kernel(live_codes, live_scales)
-        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, live_scales.device,
-                                                            in_kernel)
+        in_kernel = layer.block_kernels(weight)
+        local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows,
+                                                            layer.raw(weight)[1].device, in_kernel)
         stage = self._stage_lanes_kernel if in_kernel else self._stage_lanes_torch
         lanes, experts = stage(entry["name"], layer, weight, local, cb, sb, outside)
         e, n, k = layer.local_shape(weight)
@@ -559,8 +545,7 @@ class EngineSync:
                 elif isinstance(s, StagedBlocks):
                     # the written blocks, read back through the layout and compared byte for byte; the others were
                     # not written (an indexed write touches its blocks only)
-                    now_codes, now_scales = s.layer.read_blocks(s.weight, s.blocks)
-                    if not (same_bytes(now_codes, s.codes) and same_bytes(now_scales, s.scales)):
+                    if not s.layer.holds_blocks(s.weight, s.blocks, s.codes, s.scales):
                         raise SyncError(f"sync commit: '{name}' reads back other bytes than were staged in the "
                                         f"delta's blocks (backend layout conversion is not a byte permutation?)")
                     s.layer.adopt(s.weight, s.hash, s.lanes)
@@ -628,16 +613,15 @@ class EngineSync:
 
     @staticmethod
     def _write_blocks(s: StagedBlocks, undo: list) -> int:
-        old_codes, old_scales = s.layer.read_blocks(s.weight, s.blocks)
+        # nothing is written when the swap raises (the backend's value checks come first)
+        old_codes, old_scales = s.layer.swap_blocks(s.weight, s.blocks, s.codes, s.scales)
 
         def restore() -> None:
-            s.layer.write_blocks(s.weight, s.blocks, old_codes, old_scales)
-            now_codes, now_scales = s.layer.read_blocks(s.weight, s.blocks)
-            if not (same_bytes(now_codes, old_codes) and same_bytes(now_scales, old_scales)):
+            s.layer.swap_blocks(s.weight, s.blocks, old_codes, old_scales)
+            if not s.layer.holds_blocks(s.weight, s.blocks, old_codes, old_scales):
                 raise SyncError(f"'{s.layer.name}.{s.weight}' does not read back its previous bytes after the restore")
 
         undo.append(restore)
-        s.layer.write_blocks(s.weight, s.blocks, s.codes, s.scales)
         return s.experts
 
     @staticmethod

@@ -41,6 +41,7 @@ from ..export import export_for_engine
 from .delta import block_delta, block_delta_and_lanes, choose_kind
 from .engine import EngineHandle, Phases
 from .policy import (
+    LAYER_BATCH_BYTES,
     PARAM_CHUNK_BYTES,
     ParamTracker,
     current_params,
@@ -327,7 +328,7 @@ class WeightSync:
         return kept
 
     def _stage(self, sync_id: str, profile: str, entries: list[dict]) -> float:
-        """One stage call per MoE layer (bounded message size); an error aborts the whole sync."""
+        """One stage call per batch of whole MoE layers (payloads_by_layer); an error aborts the whole sync."""
         t0 = time.perf_counter()
         try:
             for payload in payloads_by_layer(sync_id, profile, entries):
@@ -386,23 +387,35 @@ class WeightSync:
         return f"after sync the engine (rank {rank}) serves other bytes for '{name}': {diff(want, served)}"
 
 
-def payloads_by_layer(sync_id: str, profile: str, entries: list[dict]) -> list[dict]:
-    """The sync's entries as the units one stage call carries: one payload per MoE layer (its w13 and w2, their
-    biases and adapters), then the non-expert parameters in chunks of at most PARAM_CHUNK_BYTES."""
-    groups: dict[str, list] = {}
-    chunk, size = 0, 0
+def payloads_by_layer(sync_id: str, profile: str, entries: list[dict],
+                      max_bytes: int = LAYER_BATCH_BYTES) -> list[dict]:
+    """The sync's entries as the units one stage call carries: whole MoE layers (w13 and w2, their biases and
+    adapters), as many in a row as fit in max_bytes of payload (a larger layer alone; 0: one layer per call), then
+    the non-expert parameters in chunks of at most PARAM_CHUNK_BYTES."""
+    layers: dict[str, list] = {}
+    params: list[list] = []
+    size = 0
     for e in entries:
         if e["kind"] == "param":
             nbytes = payload_bytes(e)
-            if size and size + nbytes > PARAM_CHUNK_BYTES:
-                chunk, size = chunk + 1, 0
+            if not params or (size and size + nbytes > PARAM_CHUNK_BYTES):
+                params.append([])
+                size = 0
             size += nbytes
-            key = f"\0params/{chunk}"
+            params[-1].append(e)
         else:
-            key = e["name"].rpartition(".")[0]
-        groups.setdefault(key, []).append(e)
+            layers.setdefault(e["name"].rpartition(".")[0], []).append(e)
+    calls: list[list] = []
+    size = 0
+    for group in layers.values():
+        nbytes = sum(payload_bytes(e) for e in group)
+        if not calls or (size and size + nbytes > max_bytes):
+            calls.append([])
+            size = 0
+        size += nbytes
+        calls[-1] += group
     return [{"protocol": PROTOCOL, "sync_id": sync_id, "profile": profile, "entries": group}
-            for group in groups.values()]
+            for group in calls + params]
 
 
 def sync(engine, model: nn.Module, *, mode: str = "packed", delta: bool = True,

@@ -38,6 +38,11 @@ from ..conversion import experts_modules
 from ..lora import LoRALinear
 
 PARAM_CHUNK_BYTES = 256 << 20  # one update_weights call carries at most this much of non-expert parameters
+# One update_weights call carries whole MoE layers up to this many payload bytes (a larger layer goes alone). Each
+# call is an engine RPC: on an H100 a colocated sync's stage cost about 4.5 ms per layer, packed or 1% delta alike,
+# where the delta's kernels take 1 ms (bench/RESULTS.md, eighth round). The IPC send buffer and the engine's
+# receive buffers grow to the largest call.
+LAYER_BATCH_BYTES = 1 << 30
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -11,6 +11,8 @@
 #   T  after the bundle: the LoRA layer against Marlin, then the refit (seventh round)
 #   U  after the bundle: the LoRA layer (A2 projection fused or apart) against Marlin, then the refit (eighth round)
 #   V  no vLLM (beside the bundle's chunks 1-2): native tests of the eighth round's kernels, the delta of one layer
+#   W  no vLLM (beside the bundle's chunk 1): native tests of the ninth round's block kernels
+#   W2 after the bundle: the delta of one layer (block kernels vs torch), the refit with layers batched per call
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -100,6 +102,18 @@ U)  # eighth round (bundle installed): the LoRA layer with the A2 projection fus
   echo "=== engine layer with expert LoRA: fused A2 / apart / none / Marlin (one-multiply decode), MXFP4_PDL=${MXFP4_PDL:-loop}"
   timeout 200 python3 bench/lora_layer.py --one-mul --tokens 16,128 --rounds 3 2>&1 | grep -E "^\||^NVIDIA|Error"
   refit_bench 330 6
+  ;;
+W)  # ninth round, beside the bundle's first chunk (no vLLM): the block-write and delta-stage kernels natively
+  echo "=== native: block write, delta stage"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/serve/test_block_write_kernel.py \
+    tests/serve/test_delta_stage_kernel.py 2>&1 | tail -3
+  ;;
+W2)  # ninth round (bundle installed): one dsv4 layer's delta (stage and commit kernels vs torch), then the refit
+     # with whole layers batched per update_weights call (4 layers: the session's device time was short)
+  echo "=== block delta of one dsv4 layer (1%)"
+  (cd bench && PYTHONPATH=..:. timeout 90 python3 delta_profile.py --repeat 5 --rows 1 > "$OUT/delta.log" 2>&1)
+  grep -E "^\||changed blocks|host reads" "$OUT/delta.log"
+  refit_bench 240 4
   ;;
 E)  # the dense prefill path inside vLLM 0.25 (bundle installed): a 3840-token prompt, fused / dense / auto
   PYTHONPATH=/tmp/site:. timeout 540 python3 scripts/gpu/vllm_e2e.py prefill_fused prefill_dense prefill_auto \

@@ -189,11 +189,11 @@ MODELS = {"canonical": lambda: engine_model(0, backend=CPUReferenceBackend()), "
 
 @pytest.fixture(params=["torch", "kernel"])
 def stage_kernel(request, monkeypatch):
-    """A block delta staged with torch operations (CPU engines) or with common.kernels.delta_stage (GPU engines;
-    here under the Triton interpreter)."""
-    from mxfp4_serve.sync import staging
+    """A block delta staged and committed with torch operations (CPU engines) or with common.kernels.delta_stage
+    and block_write (GPU engines; here under the Triton interpreter)."""
+    from mxfp4_serve.sync import layers
 
-    monkeypatch.setattr(staging, "STAGE_KERNEL", "always" if request.param == "kernel" else "never")
+    monkeypatch.setattr(layers, "BLOCK_KERNELS", "always" if request.param == "kernel" else "never")
     return request.param
 
 
@@ -282,7 +282,7 @@ def test_block_delta_commit_failure_restores_the_blocks(monkeypatch, stage_kerne
     sync = EngineSync(model)
     before, bytes_before = sync.hashes(), served(model)
     sync.stage(payload("d", entries))
-    real, calls = SyncedLayer.write_blocks, []
+    real, calls = SyncedLayer.swap_blocks, []
 
     def flaky(self, weight, blocks, codes, scales):
         calls.append(weight)
@@ -290,7 +290,7 @@ def test_block_delta_commit_failure_restores_the_blocks(monkeypatch, stage_kerne
             raise RuntimeError("injected failure")
         return real(self, weight, blocks, codes, scales)
 
-    monkeypatch.setattr(SyncedLayer, "write_blocks", flaky)
+    monkeypatch.setattr(SyncedLayer, "swap_blocks", flaky)
     with pytest.raises(RuntimeError, match="injected failure"):
         sync.commit("d", [e["name"] for e in entries])
     assert sync.version == 0 and sync.hashes(fresh=True) == before == sync.hashes()

@@ -281,3 +281,32 @@ def test_connect_names_what_the_engine_lacks():
 
     with pytest.raises(TypeError, match=r"does not answer mxfp4_sync_info.*worker_extension_cls='mxfp4_serve\.sync"):
         connect(NoExtension())
+
+
+def test_stage_calls_carry_whole_layers_up_to_the_batch_budget():
+    """payloads_by_layer: consecutive whole layers per stage call while their bytes fit the budget (a larger layer
+    goes alone, 0 sends one layer per call), every entry once and in order, the parameters after the layers in
+    their own chunks."""
+    from mxfp4_train.sync.client import payloads_by_layer
+    from mxfp4_train.sync.policy import LAYER_BATCH_BYTES, PARAM_CHUNK_BYTES
+
+    def packed(layer: int, weight: str, nbytes: int) -> dict:
+        return {"name": f"model.layers.{layer}.mlp.experts.{weight}", "kind": "packed",
+                "codes": torch.zeros(nbytes - 8, dtype=torch.uint8), "scales": torch.zeros(8, dtype=torch.uint8)}
+
+    sizes = [300, 500, 200, 900, 100]  # bytes of each layer's two weights together
+    entries = [packed(i, w, n // 2) for i, n in enumerate(sizes) for w in ("w13_weight", "w2_weight")]
+    params = [{"name": f"model.layers.{i}.self_attn.q_proj.weight", "kind": "param",
+               "values": torch.zeros(PARAM_CHUNK_BYTES // 2 + 1, dtype=torch.uint8)} for i in range(3)]
+
+    def layers_of(calls: list[dict]) -> list[list[int]]:
+        return [sorted({int(e["name"].split(".")[2]) for e in c["entries"]}) for c in calls]
+
+    calls = payloads_by_layer("s", PROFILE, entries + params, max_bytes=800)
+    assert layers_of(calls[:3]) == [[0, 1], [2], [3]] and layers_of(calls[3:4]) == [[4]]  # 900 > 800: alone
+    assert [len(c["entries"]) for c in calls[4:]] == [1, 1, 1]  # each parameter past half a chunk: its own
+    assert [e["name"] for c in calls for e in c["entries"]] == [e["name"] for e in entries + params]
+    assert all(c["sync_id"] == "s" and c["profile"] == PROFILE for c in calls)
+    assert layers_of(payloads_by_layer("s", PROFILE, entries, max_bytes=0)) == [[i] for i in range(5)]
+    assert layers_of(payloads_by_layer("s", PROFILE, entries)) == [list(range(5))]  # the default: 2 KB in one
+    assert LAYER_BATCH_BYTES >= 2 * 428_000_000  # two DeepSeek-V4-Flash layers (428 MB packed each) per call
