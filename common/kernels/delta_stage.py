@@ -8,7 +8,7 @@ rounds). Here, per weight:
 1. `_stage_kernel`, one pass over the delta's M blocks: per block its index checked against the weight's blocks,
    marked in a bitmap of the weight's blocks (an atomic OR: the block named twice finds its bit set), its scale byte
    checked (E8M0 NaN, a byte the profile reserves), its old 16 code bytes read where the layout keeps them and turned
-   back into canonical bytes in registers (kb-major: common.grouped_gemm._layout_kernel's two permutations), the
+   back into canonical bytes in registers (kb-major: block_write's, i.e. _layout_kernel's, two permutations), the
    lane moves of its two code words summed per program, its new scale byte written into a copy of the scales and its
    expert marked touched;
 2. the scales' lanes from that copy in one dense pass (a scale word holds 8 blocks' bytes, several of which a delta
@@ -27,9 +27,10 @@ import triton.language as tl
 
 from ..constants import E8M0_NAN
 from ..fingerprint import LANES
-from ..grouped_gemm._layout_kernel import _groups_table, _permute_bits, _transpose_byte
+from ..grouped_gemm._layout_kernel import _groups_table
 from ..grouped_gemm.layout import SLOT_BITS
 from .block_diff import _word_moves
+from .block_write import _load4, _to_canonical
 from .fingerprint import _BLOCK as _LANE_BLOCK
 from .fingerprint import _lanes_kernel
 from .launch import interpreting
@@ -52,16 +53,10 @@ class StageChecks:
 
 
 @triton.jit
-def _canonical_words(w0, w1, w2, w3, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.constexpr):
-    """The block's two canonical int64 code words from its four stored int32 words (kb-major: bits permuted back,
-    then the 4x4 byte transpose, as _layout_kernel converts from kb-major)."""
-    if KB_MAJOR:
-        p0, p1 = _permute_bits(w0, groups_ptr, NG), _permute_bits(w1, groups_ptr, NG)
-        p2, p3 = _permute_bits(w2, groups_ptr, NG), _permute_bits(w3, groups_ptr, NG)
-        c0, c1 = _transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1)
-        c2, c3 = _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3)
-    else:
-        c0, c1, c2, c3 = w0, w1, w2, w3
+def _canonical_words(live_ptr, at, ok, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.constexpr):
+    """The block's two canonical int64 code words from its four stored int32 words at `at`."""
+    w0, w1, w2, w3 = _load4(live_ptr, at, ok)
+    c0, c1, c2, c3 = _to_canonical(w0, w1, w2, w3, groups_ptr, KB_MAJOR, NG)
     lo = c0.to(tl.uint64) | (c1.to(tl.uint64) << 32)
     hi = c2.to(tl.uint64) | (c3.to(tl.uint64) << 32)
     return lo.to(tl.int64, bitcast=True), hi.to(tl.int64, bitcast=True)
@@ -92,11 +87,7 @@ def _stage_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, seen_ptr, copy_ptr
         at = tl.where(v, ((e * KB + b) * N + r) * 4, 0)
     else:
         at = lin * 4
-    w0 = tl.load(live_ptr + at, mask=v, other=0).to(tl.uint32, bitcast=True)
-    w1 = tl.load(live_ptr + at + 1, mask=v, other=0).to(tl.uint32, bitcast=True)
-    w2 = tl.load(live_ptr + at + 2, mask=v, other=0).to(tl.uint32, bitcast=True)
-    w3 = tl.load(live_ptr + at + 3, mask=v, other=0).to(tl.uint32, bitcast=True)
-    o0, o1 = _canonical_words(w0, w1, w2, w3, groups_ptr, KB_MAJOR, NG)
+    o0, o1 = _canonical_words(live_ptr, at, v, groups_ptr, KB_MAJOR, NG)
     n0 = tl.load(codes_ptr + 2 * i, mask=v, other=0)
     n1 = tl.load(codes_ptr + 2 * i + 1, mask=v, other=0)
     code0 = _word_moves(n0, o0, 2 * lin, A0, B0, M10, M20) + _word_moves(n1, o1, 2 * lin + 1, A0, B0, M10, M20)
@@ -112,20 +103,13 @@ def _stage_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, seen_ptr, copy_ptr
     tl.store(stats + 5, tl.sum(tl.where(v, code1, 0), axis=0))
 
 
-def usable(live_codes: torch.Tensor, live_scales: torch.Tensor) -> bool:
-    """Whether the kernel can read the layer's parameters in place: CUDA (or the interpreter), contiguous, the codes
-    4-byte aligned."""
-    on = live_codes.is_cuda or interpreting()
-    return bool(on and live_codes.is_contiguous() and live_scales.is_contiguous() and live_codes.data_ptr() % 4 == 0)
-
-
 def stage_blocks(index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, live_codes: torch.Tensor,
                  live_scales: torch.Tensor, *, kb_major: bool, reserved_low: int,
                  blocks_per_program: int | None = None) -> StageChecks:
     """The checks and lane parts of staging the delta blocks `index` [M, 3] (int32 or int64: local expert, row,
     block), new canonical `codes` [M, 16] and `scales` [M] (uint8) against the layer's live parameters (codes
     [E, N, K/2] holding canonical or kb-major bytes, scales [E, N, K/32] uint8), all on one device. Nothing live is
-    written. One host read. Callers check usable() first."""
+    written. One host read. Callers check common.kernels.block_write.usable() first."""
     e, n, kb = live_scales.shape
     device = live_codes.device
     m = index.shape[0]
