@@ -24,6 +24,8 @@ from .launch import interpreting
 BLOCKS = 256  # blocks per program on a GPU
 
 
+# The helpers below assign in both branches of their constexpr `if` and return once: the shape the layout kernel
+# (and the delta-stage kernel, natively compiled on an H100) uses, rather than an early return in a static branch.
 @triton.jit
 def _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR: tl.constexpr):
     """(first int32 word of each block's 16 code bytes in the live codes, its scale byte's index)."""
@@ -32,8 +34,10 @@ def _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR: tl.constexpr):
     b = tl.load(index_ptr + 3 * i + 2, mask=ok, other=0).to(tl.int64)
     lin = (e * N + r) * KB + b
     if KB_MAJOR:  # block (e, r, b) sits at (e, b, r) of [E, KB, N]
-        return ((e * KB + b) * N + r) * 4, lin
-    return lin * 4, lin
+        at = ((e * KB + b) * N + r) * 4
+    else:
+        at = lin * 4
+    return at, lin
 
 
 @triton.jit
@@ -41,9 +45,11 @@ def _to_canonical(w0, w1, w2, w3, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.con
     if KB_MAJOR:
         p0, p1 = _permute_bits(w0, groups_ptr, NG), _permute_bits(w1, groups_ptr, NG)
         p2, p3 = _permute_bits(w2, groups_ptr, NG), _permute_bits(w3, groups_ptr, NG)
-        return (_transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1),
-                _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3))
-    return w0, w1, w2, w3
+        c0, c1 = _transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1)
+        c2, c3 = _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3)
+    else:
+        c0, c1, c2, c3 = w0, w1, w2, w3
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -51,9 +57,11 @@ def _to_stored(c0, c1, c2, c3, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.conste
     if KB_MAJOR:
         t0, t1 = _transpose_byte(c0, c1, c2, c3, 0), _transpose_byte(c0, c1, c2, c3, 1)
         t2, t3 = _transpose_byte(c0, c1, c2, c3, 2), _transpose_byte(c0, c1, c2, c3, 3)
-        return (_permute_bits(t0, groups_ptr, NG), _permute_bits(t1, groups_ptr, NG),
-                _permute_bits(t2, groups_ptr, NG), _permute_bits(t3, groups_ptr, NG))
-    return c0, c1, c2, c3
+        s0, s1 = _permute_bits(t0, groups_ptr, NG), _permute_bits(t1, groups_ptr, NG)
+        s2, s3 = _permute_bits(t2, groups_ptr, NG), _permute_bits(t3, groups_ptr, NG)
+    else:
+        s0, s1, s2, s3 = c0, c1, c2, c3
+    return s0, s1, s2, s3
 
 
 @triton.jit

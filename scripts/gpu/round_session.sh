@@ -13,6 +13,7 @@
 #   V  no vLLM (beside the bundle's chunks 1-2): native tests of the eighth round's kernels, the delta of one layer
 #   W  no vLLM (beside the bundle's chunk 1): native tests of the ninth round's block kernels
 #   W2 after the bundle: the delta of one layer (block kernels vs torch), the refit with layers batched per call
+#   X  after the bundle: the engine layer's W4A8 emulation against ours, Marlin and bf16 (bench/peers.py)
 #   K  no vLLM (no bundle needed), one short call: native expert-LoRA / QAT / audit / IPC tests, the engine layer
 #      with expert LoRA, the fused fake-QAT step
 set -uo pipefail
@@ -115,6 +116,11 @@ W2)  # ninth round (bundle installed): one dsv4 layer's delta (stage and commit 
   grep -E "^\||changed blocks|host reads" "$OUT/delta.log"
   refit_bench 240 4
   ;;
+X)  # ninth round (bundle installed): the engine layer's W4A8 emulation against ours, Marlin and bf16 in one process
+  PYTHONPATH=/tmp/site:. timeout 300 python3 bench/peers.py --budget-s 260 --out "$OUT" \
+    --tokens 16,128,1024,4096 --backends ours,ours_w4a8,marlin,bf16 > "$OUT/peers.log" 2>&1
+  echo "peers rc=$?"; grep "^|" "$OUT/peers.log" | tail -40
+  ;;
 E)  # the dense prefill path inside vLLM 0.25 (bundle installed): a 3840-token prompt, fused / dense / auto
   PYTHONPATH=/tmp/site:. timeout 540 python3 scripts/gpu/vllm_e2e.py prefill_fused prefill_dense prefill_auto \
     > "$OUT/e2e.log" 2>&1; echo "e2e rc=$?"
@@ -161,5 +167,5 @@ D)  # DeepSeek-V4 through vLLM's own model code, after the bundle and the kernel
     timeout $(( ${DSV4_CHILD_TIMEOUT_S:-500} + 60 )) python3 scripts/gpu/deepseek_v4_engine.py mxfp4_rl > "$OUT/dsv4.log" 2>&1
   grep -E "^(DSV4|VERDICT)" "$OUT/dsv4.log" | cut -c1-2000
   ;;
-*) echo "usage: round_session.sh A|B|C|K|K2|R|D|P|S|E"; exit 2 ;;
+*) echo "usage: round_session.sh A|B|C|K|K2|R|D|P|S|T|U|V|W|W2|X|E"; exit 2 ;;
 esac
