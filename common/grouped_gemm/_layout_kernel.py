@@ -46,6 +46,25 @@ def _transpose_byte(c0, c1, c2, c3, T: tl.constexpr):
 
 
 @triton.jit
+def block_to_kb_major(c0, c1, c2, c3, groups_ptr, NG: tl.constexpr):
+    """One block's four canonical int32 words (as uint32) -> its kb-major words: the byte transpose, then the bits
+    (groups_ptr: the to_kb table)."""
+    t0, t1 = _transpose_byte(c0, c1, c2, c3, 0), _transpose_byte(c0, c1, c2, c3, 1)
+    t2, t3 = _transpose_byte(c0, c1, c2, c3, 2), _transpose_byte(c0, c1, c2, c3, 3)
+    return (_permute_bits(t0, groups_ptr, NG), _permute_bits(t1, groups_ptr, NG),
+            _permute_bits(t2, groups_ptr, NG), _permute_bits(t3, groups_ptr, NG))
+
+
+@triton.jit
+def block_from_kb_major(w0, w1, w2, w3, groups_ptr, NG: tl.constexpr):
+    """The inverse: the bits back (groups_ptr: the from-kb table), then the byte transpose (its own inverse)."""
+    p0, p1 = _permute_bits(w0, groups_ptr, NG), _permute_bits(w1, groups_ptr, NG)
+    p2, p3 = _permute_bits(w2, groups_ptr, NG), _permute_bits(w3, groups_ptr, NG)
+    return (_transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1),
+            _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3))
+
+
+@triton.jit
 def _convert_kernel(src_ptr, dst_ptr, groups_ptr, N, KB, TO_KB: tl.constexpr, NG: tl.constexpr,
                     TILE_N: tl.constexpr, TILE_KB: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
@@ -71,15 +90,9 @@ def _convert_kernel(src_ptr, dst_ptr, groups_ptr, N, KB, TO_KB: tl.constexpr, NG
     w2 = tl.load(src_ptr + src + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)
     w3 = tl.load(src_ptr + src + 3, mask=ok, other=0).to(tl.uint32, bitcast=True)
     if TO_KB:
-        t0, t1 = _transpose_byte(w0, w1, w2, w3, 0), _transpose_byte(w0, w1, w2, w3, 1)
-        t2, t3 = _transpose_byte(w0, w1, w2, w3, 2), _transpose_byte(w0, w1, w2, w3, 3)
-        o0, o1 = _permute_bits(t0, groups_ptr, NG), _permute_bits(t1, groups_ptr, NG)
-        o2, o3 = _permute_bits(t2, groups_ptr, NG), _permute_bits(t3, groups_ptr, NG)
+        o0, o1, o2, o3 = block_to_kb_major(w0, w1, w2, w3, groups_ptr, NG)
     else:
-        p0, p1 = _permute_bits(w0, groups_ptr, NG), _permute_bits(w1, groups_ptr, NG)
-        p2, p3 = _permute_bits(w2, groups_ptr, NG), _permute_bits(w3, groups_ptr, NG)
-        o0, o1 = _transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1)
-        o2, o3 = _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3)
+        o0, o1, o2, o3 = block_from_kb_major(w0, w1, w2, w3, groups_ptr, NG)
     tl.store(dst_ptr + dst, o0.to(tl.int32, bitcast=True), mask=ok)
     tl.store(dst_ptr + dst + 1, o1.to(tl.int32, bitcast=True), mask=ok)
     tl.store(dst_ptr + dst + 2, o2.to(tl.int32, bitcast=True), mask=ok)

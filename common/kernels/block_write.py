@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..grouped_gemm._layout_kernel import _groups_table, _permute_bits, _transpose_byte
+from ..grouped_gemm._layout_kernel import _groups_table, block_from_kb_major, block_to_kb_major
 from ..grouped_gemm.layout import SLOT_BITS
 from .launch import interpreting
 
@@ -41,27 +41,17 @@ def _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _to_canonical(w0, w1, w2, w3, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.constexpr):
+def _through_layout(w0, w1, w2, w3, groups_ptr, KB_MAJOR: tl.constexpr, TO_STORED: tl.constexpr, NG: tl.constexpr):
+    """A block's four int32 words (as uint32) from canonical to stored (TO_STORED) or back; canonical codes are
+    stored as they are. groups_ptr: the bit table of that direction (_layout_kernel._groups_table)."""
     if KB_MAJOR:
-        p0, p1 = _permute_bits(w0, groups_ptr, NG), _permute_bits(w1, groups_ptr, NG)
-        p2, p3 = _permute_bits(w2, groups_ptr, NG), _permute_bits(w3, groups_ptr, NG)
-        c0, c1 = _transpose_byte(p0, p1, p2, p3, 0), _transpose_byte(p0, p1, p2, p3, 1)
-        c2, c3 = _transpose_byte(p0, p1, p2, p3, 2), _transpose_byte(p0, p1, p2, p3, 3)
+        if TO_STORED:
+            o0, o1, o2, o3 = block_to_kb_major(w0, w1, w2, w3, groups_ptr, NG)
+        else:
+            o0, o1, o2, o3 = block_from_kb_major(w0, w1, w2, w3, groups_ptr, NG)
     else:
-        c0, c1, c2, c3 = w0, w1, w2, w3
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _to_stored(c0, c1, c2, c3, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.constexpr):
-    if KB_MAJOR:
-        t0, t1 = _transpose_byte(c0, c1, c2, c3, 0), _transpose_byte(c0, c1, c2, c3, 1)
-        t2, t3 = _transpose_byte(c0, c1, c2, c3, 2), _transpose_byte(c0, c1, c2, c3, 3)
-        s0, s1 = _permute_bits(t0, groups_ptr, NG), _permute_bits(t1, groups_ptr, NG)
-        s2, s3 = _permute_bits(t2, groups_ptr, NG), _permute_bits(t3, groups_ptr, NG)
-    else:
-        s0, s1, s2, s3 = c0, c1, c2, c3
-    return s0, s1, s2, s3
+        o0, o1, o2, o3 = w0, w1, w2, w3
+    return o0, o1, o2, o3
 
 
 @triton.jit
@@ -88,11 +78,11 @@ def _swap_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, live_s_ptr, old_ptr
     ok = i < M
     at, lin = _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR)
     s0, s1, s2, s3 = _load4(live_ptr, at, ok)
-    o0, o1, o2, o3 = _to_canonical(s0, s1, s2, s3, from_ptr, KB_MAJOR, NG_FROM)
+    o0, o1, o2, o3 = _through_layout(s0, s1, s2, s3, from_ptr, KB_MAJOR, False, NG_FROM)
     _store4(old_ptr, 4 * i, o0, o1, o2, o3, ok)
     tl.store(old_s_ptr + i, tl.load(live_s_ptr + lin, mask=ok, other=0), mask=ok)
     c0, c1, c2, c3 = _load4(codes_ptr, 4 * i, ok)
-    n0, n1, n2, n3 = _to_stored(c0, c1, c2, c3, to_ptr, KB_MAJOR, NG_TO)
+    n0, n1, n2, n3 = _through_layout(c0, c1, c2, c3, to_ptr, KB_MAJOR, True, NG_TO)
     _store4(live_ptr, at, n0, n1, n2, n3, ok)
     tl.store(live_s_ptr + lin, tl.load(scales_ptr + i, mask=ok, other=0), mask=ok)
 
@@ -105,7 +95,7 @@ def _check_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, live_s_ptr, from_p
     ok = i < M
     at, lin = _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR)
     s0, s1, s2, s3 = _load4(live_ptr, at, ok)
-    o0, o1, o2, o3 = _to_canonical(s0, s1, s2, s3, from_ptr, KB_MAJOR, NG_FROM)
+    o0, o1, o2, o3 = _through_layout(s0, s1, s2, s3, from_ptr, KB_MAJOR, False, NG_FROM)
     c0, c1, c2, c3 = _load4(codes_ptr, 4 * i, ok)
     differ = (o0 != c0) | (o1 != c1) | (o2 != c2) | (o3 != c3)
     differ = differ | (tl.load(live_s_ptr + lin, mask=ok, other=0) != tl.load(scales_ptr + i, mask=ok, other=0))

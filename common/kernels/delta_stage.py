@@ -30,7 +30,7 @@ from ..fingerprint import LANES
 from ..grouped_gemm._layout_kernel import _groups_table
 from ..grouped_gemm.layout import SLOT_BITS
 from .block_diff import _word_moves
-from .block_write import _load4, _to_canonical
+from .block_write import _load4, _through_layout
 from .fingerprint import _BLOCK as _LANE_BLOCK
 from .fingerprint import _lanes_kernel
 from .launch import interpreting
@@ -56,7 +56,7 @@ class StageChecks:
 def _canonical_words(live_ptr, at, ok, groups_ptr, KB_MAJOR: tl.constexpr, NG: tl.constexpr):
     """The block's two canonical int64 code words from its four stored int32 words at `at`."""
     w0, w1, w2, w3 = _load4(live_ptr, at, ok)
-    c0, c1, c2, c3 = _to_canonical(w0, w1, w2, w3, groups_ptr, KB_MAJOR, NG)
+    c0, c1, c2, c3 = _through_layout(w0, w1, w2, w3, groups_ptr, KB_MAJOR, False, NG)
     lo = c0.to(tl.uint64) | (c1.to(tl.uint64) << 32)
     hi = c2.to(tl.uint64) | (c3.to(tl.uint64) << 32)
     return lo.to(tl.int64, bitcast=True), hi.to(tl.int64, bitcast=True)

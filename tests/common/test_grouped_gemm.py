@@ -690,25 +690,18 @@ def test_bf16x2_decode_compiles_for_sm90(kind):
     """The bf16x2 decode is inline PTX that the interpreter never runs: compile the kernels that use it for sm_90
     ahead of time (Triton's bundled ptxas, no GPU needed; in a child process, since this one imported Triton in
     interpreter mode), so a PTX error fails CI instead of a GPU session."""
-    import subprocess
-    import sys
+    from tests.sm90 import compile_in_child
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90, kind], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    if out.stdout.startswith("NO-PTXAS"):
-        pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
-    words = out.stdout.split()
-    assert words[:2] == ["decode", "True"] and int(words[3]) > 0, out.stdout
-    assert words[5] == "True" and int(words[7]) > 0, out.stdout
+    out = compile_in_child(_COMPILE_SM90, kind)
+    words = out.split()
+    assert words[:2] == ["decode", "True"] and int(words[3]) > 0, out
+    assert words[5] == "True" and int(words[7]) > 0, out
     # the LoRA kind compiles PDL's wait (first) and its signal (after the K loop) too; the others neither
-    assert words[9] == ("2" if kind == "gated_lora" else "0"), out.stdout
+    assert words[9] == ("2" if kind == "gated_lora" else "0"), out
     # and the fused A2 projection's fix-up: one acquire-release count per program, the counter's reset, the
     # partials read past L1 (the interpreter runs one program at a time and cannot show the ordering)
     assert words[10:] == (["count", "1", "reset", "1", "cg", "1"] if kind == "gated_lora"
-                          else ["count", "0", "reset", "0", "cg", "0"]), out.stdout
+                          else ["count", "0", "reset", "0", "cg", "0"]), out
 
 
 def test_decode_mode_defaults_and_reduction_order(monkeypatch):

@@ -339,14 +339,7 @@ def test_split_k_projection_compiles_for_sm90():
     """The split-K fix-up's ordering (a barrier, then one acquire-release count per program, L1-bypassing reads of
     the partials, the counter's reset) only matters on a GPU, where the interpreter's one-program-at-a-time run
     cannot show it: compile for sm_90 (Triton's ptxas, no GPU) and check the PTX has each piece."""
-    import subprocess
-    import sys
+    from tests.sm90 import compile_in_child
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_PROJECT_SM90], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    if out.stdout.startswith("NO-PTXAS"):
-        pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
-    assert out.stdout.split() == ["count", "1", "reset", "1", "cg", "1", "bar", "1", "pdl", "2"], out.stdout
+    out = compile_in_child(_COMPILE_PROJECT_SM90)
+    assert out.split() == ["count", "1", "reset", "1", "cg", "1", "bar", "1", "pdl", "2"], out

@@ -89,6 +89,7 @@ from common.grouped_gemm.aot import compile_sm90
 from common.kernels.block_write import _check_kernel, _swap_kernel
 from common.kernels.delta_stage import _stage_kernel
 from common.fingerprint import LANES
+from common.grouped_gemm._layout_kernel import TILE_KB, TILE_N, _convert_kernel
 
 (a0, b0, m10, m20), (a1, b1, m11, m21) = LANES
 types = {"index_ptr": "*i64", "codes_ptr": "*i32", "scales_ptr": "*u8", "live_ptr": "*i32", "live_s_ptr": "*u8",
@@ -102,6 +103,10 @@ try:
         const = dict(KB_MAJOR=kb, NG_FROM=15, NG_TO=15, NG=15, BLOCKS=256, **lanes)
         for kernel, t in ((_swap_kernel, types), (_check_kernel, types), (_stage_kernel, stage_types)):
             sizes.append(len(compile_sm90(kernel, const, t, num_warps=4, num_stages=1).asm["cubin"]) > 0)
+        # the whole-weight conversion shares the block helpers (_layout_kernel.block_to_kb_major / _from_)
+        convert = dict(TO_KB=kb, NG=15, TILE_N=TILE_N, TILE_KB=TILE_KB)
+        sizes.append(len(compile_sm90(_convert_kernel, convert, {"src_ptr": "*i32", "dst_ptr": "*i32",
+                                                                "groups_ptr": "*i64"}, num_stages=1).asm["cubin"]) > 0)
 except FileNotFoundError as exc:
     print("NO-PTXAS", exc)
     raise SystemExit(0)
@@ -110,15 +115,10 @@ print("ok", all(sizes), len(sizes))
 
 
 def test_block_kernels_compile_for_sm90():
-    """The commit's and the stage's block kernels compile for sm_90 on both layouts (Triton's ptxas, no GPU): the
-    interpreter runs Python, where a static branch or an atomic that the compiler rejects would still pass."""
-    import subprocess
-    import sys
+    """The commit's and the stage's block kernels, and the whole-weight layout conversion that shares their block
+    helpers, compile for sm_90 on both layouts (Triton's ptxas, no GPU): the interpreter runs Python, where a static
+    branch or an atomic that the compiler rejects would still pass."""
+    from tests.sm90 import compile_in_child
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    if out.stdout.startswith("NO-PTXAS"):
-        pytest.skip(f"no ptxas to compile for sm_90: {out.stdout}")
-    assert out.stdout.split() == ["ok", "True", "6"], out.stdout
+    out = compile_in_child(_COMPILE)
+    assert out.split() == ["ok", "True", "8"], out
