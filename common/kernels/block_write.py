@@ -27,11 +27,16 @@ BLOCKS = 256  # blocks per program on a GPU
 # The helpers below assign in both branches of their constexpr `if` and return once: the shape the layout kernel
 # (and the delta-stage kernel, natively compiled on an H100) uses, rather than an early return in a static branch.
 @triton.jit
-def _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR: tl.constexpr):
-    """(first int32 word of each block's 16 code bytes in the live codes, its scale byte's index)."""
-    e = tl.load(index_ptr + 3 * i, mask=ok, other=0).to(tl.int64)
-    r = tl.load(index_ptr + 3 * i + 1, mask=ok, other=0).to(tl.int64)
-    b = tl.load(index_ptr + 3 * i + 2, mask=ok, other=0).to(tl.int64)
+def _load_index(index_ptr, i, ok):
+    """(expert, row, block) of delta rows i of an index [M, 3], as int64."""
+    return (tl.load(index_ptr + 3 * i, mask=ok, other=0).to(tl.int64),
+            tl.load(index_ptr + 3 * i + 1, mask=ok, other=0).to(tl.int64),
+            tl.load(index_ptr + 3 * i + 2, mask=ok, other=0).to(tl.int64))
+
+
+@triton.jit
+def _block_at(e, r, b, N, KB, KB_MAJOR: tl.constexpr):
+    """(first int32 word of block (e, r, b)'s 16 code bytes in the live codes, its flat index: its scale byte's)."""
     lin = (e * N + r) * KB + b
     if KB_MAJOR:  # block (e, r, b) sits at (e, b, r) of [E, KB, N]
         at = ((e * KB + b) * N + r) * 4
@@ -76,7 +81,8 @@ def _swap_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, live_s_ptr, old_ptr
     """codes / old: [M, 4] int32 words of canonical bytes; live: the layer's codes as int32 words."""
     i = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
     ok = i < M
-    at, lin = _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR)
+    e, r, b = _load_index(index_ptr, i, ok)
+    at, lin = _block_at(e, r, b, N, KB, KB_MAJOR)
     s0, s1, s2, s3 = _load4(live_ptr, at, ok)
     o0, o1, o2, o3 = _through_layout(s0, s1, s2, s3, from_ptr, KB_MAJOR, False, NG_FROM)
     _store4(old_ptr, 4 * i, o0, o1, o2, o3, ok)
@@ -93,7 +99,8 @@ def _check_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, live_s_ptr, from_p
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
     ok = i < M
-    at, lin = _stored_at(index_ptr, i, ok, N, KB, KB_MAJOR)
+    e, r, b = _load_index(index_ptr, i, ok)
+    at, lin = _block_at(e, r, b, N, KB, KB_MAJOR)
     s0, s1, s2, s3 = _load4(live_ptr, at, ok)
     o0, o1, o2, o3 = _through_layout(s0, s1, s2, s3, from_ptr, KB_MAJOR, False, NG_FROM)
     c0, c1, c2, c3 = _load4(codes_ptr, 4 * i, ok)

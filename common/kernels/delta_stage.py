@@ -30,7 +30,7 @@ from ..fingerprint import LANES
 from ..grouped_gemm._layout_kernel import _groups_table
 from ..grouped_gemm.layout import SLOT_BITS
 from .block_diff import _word_moves
-from .block_write import _load4, _through_layout
+from .block_write import _block_at, _load4, _load_index, _through_layout
 from .fingerprint import _BLOCK as _LANE_BLOCK
 from .fingerprint import _lanes_kernel
 from .launch import interpreting
@@ -73,20 +73,15 @@ def _stage_kernel(index_ptr, codes_ptr, scales_ptr, live_ptr, seen_ptr, copy_ptr
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
     ok = i < M
-    e = tl.load(index_ptr + 3 * i, mask=ok, other=0).to(tl.int64)
-    r = tl.load(index_ptr + 3 * i + 1, mask=ok, other=0).to(tl.int64)
-    b = tl.load(index_ptr + 3 * i + 2, mask=ok, other=0).to(tl.int64)
+    e, r, b = _load_index(index_ptr, i, ok)
     inside = (e >= 0) & (e < E) & (r >= 0) & (r < N) & (b >= 0) & (b < KB)
     v = ok & inside
-    lin = tl.where(v, (e * N + r) * KB + b, 0)
+    # a block outside the weight addresses block 0 (every access below is masked by v besides)
+    at, lin = _block_at(tl.where(v, e, 0), tl.where(v, r, 0), tl.where(v, b, 0), N, KB, KB_MAJOR)
     bit = tl.full([BLOCKS], 1, tl.int32) << (lin % 32).to(tl.int32)
     before = tl.atomic_or(seen_ptr + lin // 32, bit, mask=v)
     twice = v & ((before & bit) != 0)
     sb = tl.load(scales_ptr + i, mask=ok, other=0).to(tl.int32)
-    if KB_MAJOR:  # block (e, r, b) sits at (e, b, r) of [E, KB, N]
-        at = tl.where(v, ((e * KB + b) * N + r) * 4, 0)
-    else:
-        at = lin * 4
     o0, o1 = _canonical_words(live_ptr, at, v, groups_ptr, KB_MAJOR, NG)
     n0 = tl.load(codes_ptr + 2 * i, mask=v, other=0)
     n1 = tl.load(codes_ptr + 2 * i + 1, mask=v, other=0)

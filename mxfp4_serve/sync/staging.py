@@ -349,7 +349,8 @@ class EngineSync:
         checked against what is served, its fields' dtypes and shapes; the blocks of this rank's shard only, on
         `device`. `outside` is a device flag (0-dim bool) of an index outside the weight's blocks, for the caller
         to read with its own checks (_raise_outside): on a GPU every host read waits for the queue to drain. None
-        where `in_kernel` leaves that check to the stage kernel (a whole weight: local blocks are the global ones)."""
+        where nothing is left to read: a shard's index was checked here (its mask reads the host anyway), and
+        `in_kernel` leaves a whole weight's to the stage kernel (its local blocks are the global ones)."""
         name = entry["name"]
         where = f"sync entry '{name}'"
         base = self._expected(entry, layer, weight, "base_hashes")
@@ -377,7 +378,7 @@ class EngineSync:
         # a shard's mask is read back anyway, and an index outside the weight would index its maps out of range
         self._raise_outside(name, layer, weight, bool(outside))
         keep, local = _local_index(index, desc, n_rows)
-        return local, cb[keep], sb[keep], nbytes, torch.zeros((), dtype=torch.bool, device=device)
+        return local, cb[keep], sb[keep], nbytes, None
 
     @staticmethod
     def _raise_outside(name: str, layer: SyncedLayer, weight: str, outside: bool) -> None:
@@ -389,7 +390,7 @@ class EngineSync:
     def _apply_delta(self, entry: dict, layer: SyncedLayer, weight: str, desc: dict | None, n_rows: int):
         codes, scales = (t.detach().clone() for t in layer.read(weight))
         local, cb, sb, nbytes, outside = self._delta_fields(entry, layer, weight, desc, n_rows, codes.device)
-        self._raise_outside(entry["name"], layer, weight, bool(outside))
+        self._raise_outside(entry["name"], layer, weight, outside is not None and bool(outside))
         ei, ri, bi = local.unbind(1)
         scales[ei, ri, bi] = sb
         blocks = codes.view(*codes.shape[:2], -1, BLOCK_SIZE // 2)
@@ -426,20 +427,20 @@ class EngineSync:
                 raise SyncPayloadError(f"sync entry '{name}': {exc}; nothing was changed") from None
 
     def _stage_lanes_kernel(self, name: str, layer: SyncedLayer, weight: str, local: torch.Tensor, cb: torch.Tensor,
-                            sb: torch.Tensor, outside: torch.Tensor | None) -> tuple[tuple[list[int], list[int]], int]:
+                            sb: torch.Tensor, outside: None) -> tuple[tuple[list[int], list[int]], int]:
         """(the new lanes, experts touched) in one pass over the delta and one host read (common.kernels.delta_stage:
-        checks, old blocks read through the layout, lane moves, the scales' lanes)."""
+        checks, old blocks read through the layout, lane moves, the scales' lanes). `outside` is None here: a
+        whole weight's index is checked by the kernel, a shard's was by _delta_fields."""
         from common.kernels.delta_stage import stage_blocks
 
         live_codes, live_scales = layer.raw(weight)
         got = stage_blocks(local, cb, sb, live_codes, live_scales, kb_major=moe.layout_of(layer.module) is
                            moe.KB_MAJOR, reserved_low=reserved_scale_low(self.profile))
-        self._refuse_blocks(name, layer, weight, sb, got.outside > 0 or (outside is not None and bool(outside)),
-                            got.twice > 0, got.nan > 0, got.reserved > 0)
+        self._refuse_blocks(name, layer, weight, sb, got.outside > 0, got.twice > 0, got.nan > 0, got.reserved > 0)
         return (moved_lanes(layer.lanes(weight)[0], got.code_moves), got.scale_lanes), got.experts
 
     def _stage_lanes_torch(self, name: str, layer: SyncedLayer, weight: str, local: torch.Tensor, cb: torch.Tensor,
-                           sb: torch.Tensor, outside: torch.Tensor) -> tuple[tuple[list[int], list[int]], int]:
+                           sb: torch.Tensor, outside: torch.Tensor | None) -> tuple[tuple[list[int], list[int]], int]:
         """_stage_lanes_kernel in torch operations (CPU engines): two host reads."""
         e, n, k = layer.local_shape(weight)
         lin, code_words, scale_words = block_words(local, n, k // BLOCK_SIZE)
@@ -449,6 +450,8 @@ class EngineSync:
         order = lin.sort().values
         low = reserved_scale_low(self.profile)
         touched = torch.zeros(e, dtype=torch.bool, device=lin.device).index_fill_(0, local[:, 0], True)
+        if outside is None:  # a shard's index, checked already
+            outside = torch.zeros((), dtype=torch.bool, device=sb.device)
         flags = torch.stack((outside, (order[1:] == order[:-1]).any(), (sb == E8M0_NAN).any(), (sb >= low).any(),
                              touched.sum()))
         out, twice, nan, reserved, experts = flags.tolist()
